@@ -157,14 +157,20 @@ def compute_labels(
 def ccsd_t_energy_forces(hf) -> tuple[float, np.ndarray, bool]:
     """CCSD(T) total energy (hartree), analytic forces (hartree/bohr) and convergence flag."""
     from pyscf import cc
+    from pyscf.cc import ccsd_t_lambda
     from pyscf.grad import ccsd_t as ccsd_t_grad
 
     mycc = cc.CCSD(hf)
     mycc.conv_tol = 1e-10
     mycc.verbose = 0
     mycc.kernel()
-    e_t = mycc.ccsd_t()
+    eris = mycc.ao2mo()
+    e_t = mycc.ccsd_t(eris=eris)
+    # The gradient of the (T) energy needs the (T)-modified lambda amplitudes; pyscf's gradient
+    # object would otherwise solve the plain CCSD lambda equations and return a wrong force.
+    lambda_converged, l1, l2 = ccsd_t_lambda.kernel(mycc, eris, mycc.t1, mycc.t2, verbose=0)
     grad = ccsd_t_grad.Gradients(mycc)
     grad.verbose = 0
-    gradient = grad.kernel()
-    return float(hf.e_tot + mycc.e_corr + e_t), -np.asarray(gradient), bool(mycc.converged)
+    gradient = grad.kernel(t1=mycc.t1, t2=mycc.t2, l1=l1, l2=l2, eris=eris)
+    converged = bool(mycc.converged and lambda_converged)
+    return float(hf.e_tot + mycc.e_corr + e_t), -np.asarray(gradient), converged

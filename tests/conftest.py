@@ -1,0 +1,38 @@
+"""Shared fixtures: pyscf calculations are cached per test session."""
+
+import functools
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from phisnet_jax import molecules
+from phisnet_jax.reference import LevelOfTheory, run_scf
+
+
+@functools.lru_cache(maxsize=None)
+def start_geometry(name: str) -> molecules.Molecule:
+    """RDKit/MMFF geometry of a named molecule (deterministic, no quantum chemistry)."""
+    return molecules.from_name(name)
+
+
+def rotated(molecule: molecules.Molecule, rotation: np.ndarray) -> molecules.Molecule:
+    """The molecule with positions x -> x @ R.T (rotated about the origin)."""
+    return molecule.with_positions(molecule.positions @ rotation.T)
+
+
+def random_rotation(seed: int, proper: bool = True) -> np.ndarray:
+    R = Rotation.random(random_state=seed).as_matrix()
+    return R if proper else -R
+
+
+def scf_fock(molecule: molecules.Molecule, level: LevelOfTheory):
+    """Converged (Fock, overlap, mo_energies) at a tight threshold."""
+    mf = run_scf(molecule, level)
+    assert mf.converged
+    return np.asarray(mf.get_fock()), np.asarray(mf.get_ovlp()), np.asarray(mf.mo_energy)
+
+
+@pytest.fixture(scope="session")
+def hf_tight():
+    return lambda basis: LevelOfTheory(method="hf", basis=basis, conv_tol=1e-12, conv_tol_grad=1e-8)
