@@ -19,9 +19,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import e3nn_jax as e3nn
-import jax
 import numpy as np
+
+# e3nn-jax and jax are imported inside the functions that need them: importing e3nn takes
+# seconds, and the data pipeline (which uses AOLayout) should start instantly.
 
 MAX_L = 4  # s, p, d, f, g
 
@@ -104,18 +105,24 @@ class AOLayout:
         """Angular momenta of the shells on one atom, in pyscf order."""
         return tuple(l for a, l in zip(self.shell_atom, self.shell_l) if a == atom)
 
-    def atom_irreps(self, atom: int) -> e3nn.Irreps:
+    def atom_irreps(self, atom: int):
         """Irreps of the AOs of one atom in pyscf shell order, e.g. ``1x0e+1x0e+1x1o``."""
+        import e3nn_jax as e3nn
+
         return e3nn.Irreps([(1, (l, 1 if l % 2 == 0 else -1)) for l in self.atom_shell_l(atom)])
 
     @property
-    def irreps(self) -> e3nn.Irreps:
-        """Irreps of the whole AO vector, shell by shell (not simplified, so order is kept)."""
+    def irreps(self):
+        """e3nn Irreps of the whole AO vector, shell by shell (not simplified: order is kept)."""
+        import e3nn_jax as e3nn
+
         return e3nn.Irreps([(1, (l, 1 if l % 2 == 0 else -1)) for l in self.shell_l])
 
 
 @functools.lru_cache(maxsize=None)
 def _fit_pyscf_to_e3nn(l: int) -> np.ndarray:
+    import e3nn_jax as e3nn
+    import jax
     from pyscf import gto
 
     rng = np.random.default_rng(20211206)
@@ -181,6 +188,9 @@ def wigner_d_e3nn(l: int, rotation: np.ndarray) -> np.ndarray:
     ``rotation`` is a (3, 3) orthogonal matrix; improper ones (det -1) pick up the parity
     (-1)^l, as AOs do under inversion.
     """
+    import e3nn_jax as e3nn
+    import jax
+
     rotation = np.asarray(rotation, dtype=np.float64)
     _check_orthogonal(rotation)
     with jax.enable_x64(True):

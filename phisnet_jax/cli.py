@@ -25,15 +25,19 @@ def run_cli(group: click.Group, argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.ClickException as exc:
-        print(f"error: {exc.format_message()}", file=sys.stderr)
+        _print_error(exc.format_message())
         code = EXIT_BAD_INPUT
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _print_error(str(exc))
         code = EXIT_BAD_INPUT
     except (KeyboardInterrupt, click.exceptions.Abort):
         print("interrupted; re-run the same command to continue", file=sys.stderr)
         code = 130
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _print_error(message: str) -> None:
+    print("error: " + " ".join(message.split()), file=sys.stderr)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import numpy as np
 
@@ -187,7 +188,9 @@ def check_basis_covers(basis: str, symbols: set[str]) -> None:
     missing = []
     for sym in sorted(symbols):
         try:
-            shells = gto.basis.load(basis, sym)
+            with warnings.catch_warnings():  # pyscf warns before raising for unknown names
+                warnings.simplefilter("ignore")
+                shells = gto.basis.load(basis, sym)
         except Exception:
             shells = None
         if not shells:

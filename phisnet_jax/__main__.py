@@ -1,0 +1,3 @@
+from phisnet_jax.cli import main
+
+main()

@@ -1,0 +1,3 @@
+from vmc.cli import main
+
+main()
