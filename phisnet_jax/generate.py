@@ -254,8 +254,12 @@ def generate(
         _run_jobs(request, geometries, total=request.n_samples, done=request.n_samples - len(pending))
     labelling_seconds = time.perf_counter() - t1
 
-    layout = AOLayout.from_mole(to_pyscf(reference_geometry, request.level.basis))
-    n_converged = _consolidate(request, existing, reference_geometry, layout, ensemble)
+    if pending or staged or existing is None:
+        layout = AOLayout.from_mole(to_pyscf(reference_geometry, request.level.basis))
+        n_total, n_converged = _consolidate(request, existing, reference_geometry, layout, ensemble)
+    else:  # every requested sample is already in the file: leave it untouched
+        n_total = existing.n_samples
+        n_converged = int(existing.arrays["converged"].sum())
     shutil.rmtree(request.staging_dir, ignore_errors=True)
     parent = os.path.dirname(request.staging_dir)
     if os.path.isdir(parent) and not os.listdir(parent):
@@ -263,7 +267,7 @@ def generate(
     report = GenerationReport(
         output=request.output,
         name=request.name,
-        n_samples=request.n_samples,
+        n_samples=n_total,
         n_new=len(pending),
         n_converged=n_converged,
         ensemble_seconds=ensemble_seconds,
@@ -271,7 +275,7 @@ def generate(
         workers=request.workers,
     )
     log(
-        f"{request.name}: {request.n_samples} samples in {request.output} "
+        f"{request.name}: {n_total} samples in {request.output} "
         f"({len(pending)} new, {n_converged} converged)"
     )
     return report
@@ -308,8 +312,11 @@ def _stage_sample(request: GenerationRequest, index: int, labels: dict) -> None:
     _atomic_savez(os.path.join(request.staging_dir, f"sample_{index:06d}.npz"), labels)
 
 
-def _consolidate(request, existing, reference_geometry, layout, ensemble) -> int:
-    """Write existing + staged samples (sorted by geometry index) atomically into the output."""
+def _consolidate(request, existing, reference_geometry, layout, ensemble) -> tuple[int, int]:
+    """Write existing + staged samples (sorted by geometry index) atomically into the output.
+
+    Returns the number of samples in the group and how many of them converged.
+    """
     fields = dataset.sample_fields(request.with_ccsd_t)
     rows: dict[int, dict[str, np.ndarray]] = {}
     if existing is not None:
@@ -333,5 +340,5 @@ def _consolidate(request, existing, reference_geometry, layout, ensemble) -> int
         request.output, request.level, request.name, reference_geometry.atomic_numbers,
         layout, samples, attrs, ensemble_arrays, ensemble_attrs,
     )
-    return int(samples["converged"].sum())
+    return len(order), int(samples["converged"].sum())
 

@@ -94,6 +94,15 @@ def test_trajectory_input_and_inspect(tmp_path):
     text = run_phisnet("inspect", str(out), cwd=tmp_path)
     assert text.returncode == 0 and "3/3 converged" in text.stdout
 
+    # A second molecule of another size joins the same file; re-running it changes nothing.
+    for _ in range(2):
+        added = run_phisnet("generate", "hydrogen", "--method", "hf", "--basis", "sto-3g", "-n", "2",
+                            "-o", str(out), cwd=tmp_path)
+        assert added.returncode == 0, added.stderr
+    summary = json.loads(run_phisnet("inspect", str(out), "--json", cwd=tmp_path).stdout)
+    assert [(m["name"], m["n_ao"], m["n_samples"]) for m in summary["molecules"]] == [
+        ("hydrogen", 2, 2), ("traj", 7, 3)]
+
 
 BAD_XYZ = {
     "nan.xyz": "3\n\nO 0 0 0\nH 0 0 nan\nH 0 1 0\n",

@@ -1,0 +1,29 @@
+"""Describe the machine a benchmark ran on, for its JSON result."""
+
+import os
+import platform
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import jax
+
+        devices = [str(d) for d in jax.devices()]
+    except Exception:  # the benchmark may not need jax at all
+        devices = []
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax_devices": devices,
+    }
