@@ -123,7 +123,9 @@ def normal_mode_displacement(
     else:
         variance = kt / omega**2
     q = rng.normal(size=omega.shape) * np.sqrt(variance)
-    return np.einsum("k,kia->ia", q, modes.displacements)
+    # A plain reduction, not einsum/BLAS: its summation order does not depend on the number of
+    # threads, so geometries are bitwise identical in every process that regenerates them.
+    return (q[:, None, None] * modes.displacements).sum(axis=0)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
