@@ -1,0 +1,159 @@
+"""Equivariant layers of PhiSNet on per-order feature arrays.
+
+Features of an atom (or atom pair) are arrays of shape (..., F, (L+1)^2): F channels, each an
+e3nn IrrepsArray of irreps ``0e + 1e + ... + Le`` (components of order l at
+``order_slice(l)``, in e3nn's real-harmonic basis). As in the paper, the network is
+SO(3)-equivariant: every order carries the label 'e', so every Clebsch-Gordan path
+l1 x l2 -> L is allowed, and features transform under a rotation R as ``D_l(R)`` for each order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def order_slice(l: int) -> slice:
+    return slice(l * l, (l + 1) * (l + 1))
+
+
+def irreps_string(max_order: int) -> str:
+    """e3nn irreps of one channel, e.g. '0e+1e+2e' for max_order 2."""
+    return "+".join(f"{l}e" for l in range(max_order + 1))
+
+
+def cg_paths(max_order: int, strictly_increasing: bool = False) -> tuple[tuple[int, int, int], ...]:
+    """All (l1, l2, L) with |l1 - l2| <= L <= l1 + l2 and every order <= max_order.
+
+    ``strictly_increasing`` keeps only l1 < l2 (the self-mixing layer's products).
+    """
+    paths = []
+    for l1 in range(max_order + 1):
+        for l2 in range(max_order + 1):
+            if strictly_increasing and not l1 < l2:
+                continue
+            for L in range(abs(l1 - l2), min(l1 + l2, max_order) + 1):
+                paths.append((l1, l2, L))
+    return tuple(paths)
+
+
+@functools.lru_cache(maxsize=None)
+def _cg(l1: int, l2: int, L: int) -> np.ndarray:
+    import e3nn_jax as e3nn
+
+    # e3nn's coefficients have unit Frobenius norm; sqrt(2L+1) makes products of unit-size
+    # inputs unit-size outputs.
+    return np.sqrt(2 * L + 1) * np.asarray(e3nn.clebsch_gordan(l1, l2, L), dtype=np.float64)
+
+
+def _group_by_input_orders(paths):
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for p, (l1, l2, L) in enumerate(paths):
+        groups.setdefault((l1, l2), []).append((p, L))
+    return groups
+
+
+def weighted_cg_product(
+    x: jnp.ndarray, y: jnp.ndarray, paths, weights: jnp.ndarray, subscripts: str, max_order: int
+) -> jnp.ndarray:
+    """Sum over paths of ``weights[..., path, f] * CG(x^l1, y^l2)^L``, channel by channel.
+
+    ``subscripts`` describes how x and y broadcast to the output, in the form
+    'X,Y->O' with the channel letter 'f' and the component letters 'a' (x) and 'b' (y) as the
+    last one/two letters, e.g. 'ifa,jfb->ijf' for all atom pairs (i, j). ``weights`` has the
+    output's leading shape followed by (n_paths, F). Returns (..., F, (max_order+1)^2).
+    """
+    in_x, rest = subscripts.split(",")
+    in_y, out = rest.split("->")
+    outputs = [0.0] * (max_order + 1)
+    for (l1, l2), entries in _group_by_input_orders(paths).items():
+        cg = np.concatenate([_cg(l1, l2, L) for _, L in entries], axis=-1)
+        product = jnp.einsum(
+            f"{in_x},{in_y},abc->{out}c",
+            x[..., order_slice(l1)], y[..., order_slice(l2)], jnp.asarray(cg, x.dtype),
+        )
+        start = 0
+        for p, L in entries:
+            part = product[..., start : start + 2 * L + 1]
+            outputs[L] = outputs[L] + weights[..., p, :, None] * part
+            start += 2 * L + 1
+    shape = jnp.broadcast_shapes(*(o.shape[:-1] for o in outputs if not isinstance(o, float)))
+    return jnp.concatenate(
+        [jnp.broadcast_to(o, shape + (2 * L + 1,)) if not isinstance(o, float)
+         else jnp.zeros(shape + (2 * L + 1,), x.dtype) for L, o in enumerate(outputs)],
+        axis=-1,
+    )
+
+
+class PerOrderLinear(nn.Module):
+    """Channel mixing with separate weights per order; a bias on the scalars (L = 0) only."""
+
+    features: int
+    max_order: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        f_in = x.shape[-2]
+        init = nn.initializers.normal(stddev=1.0 / np.sqrt(f_in))
+        parts = []
+        for l in range(self.max_order + 1):
+            w = self.param(f"weight_{l}", init, (f_in, self.features), x.dtype)
+            parts.append(jnp.einsum("...fm,fg->...gm", x[..., order_slice(l)], w))
+        y = jnp.concatenate(parts, axis=-1)
+        if self.use_bias:
+            b = self.param("bias", nn.initializers.zeros, (self.features,), x.dtype)
+            y = y.at[..., 0].add(b)
+        return y
+
+
+class ScalarSwish(nn.Module):
+    """Learnable swish a * x * sigmoid(b * x) on the L = 0 components; higher orders unchanged."""
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        F = x.shape[-2]
+        a = self.param("alpha", nn.initializers.ones, (F,), x.dtype)
+        b = self.param("beta", nn.initializers.constant(1.702), (F,), x.dtype)
+        s = x[..., 0]
+        return x.at[..., 0].set(a * s * jax.nn.sigmoid(b * s))
+
+
+class SelfMixing(nn.Module):
+    """s(x)^L = k^L * x^L + sum_{l1 < l2} s^{l1 l2 L} * CG(x^l1, x^l2)^L, weights per channel."""
+
+    max_order: int
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        F = x.shape[-2]
+        paths = cg_paths(self.max_order, strictly_increasing=True)
+        keep = self.param("keep", nn.initializers.ones, (self.max_order + 1, F), x.dtype)
+        keep_per_component = jnp.concatenate(
+            [jnp.repeat(keep[l][:, None], 2 * l + 1, axis=1) for l in range(self.max_order + 1)], axis=1
+        )
+        out = keep_per_component * x
+        if paths:
+            mix = self.param("mix", nn.initializers.normal(0.1), (len(paths), F), x.dtype)
+            out = out + weighted_cg_product(x, x, paths, mix, "...fa,...fb->...f", self.max_order)
+        return out
+
+
+class RadialPathWeights(nn.Module):
+    """Per-path, per-channel weights (..., n_paths, F) as a linear map of a radial basis."""
+
+    n_paths: int
+    features: int
+
+    @nn.compact
+    def __call__(self, radial: jnp.ndarray) -> jnp.ndarray:
+        K = radial.shape[-1]
+        w = self.param(
+            "weight", nn.initializers.normal(1.0 / np.sqrt(K)), (K, self.n_paths, self.features),
+            radial.dtype,
+        )
+        return jnp.einsum("...k,kpf->...pf", radial, w)

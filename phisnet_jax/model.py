@@ -1,0 +1,306 @@
+"""PhiSNet: SE(3)-equivariant prediction of Fock and overlap matrices (Unke et al. 2021).
+
+``make_phisnet(config)`` returns a flax module whose ``apply`` maps one molecule (padded to
+static shapes) to its Fock matrix F and overlap matrix S in pyscf's AO order:
+
+    atoms --embedding--> scalar features --T x [residual, interaction, residual]--> sum of the
+    modules' outputs --pair features (on-site / off-site, with neighbour sums)--> output channels
+    per (Z_i, Z_j, shell_i, shell_j, L) --Clebsch-Gordan--> atom-pair blocks --> symmetric F
+
+and, on a separate shallow branch that sees only the raw embeddings and the pair geometry, the
+off-site overlap blocks (on-site overlap blocks are exact per-element constants, so the
+diagonal of S is exactly 1). Positions are in bohr, matrices in hartree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phisnet_jax.blocks import ExpansionTables, assemble_matrix, atom_pair_blocks, expansion_tables
+from phisnet_jax.elements import ElementBasis, electron_configuration, element_basis, onsite_overlap_blocks
+from phisnet_jax.errors import InputError
+from phisnet_jax.layers import (
+    PerOrderLinear, RadialPathWeights, ScalarSwish, SelfMixing, cg_paths, order_slice,
+    weighted_cg_product,
+)
+from phisnet_jax.radial import exponential_bernstein
+
+
+@dataclasses.dataclass(frozen=True)
+class PhiSNetConfig:
+    """Architecture hyperparameters; the defaults are the paper's MD17 configuration.
+
+    Attributes:
+      elements: atomic numbers the model handles.
+      basis: AO basis set of the predicted matrices.
+      features: channels per order.
+      max_order: largest feature order L; at least 2 x the largest shell l of the basis.
+      num_modules: modules whose outputs are summed.
+      num_radial: exponential-Bernstein radial functions.
+      cutoff: smooth cutoff radius, bohr.
+      residual_blocks: residual blocks before and after each interaction, and on module outputs.
+      overlap_features: channels of the overlap branch.
+    """
+
+    elements: tuple[int, ...] = (1, 6, 7, 8)
+    basis: str = "def2-svp"
+    features: int = 128
+    max_order: int = 4
+    num_modules: int = 5
+    num_radial: int = 128
+    cutoff: float = 15.0
+    residual_blocks: int = 1
+    overlap_features: int = 32
+
+    def __post_init__(self):
+        object.__setattr__(self, "elements", tuple(int(z) for z in self.elements))
+        object.__setattr__(self, "basis", self.basis.lower())
+
+    @property
+    def element_basis(self) -> ElementBasis:
+        return element_basis(self.elements, self.basis)
+
+    def check(self) -> None:
+        needed = 2 * self.element_basis.max_l
+        if self.max_order < needed:
+            raise InputError(
+                f"feature order {self.max_order} is too low for basis {self.basis!r}: its "
+                f"l = {self.element_basis.max_l} shells need order {needed}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class MoleculeInputs:
+    """One molecule padded to static shapes (all arrays jnp or np).
+
+    Attributes:
+      element_index: (N,) int32 index into ``config.elements`` (any valid index for padding).
+      positions: (N, 3) bohr.
+      atom_mask: (N,) bool, True for real atoms.
+      ao_atom, ao_local, ao_mask: (M,) placement of each AO (see ``blocks.AOIndex``).
+    """
+
+    element_index: jnp.ndarray
+    positions: jnp.ndarray
+    atom_mask: jnp.ndarray
+    ao_atom: jnp.ndarray
+    ao_local: jnp.ndarray
+    ao_mask: jnp.ndarray
+
+
+jax.tree_util.register_dataclass(
+    MoleculeInputs,
+    data_fields=["element_index", "positions", "atom_mask", "ao_atom", "ao_local", "ao_mask"],
+    meta_fields=[],
+)
+
+
+def _pair_geometry(positions, atom_mask, cutoff):
+    """Distances, unit vectors and the pair mask, safe (finite gradients) on excluded pairs."""
+    n = positions.shape[0]
+    pair_mask = atom_mask[:, None] & atom_mask[None, :] & ~jnp.eye(n, dtype=bool)
+    diff = positions[None, :, :] - positions[:, None, :]  # r_j - r_i for pair (i, j)
+    diff = jnp.where(pair_mask[..., None], diff, 1.0)  # finite norm and gradient on excluded pairs
+    distance = jnp.linalg.norm(diff, axis=-1)
+    pair_mask = pair_mask & (distance < cutoff)
+    return distance, diff / distance[..., None], pair_mask
+
+
+def _spherical_harmonics(unit_vectors, max_order):
+    import e3nn_jax as e3nn
+
+    # The 'e' labels match the SO(3) feature convention (see layers.py); on proper rotations
+    # these are e3nn's usual harmonics.
+    sh = e3nn.spherical_harmonics(
+        "+".join(f"{l}e" for l in range(max_order + 1)), unit_vectors, normalize=True,
+        normalization="component",
+    )
+    return sh.array
+
+
+class ResidualBlock(nn.Module):
+    """Pre-activation residual block: x + Linear(SelfMix(act(Linear(act(x)))))."""
+
+    features: int
+    max_order: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = PerOrderLinear(self.features, self.max_order)(ScalarSwish()(x))
+        h = SelfMixing(self.max_order)(ScalarSwish()(h))
+        return x + PerOrderLinear(self.features, self.max_order)(h)
+
+
+class Interaction(nn.Module):
+    """Messages from all neighbours: pair-mixing of their features with the bond harmonics."""
+
+    features: int
+    max_order: int
+
+    @nn.compact
+    def __call__(self, x, radial, harmonics, pair_mask):
+        paths = cg_paths(self.max_order)
+        h = PerOrderLinear(self.features, self.max_order)(ScalarSwish()(x))
+        weights = RadialPathWeights(len(paths), self.features)(radial)  # (N, N, P, F)
+        weights = weights * pair_mask[..., None, None]
+        messages = weighted_cg_product(h, harmonics, paths, weights, "jfa,ijb->ijf", self.max_order)
+        messages = messages.sum(axis=1)
+        return x + PerOrderLinear(self.features, self.max_order)(SelfMixing(self.max_order)(messages))
+
+
+class PhiSNet(nn.Module):
+    """The network; see the module docstring. Call it through ``apply(params, inputs)``."""
+
+    config: PhiSNetConfig
+    tables: ExpansionTables
+    onsite_overlap: np.ndarray  # (n_elements, A, A)
+
+    @nn.compact
+    def __call__(self, inputs: MoleculeInputs) -> dict[str, jnp.ndarray]:
+        cfg = self.config
+        L, F = cfg.max_order, cfg.features
+        dtype = inputs.positions.dtype
+        n_el = len(cfg.elements)
+        z_idx = inputs.element_index
+
+        distance, unit, pair_mask = _pair_geometry(inputs.positions, inputs.atom_mask, cfg.cutoff)
+        decay = jax.nn.softplus(self.param("radial_decay", nn.initializers.constant(np.log(np.expm1(0.5))), (), dtype))
+        radial = exponential_bernstein(distance, cfg.num_radial, decay, cfg.cutoff)
+        radial = radial * pair_mask[..., None]
+        harmonics = _spherical_harmonics(unit, L)  # (N, N, (L+1)^2)
+
+        # Embedding: a learned vector per element plus a linear map of its electron configuration.
+        descriptors = jnp.asarray(np.stack([electron_configuration(z) for z in cfg.elements]), dtype)
+        element_vectors = nn.Embed(n_el, F, param_dtype=dtype, name="element_embedding")(z_idx)
+        scalars = element_vectors + nn.Dense(F, use_bias=False, param_dtype=dtype, name="configuration_embedding")(descriptors[z_idx])
+        x = jnp.zeros(scalars.shape + ((L + 1) ** 2,), dtype).at[..., 0].set(scalars)
+        x = x * inputs.atom_mask[:, None, None]
+
+        final = 0.0
+        for _ in range(cfg.num_modules):
+            for _ in range(cfg.residual_blocks):
+                x = ResidualBlock(F, L)(x)
+            x = Interaction(F, L)(x, radial, harmonics, pair_mask)
+            for _ in range(cfg.residual_blocks):
+                x = ResidualBlock(F, L)(x)
+            y = x
+            for _ in range(cfg.residual_blocks):
+                y = ResidualBlock(F, L)(y)
+            final = final + PerOrderLinear(F, L)(y)
+
+        fock = self._fock(final, radial, pair_mask, z_idx, inputs)
+        overlap = self._overlap(scalars, radial, harmonics, pair_mask, z_idx, inputs)
+        return {"fock": fock, "overlap": overlap}
+
+    def _fock(self, final, radial, pair_mask, z_idx, inputs):
+        cfg = self.config
+        L, F = cfg.max_order, cfg.features
+        a = PerOrderLinear(F, L, name="pair_self")(final)
+        b = PerOrderLinear(F, L, name="pair_neighbour")(final)
+        # Neighbour sums: R(r_ik) * b_k, radial weights per order and channel.
+        order_weights = nn.Dense(F * (L + 1), use_bias=False, param_dtype=radial.dtype, name="neighbour_radial")(radial)
+        order_weights = order_weights.reshape(radial.shape[:-1] + (F, L + 1)) * pair_mask[..., None, None]
+        per_component = jnp.concatenate(
+            [jnp.repeat(order_weights[..., l : l + 1], 2 * l + 1, axis=-1) for l in range(L + 1)], axis=-1
+        )
+        contributions = per_component * b[None, :, :, :]  # (N, N, F, D): R(r_ik) b_k
+        neighbour_sum = contributions.sum(axis=1)  # (N, F, D), over k != i
+        onsite = a + neighbour_sum
+        paths = cg_paths(L)
+        pair_weights = RadialPathWeights(len(paths), F, name="pair_mixing_radial")(radial)
+        offsite = weighted_cg_product(a, a, paths, pair_weights, "ifa,jfb->ijf", L)
+        offsite = offsite + neighbour_sum[:, None] - contributions  # sum over k not in {i, j}
+        onsite = ResidualBlock(F, L, name="onsite_residual")(onsite)
+        offsite = ResidualBlock(F, L, name="offsite_residual")(offsite)
+
+        n = z_idx.shape[0]
+        is_diagonal = jnp.eye(n, dtype=bool)
+        outputs = []
+        for order in range(self.tables.max_order + 1):
+            C = self.tables.channels[order]
+            if C == 0:
+                outputs.append(jnp.zeros((n, n, 0, 2 * order + 1), final.dtype))
+                continue
+            init = nn.initializers.normal(1.0 / np.sqrt(F))
+            n_el = len(cfg.elements)
+            w_off = self.param(f"offsite_head_{order}", init, (n_el, n_el, F, C), final.dtype)
+            w_on = self.param(f"onsite_head_{order}", init, (n_el, F, C), final.dtype)
+            out_off = jnp.einsum("ijfM,ijfc->ijcM", offsite[..., order_slice(order)], w_off[z_idx[:, None], z_idx[None, :]])
+            out_on = jnp.einsum("ifM,ifc->icM", onsite[..., order_slice(order)], w_on[z_idx])
+            out = jnp.where(is_diagonal[:, :, None, None], out_on[:, None], out_off)
+            if order == 0:  # per-(element pair, channel) offsets of the scalar channels
+                bias = self.param("scalar_offset", nn.initializers.zeros, (n_el, n_el, C), final.dtype)
+                out = out.at[..., 0].add(bias[z_idx[:, None], z_idx[None, :]])
+            outputs.append(out)
+        blocks = atom_pair_blocks(outputs, self.tables, z_idx)
+        fock = assemble_matrix(blocks, inputs.ao_atom, inputs.ao_local, inputs.ao_mask)
+        return 0.5 * (fock + fock.T)
+
+    def _overlap(self, scalars, radial, harmonics, pair_mask, z_idx, inputs):
+        """Off-site blocks from (embedding_i * embedding_j) x radial weights x Y^L(r_ij)."""
+        cfg = self.config
+        Fs = cfg.overlap_features
+        e = nn.Dense(Fs, param_dtype=scalars.dtype, name="overlap_embedding")(scalars)
+        pair_scalars = e[:, None, :] * e[None, :, :]  # (N, N, Fs)
+        n = z_idx.shape[0]
+        outputs = []
+        for order in range(self.tables.max_order + 1):
+            C = self.tables.channels[order]
+            if C == 0:
+                outputs.append(jnp.zeros((n, n, 0, 2 * order + 1), scalars.dtype))
+                continue
+            radial_w = nn.Dense(Fs, use_bias=False, param_dtype=radial.dtype, name=f"overlap_radial_{order}")(radial)
+            amplitude = pair_scalars * radial_w  # (N, N, Fs)
+            head = self.param(
+                f"overlap_head_{order}", nn.initializers.normal(1.0 / np.sqrt(Fs)),
+                (len(cfg.elements), len(cfg.elements), Fs, C), scalars.dtype,
+            )
+            channels = jnp.einsum("ijf,ijfc->ijc", amplitude, head[z_idx[:, None], z_idx[None, :]])
+            y = harmonics[..., order_slice(order)]  # (N, N, 2L+1)
+            outputs.append(channels[..., None] * y[:, :, None, :] * pair_mask[..., None, None])
+        offsite = atom_pair_blocks(outputs, self.tables, z_idx)
+        onsite = jnp.asarray(self.onsite_overlap, scalars.dtype)[z_idx]  # (N, A, A)
+        n_range = jnp.arange(n)
+        blocks = offsite.at[n_range, n_range].set(onsite)
+        overlap = assemble_matrix(blocks, inputs.ao_atom, inputs.ao_local, inputs.ao_mask)
+        return 0.5 * (overlap + overlap.T)
+
+
+def make_phisnet(config: PhiSNetConfig) -> PhiSNet:
+    """The PhiSNet module for ``config`` (checks that the feature order suits the basis)."""
+    config.check()
+    eb = config.element_basis
+    return PhiSNet(config, expansion_tables(eb), onsite_overlap_blocks(eb))
+
+
+def make_inputs(
+    config: PhiSNetConfig, atomic_numbers, positions, n_atoms: int | None = None, n_ao: int | None = None
+) -> MoleculeInputs:
+    """Model inputs for one molecule, padded to ``n_atoms`` atoms and ``n_ao`` AOs if given.
+
+    Raises ``InputError`` for an element the model does not know.
+    """
+    from phisnet_jax.blocks import ao_index
+
+    eb = config.element_basis
+    z_idx = eb.index_of(atomic_numbers)
+    n = len(z_idx)
+    N = n if n_atoms is None else n_atoms
+    pos = np.zeros((N, 3))
+    pos[:n] = positions
+    # Padding atoms sit far apart from everything so that their (masked) distances stay finite.
+    pos[n:] = 1e3 * (1 + np.arange(N - n))[:, None]
+    index = ao_index(eb, z_idx, n_ao)
+    return MoleculeInputs(
+        element_index=np.concatenate([z_idx, np.zeros(N - n, np.int32)]),
+        positions=pos,
+        atom_mask=np.arange(N) < n,
+        ao_atom=index.atom,
+        ao_local=index.local,
+        ao_mask=index.mask,
+    )
