@@ -96,5 +96,6 @@ def onsite_overlap_blocks(element_basis_: ElementBasis) -> np.ndarray:
     for i, z in enumerate(element_basis_.elements):
         atom = Molecule(np.array([z]), np.zeros((1, 3)), charge=0, spin=z % 2)
         S = to_pyscf(atom, element_basis_.basis).intor("int1e_ovlp")
+        np.fill_diagonal(S, 1.0)  # normalised AOs; pyscf's integrals give 1 +- a few ulp
         blocks[i, : S.shape[0], : S.shape[0]] = S
     return blocks
