@@ -1,0 +1,139 @@
+"""Training data for PhiSNet: dataset groups as padded, stacked arrays, splits and batch order.
+
+Molecules of different sizes share one set of static shapes (the largest atom and AO counts
+of the selection), so one compiled step serves them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from phisnet_jax import dataset
+from phisnet_jax.errors import InputError
+from phisnet_jax.model import MoleculeInputs, PhiSNetConfig, make_inputs
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HamiltonianData:
+    """Stacked samples, leading axis n_samples.
+
+    Attributes:
+      inputs: ``MoleculeInputs`` with arrays (n, N, ...) and (n, M).
+      fock, overlap: (n, M, M) reference matrices (hartree), zero-padded.
+      n_occupied: (n,) doubly occupied orbitals (closed shells).
+      molecule: (n,) index into ``names``; sample_index: (n,) geometry index in its group.
+      names: molecule group names.
+    """
+
+    inputs: MoleculeInputs
+    fock: np.ndarray
+    overlap: np.ndarray
+    n_occupied: np.ndarray
+    molecule: np.ndarray
+    sample_index: np.ndarray
+    names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.fock.shape[0])
+
+    def take(self, rows: np.ndarray) -> "HamiltonianData":
+        rows = np.asarray(rows)
+        return HamiltonianData(
+            inputs=MoleculeInputs(**{k: np.asarray(v)[rows] for k, v in vars(self.inputs).items()}),
+            fock=self.fock[rows],
+            overlap=self.overlap[rows],
+            n_occupied=self.n_occupied[rows],
+            molecule=self.molecule[rows],
+            sample_index=self.sample_index[rows],
+            names=self.names,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSpec:
+    """Per-molecule split sizes (the rest is test) and the split seed (42 as in the paper)."""
+
+    n_train: int
+    n_valid: int
+    seed: int = 42
+
+
+def check_compatible(path: str, config: PhiSNetConfig) -> dataset.FileInfo:
+    info = dataset.read_file_info(path)
+    if info.level.basis != config.basis:
+        raise InputError(
+            f"{path} holds {info.level.basis} matrices but the model predicts {config.basis}"
+        )
+    return info
+
+
+def load_splits(
+    path: str, names: list[str] | None, config: PhiSNetConfig, split: SplitSpec
+) -> dict[str, HamiltonianData]:
+    """Train / valid / test data of the chosen molecule groups (all groups if ``names`` is None)."""
+    info = check_compatible(path, config)
+    names = list(info.molecules) if not names else names
+    groups = [dataset.read_molecule(path, n, fields=("positions", "fock", "overlap")) for n in names]
+    if any(g.n_samples == 0 for g in groups):
+        empty = [g.name for g in groups if g.n_samples == 0]
+        raise InputError(f"no converged samples for {', '.join(empty)} in {path}")
+    n_atoms = max(len(g.atomic_numbers) for g in groups)
+    n_ao = max(g.layout.n_ao for g in groups)
+    parts: dict[str, list[HamiltonianData]] = {"train": [], "valid": [], "test": []}
+    for m, g in enumerate(groups):
+        stacked = _stack_group(g, m, config, n_atoms, n_ao, tuple(names))
+        for key, rows in dataset.split_indices(g.n_samples, split.n_train, split.n_valid, split.seed).items():
+            parts[key].append(stacked.take(rows))
+    return {key: _concatenate(v) for key, v in parts.items()}
+
+
+def _stack_group(g: dataset.MoleculeData, m: int, config, n_atoms: int, n_ao: int, names) -> HamiltonianData:
+    n = g.n_samples
+    per_sample = [make_inputs(config, g.atomic_numbers, pos, n_atoms, n_ao) for pos in g.arrays["positions"]]
+    inputs = MoleculeInputs(**{
+        k: np.stack([getattr(s, k) for s in per_sample]) for k in vars(per_sample[0])
+    })
+    k = g.layout.n_ao
+    fock = np.zeros((n, n_ao, n_ao))
+    overlap = np.zeros((n, n_ao, n_ao))
+    fock[:, :k, :k] = g.arrays["fock"]
+    overlap[:, :k, :k] = g.arrays["overlap"]
+    n_electrons = int(g.atomic_numbers.sum()) - int(g.attrs.get("charge", 0))
+    return HamiltonianData(
+        inputs=inputs, fock=fock, overlap=overlap,
+        n_occupied=np.full(n, n_electrons // 2, dtype=np.int32),
+        molecule=np.full(n, m, dtype=np.int32),
+        sample_index=np.asarray(g.arrays["sample_index"]),
+        names=names,
+    )
+
+
+def _concatenate(parts: list[HamiltonianData]) -> HamiltonianData:
+    cat = lambda xs: np.concatenate(xs, axis=0)  # noqa: E731
+    return HamiltonianData(
+        inputs=MoleculeInputs(**{
+            k: cat([np.asarray(getattr(p.inputs, k)) for p in parts]) for k in vars(parts[0].inputs)
+        }),
+        fock=cat([p.fock for p in parts]),
+        overlap=cat([p.overlap for p in parts]),
+        n_occupied=cat([p.n_occupied for p in parts]),
+        molecule=cat([p.molecule for p in parts]),
+        sample_index=cat([p.sample_index for p in parts]),
+        names=parts[0].names,
+    )
+
+
+def batch_rows(step: int, n_samples: int, batch_size: int, seed: int) -> np.ndarray:
+    """Rows of the training batch at ``step``: epochs are permutations drawn from (seed, epoch).
+
+    A function of the step alone, so a resumed run sees exactly the batches of an uninterrupted
+    one. Each epoch drops its last incomplete batch.
+    """
+    if batch_size > n_samples:
+        raise InputError(f"batch size {batch_size} exceeds the {n_samples} training samples")
+    per_epoch = n_samples // batch_size
+    epoch, position = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n_samples)
+    return order[position * batch_size : (position + 1) * batch_size]
