@@ -20,6 +20,9 @@ EXIT_BAD_INPUT = 2
 def run_cli(group: click.Group, argv: list[str] | None = None) -> None:
     """Run a click group with the project's error contract (shared by ``phisnet`` and ``vmc``)."""
     argv = sys.argv[1:] if argv is None else argv
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's informational messages
     try:
         code = group.main(args=argv or ["--help"], standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -153,6 +156,195 @@ def inspect(path, as_json):
             click.echo(f"    energy {m['energy_min']:.6f} .. {m['energy_max']:.6f} Ha, "
                        f"{m['mean_scf_iterations']:.1f} SCF iterations on average")
         click.echo(f"    source: {m['source']}")
+
+
+MODEL_PRESETS = {
+    "paper": {},
+    "small": {"features": 32, "num_modules": 2, "num_radial": 32, "overlap_features": 16},
+    "tiny": {"features": 8, "num_modules": 1, "num_radial": 16, "overlap_features": 4},
+}
+
+
+def _apply_overrides(obj, overrides: dict[str, str]):
+    """dataclasses.replace with values parsed from strings according to the field types."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    changes = {}
+    for key, text in overrides.items():
+        current = getattr(obj, key)
+        try:
+            if isinstance(current, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                value = text.lower() in ("true", "1")
+            elif isinstance(current, tuple):
+                value = tuple(int(v) for v in text.split(","))
+            elif current is None:
+                value = float(text)
+            else:
+                value = type(current)(text)
+        except ValueError:
+            raise InputError(f"invalid value {text!r} for {key} ({fields[key].type})") from None
+        changes[key] = value
+    return dataclasses.replace(obj, **changes)
+
+
+def _parse_settings(settings: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in settings:
+        if "=" not in item:
+            raise InputError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+@phisnet.command()
+@click.argument("dataset", required=False)
+@click.option("--run-dir", required=True, help="Run directory (created, or resumed if it exists).")
+@click.option("--molecule", "molecules_", multiple=True, help="Molecule group(s) to train on [default: all].")
+@click.option("--train", "n_train", default=500, show_default=True, help="Training samples per molecule.")
+@click.option("--valid", "n_valid", default=500, show_default=True, help="Validation samples per molecule.")
+@click.option("--split-seed", default=42, show_default=True)
+@click.option("--preset", type=click.Choice(sorted(MODEL_PRESETS)), default="paper", show_default=True,
+              help="Model size: the paper's configuration or smaller ones for CPU runs.")
+@click.option("--max-order", type=int, help="Feature order [default: 2 x the largest shell l of the basis].")
+@click.option("--batch-size", type=int, default=50, show_default=True)
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Override any PhiSNetConfig or TrainConfig field, e.g. --set features=64.")
+@click.option("--steps", type=int, help="Stop at this total step count.")
+@click.option("--time-budget", type=float, help="Stop after this many seconds of training.")
+@click.option("--float64", is_flag=True, help="Train in float64.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def train(dataset, run_dir, molecules_, n_train, n_valid, split_seed, preset, max_order, batch_size,
+          settings, steps, time_budget, float64, as_json):
+    """Train PhiSNet on a reference dataset (or resume the run in --run-dir).
+
+    Without DATASET, the run in --run-dir continues with its stored configuration.
+    """
+    import dataclasses
+
+    from phisnet_jax import train as training
+    from phisnet_jax.dataset import read_file_info, read_molecule
+    from phisnet_jax.model import PhiSNetConfig
+
+    if steps is None and time_budget is None:
+        raise InputError("give --steps or --time-budget (or both)")
+    if dataset is None:
+        model_cfg, train_cfg, data_cfg = training.load_run_config(run_dir)
+    else:
+        info = read_file_info(dataset)
+        names = list(molecules_) or list(info.molecules)
+        elements = sorted({int(z) for n in names for z in read_molecule(dataset, n, fields=()).atomic_numbers})
+        model_cfg = PhiSNetConfig(elements=tuple(elements), basis=info.level.basis, **MODEL_PRESETS[preset])
+        model_cfg = dataclasses.replace(model_cfg, max_order=max_order or 2 * model_cfg.element_basis.max_l)
+        train_cfg = training.TrainConfig(batch_size=batch_size, float64=float64)
+        overrides = _parse_settings(settings)
+        model_keys = {f.name for f in dataclasses.fields(PhiSNetConfig)}
+        train_keys = {f.name for f in dataclasses.fields(training.TrainConfig)}
+        unknown = sorted(set(overrides) - model_keys - train_keys)
+        if unknown:
+            raise InputError(f"unknown setting(s) {', '.join(unknown)}")
+        model_cfg = _apply_overrides(model_cfg, {k: v for k, v in overrides.items() if k in model_keys})
+        train_cfg = _apply_overrides(train_cfg, {k: v for k, v in overrides.items() if k in train_keys})
+        data_cfg = training.DataConfig(os.path.abspath(dataset), tuple(names), n_train, n_valid, split_seed)
+    try:
+        result = training.train(run_dir, model_cfg, train_cfg, data_cfg, max_steps=steps, time_budget=time_budget)
+    except training.TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    summary = dataclasses.asdict(result)
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"trained to step {result.steps} ({result.stopped_because}); "
+                   f"best validation loss {result.best_valid:.4g}, learning rate {result.learning_rate:.2g}")
+
+
+@phisnet.command()
+@click.argument("run_dir")
+@click.option("--dataset", help="Dataset to evaluate on [default: the run's training dataset].")
+@click.option("--split", type=click.Choice(["train", "valid", "test", "all"]), default="test", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
+def evaluate(run_dir, dataset, split, as_json):
+    """Accuracy of a trained model: MAE of F, S, occupied orbital energies, orbital similarity."""
+    from phisnet_jax.data import SplitSpec, load_splits
+    from phisnet_jax.evaluate import accuracy, load_trained_model
+    from phisnet_jax.train import load_run_config
+
+    trained = load_trained_model(run_dir)
+    _, _, data_cfg = load_run_config(run_dir)
+    path = dataset or data_cfg.dataset
+    names = list(data_cfg.molecules) if dataset is None else None
+    spec = SplitSpec(0, 0, data_cfg.split_seed) if split == "all" else SplitSpec(
+        data_cfg.n_train, data_cfg.n_valid, data_cfg.split_seed)
+    parts = load_splits(path, names, trained.config, spec)
+    data = parts["test"] if split == "all" else parts[split]
+    metrics = accuracy(trained, data)
+    metrics.update({"run_dir": run_dir, "dataset": path, "split": split, "step": trained.step})
+    if as_json:
+        click.echo(json.dumps(metrics))
+        return
+    click.echo(f"{run_dir} (step {trained.step}) on {split} split of {path}, {metrics['samples']} samples:")
+    click.echo(f"  MAE F    {metrics['fock_mae_uha']:10.2f} micro-hartree")
+    click.echo(f"  MAE eps  {metrics['orbital_energy_mae_uha']:10.2f} micro-hartree (occupied)")
+    click.echo(f"  MAE S    {metrics['overlap_mae']:10.2e}")
+    click.echo(f"  psi      {metrics['orbital_cosine_similarity']:10.6f} (mean |cosine|, occupied)")
+
+
+@phisnet.command()
+@click.argument("run_dir")
+@click.option("--xyz", "xyz_path", help="Geometry file (angstrom); every frame is predicted.")
+@click.option("--dataset", help="Dataset to take geometries from (with --molecule).")
+@click.option("--molecule", help="Molecule group in --dataset.")
+@click.option("--index", "indices", type=int, multiple=True, help="Sample row(s) in the group [default: all].")
+@click.option("-o", "--output", required=True, help="Output .npz file.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def predict(run_dir, xyz_path, dataset, molecule, indices, output, as_json):
+    """Predict F and S (pyscf AO order) for geometries; writes fock, overlap, positions to .npz."""
+    import numpy as np
+
+    from phisnet_jax import molecules as mols
+    from phisnet_jax.evaluate import load_trained_model, predict_matrices
+    from phisnet_jax.model import MoleculeInputs, make_inputs
+    from phisnet_jax.train import load_run_config
+
+    if bool(xyz_path) == bool(dataset):
+        raise InputError("give either --xyz or --dataset with --molecule")
+    if not output.endswith(".npz"):
+        raise InputError("the output file must end in .npz")
+    if dataset:
+        from phisnet_jax.dataset import read_molecule
+
+        if not molecule:
+            raise InputError("--dataset needs --molecule")
+        group = read_molecule(dataset, molecule, fields=("positions",))
+        rows = list(indices) or list(range(group.n_samples))
+        if any(r < 0 or r >= group.n_samples for r in rows):
+            raise InputError(f"sample index out of range 0..{group.n_samples - 1}")
+        geometries = [mols.Molecule(group.atomic_numbers, group.arrays["positions"][r]) for r in rows]
+    else:
+        geometries = mols.read_xyz(xyz_path)
+    model_cfg, _, _ = load_run_config(run_dir)
+    for g in geometries:
+        mols.validate(g)
+        if [int(z) for z in g.atomic_numbers] != [int(z) for z in geometries[0].atomic_numbers]:
+            raise InputError("all geometries must have the same atoms in the same order")
+    model_cfg.element_basis.index_of(geometries[0].atomic_numbers)  # elements the model knows
+    trained = load_trained_model(run_dir)
+    per = [make_inputs(trained.config, g.atomic_numbers, g.positions) for g in geometries]
+    stacked = MoleculeInputs(**{k: np.stack([getattr(p, k) for p in per]) for k in vars(per[0])})
+    fock, overlap = predict_matrices(trained, stacked)
+    tmp = output + ".tmp.npz"
+    np.savez(tmp, fock=fock, overlap=overlap, atomic_numbers=geometries[0].atomic_numbers,
+             positions=np.stack([g.positions for g in geometries]), basis=trained.config.basis,
+             units="hartree, bohr; AOs in pyscf order")
+    os.replace(tmp, output)
+    summary = {"output": output, "geometries": len(geometries), "n_ao": int(fock.shape[-1]),
+               "basis": trained.config.basis, "model_step": trained.step}
+    click.echo(json.dumps(summary) if as_json else
+               f"wrote {output}: F and S for {len(geometries)} geometries ({fock.shape[-1]} AOs, {trained.config.basis})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -131,7 +131,10 @@ def make_train_step(model: PhiSNet, cfg: TrainConfig, optimizer) -> Callable:
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, inputs, fock, overlap)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1.0 - cfg.ema_decay) * p, state.ema_params, params)
+        # Warm-up of the average: early on it follows the fast-changing weights closely.
+        t = state.step.astype(loss.dtype)
+        decay = jnp.minimum(cfg.ema_decay, (1.0 + t) / (10.0 + t))
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
         return new_state, dict(metrics, loss=loss)
 
@@ -189,6 +192,11 @@ def init_state(model: PhiSNet, cfg: TrainConfig, example: MoleculeInputs, optimi
     )
 
 
+def state_shapes(model: PhiSNet, cfg: TrainConfig, example: MoleculeInputs, optimizer) -> TrainState:
+    """The shapes and dtypes of a fresh ``TrainState``, without compiling or running anything."""
+    return jax.eval_shape(lambda ex: init_state(model, cfg, ex, optimizer), example)
+
+
 def _config_record(model_cfg: PhiSNetConfig, train_cfg: TrainConfig, data_cfg: DataConfig) -> dict:
     return {
         "model": dataclasses.asdict(model_cfg),
@@ -223,16 +231,18 @@ def _checkpoint_manager(run_dir: str):
 
 
 def restore_state(run_dir: str, template: TrainState) -> TrainState | None:
-    """The latest checkpoint of a run (None if it has none)."""
+    """The latest checkpoint of a run (None if it has none); ``template`` gives shapes only."""
     import orbax.checkpoint as ocp
 
     manager = _checkpoint_manager(run_dir)
     step = manager.latest_step()
     if step is None:
         return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    # Restore replicated over this process's devices, whatever topology saved the checkpoint.
+    replicated = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec())
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), template)
     try:
-        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        return manager.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as exc:
         raise InputError(f"cannot restore checkpoint {step} of {run_dir}: {str(exc).splitlines()[0]}") from None
 
@@ -286,13 +296,14 @@ def train(
 
     optimizer = make_optimizer(train_cfg)
     with _precision(train_cfg):
-        state = init_state(model, train_cfg, cast_inputs(train_data.inputs, dtype), optimizer)
-        restored = restore_state(run_dir, state)
-        if restored is None:
+        example = cast_inputs(train_data.inputs, dtype)
+        state = restore_state(run_dir, state_shapes(model, train_cfg, example, optimizer))
+        if state is None:
+            state = init_state(model, train_cfg, example, optimizer)
             with open(config_path + ".tmp", "w") as f:
                 json.dump(record, f, indent=2)
             os.replace(config_path + ".tmp", config_path)
-        state = parallel.replicate(restored if restored is not None else state)
+        state = parallel.replicate(state)
         return _loop(run_dir, model, train_cfg, optimizer, parallel, state, train_data, valid_data,
                      max_steps, time_budget, progress)
 

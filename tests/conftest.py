@@ -1,6 +1,19 @@
-"""Shared fixtures: pyscf calculations are cached per test session."""
+"""Shared fixtures: pyscf calculations are cached per test session.
+
+JAX's persistent compilation cache is switched on (before jax is imported anywhere) so that
+identical computations compiled again, by another closure or a CLI subprocess, load from disk.
+"""
 
 import functools
+import os
+
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+# Loading a cached executable makes XLA's C++ logger warn on stderr; CLI tests read stderr.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
 import pytest

@@ -1,0 +1,117 @@
+"""Evaluating and using a trained PhiSNet model: loading runs, predicting, accuracy metrics.
+
+Metrics, as defined for the PhiSNet/SchNOrb benchmarks:
+- MAE of F over all matrix elements (reported in micro-hartree) and of S;
+- MAE of the occupied orbital energies (lowest N_electrons / 2) of F C = S C eps, solved with the
+  *reference* S for both the prediction and the reference (micro-hartree);
+- psi: mean over occupied orbitals of |cosine similarity| of the coefficient vectors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+
+from phisnet_jax.data import HamiltonianData
+from phisnet_jax.errors import InputError
+from phisnet_jax.model import MoleculeInputs, PhiSNet, PhiSNetConfig, make_phisnet
+from phisnet_jax.train import (
+    TrainConfig, _float_dtype, cast_inputs, load_run_config, make_optimizer, restore_state,
+    state_shapes,
+)
+
+HARTREE_TO_MICRO = 1e6
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainedModel:
+    """A model with its (EMA) parameters and a jitted single-molecule apply."""
+
+    config: PhiSNetConfig
+    train_config: TrainConfig
+    model: PhiSNet
+    params: object
+    step: int
+
+    @property
+    def dtype(self):
+        return _float_dtype(self.train_config)
+
+
+def load_trained_model(run_dir: str) -> TrainedModel:
+    """The EMA parameters of the latest checkpoint of a training run."""
+    model_cfg, train_cfg, data_cfg = load_run_config(run_dir)
+    model = make_phisnet(model_cfg)
+    # Shapes of the parameters do not depend on the molecule: a one-atom example suffices.
+    from phisnet_jax.model import make_inputs
+
+    example = make_inputs(model_cfg, [model_cfg.elements[0]], np.zeros((1, 3)))
+    example = cast_inputs(jax.tree.map(lambda a: np.asarray(a)[None], example), _float_dtype(train_cfg))
+    with _maybe_x64(train_cfg):
+        template = state_shapes(model, train_cfg, example, make_optimizer(train_cfg))
+        state = restore_state(run_dir, template)
+    if state is None:
+        raise InputError(f"{run_dir} has no checkpoint to load")
+    return TrainedModel(model_cfg, train_cfg, model, state.ema_params, int(state.step))
+
+
+def _maybe_x64(cfg: TrainConfig):
+    import contextlib
+
+    return jax.enable_x64(True) if cfg.float64 else contextlib.nullcontext()
+
+
+def predict_matrices(trained: TrainedModel, inputs: MoleculeInputs, batch_size: int = 16):
+    """(fock, overlap), each (n, M, M) float64 numpy, for stacked inputs (n, ...)."""
+    with _maybe_x64(trained.train_config):
+        apply = jax.jit(jax.vmap(trained.model.apply, in_axes=(None, 0)))
+        inputs = cast_inputs(inputs, trained.dtype)
+        n = inputs.positions.shape[0]
+        focks, overlaps = [], []
+        for start in range(0, n, batch_size):
+            rows = np.arange(start, min(start + batch_size, n))
+            pad = np.concatenate([rows, np.full(batch_size - rows.size, rows[-1])])
+            part = jax.tree.map(lambda a: np.asarray(a)[pad], inputs)
+            out = apply(trained.params, part)
+            focks.append(np.asarray(out["fock"], np.float64)[: rows.size])
+            overlaps.append(np.asarray(out["overlap"], np.float64)[: rows.size])
+    return np.concatenate(focks), np.concatenate(overlaps)
+
+
+def orbital_metrics(fock_pred, fock_ref, overlap_ref, n_occupied: int) -> tuple[np.ndarray, float]:
+    """(absolute errors of the occupied orbital energies (n_occ,), mean |cosine| of orbitals)."""
+    eps_p, c_p = scipy.linalg.eigh(fock_pred, overlap_ref)
+    eps_r, c_r = scipy.linalg.eigh(fock_ref, overlap_ref)
+    occ = slice(0, n_occupied)
+    cos = np.abs(np.sum(c_p[:, occ] * c_r[:, occ], axis=0)) / (
+        np.linalg.norm(c_p[:, occ], axis=0) * np.linalg.norm(c_r[:, occ], axis=0)
+    )
+    return np.abs(eps_p[occ] - eps_r[occ]), float(cos.mean())
+
+
+def accuracy(trained: TrainedModel, data: HamiltonianData, batch_size: int = 16) -> dict:
+    """MAE of F (uHa), S, occupied eps (uHa) and mean psi similarity over a data split."""
+    if len(data) == 0:
+        raise InputError("the selected split has no samples (all went to training/validation)")
+    fock, overlap = predict_matrices(trained, data.inputs, batch_size)
+    f_err, s_err, eps_err, psi = [], [], [], []
+    for i in range(len(data)):
+        k = int(np.asarray(data.inputs.ao_mask[i]).sum())
+        f_p, f_r = fock[i, :k, :k], data.fock[i, :k, :k]
+        s_p, s_r = overlap[i, :k, :k], data.overlap[i, :k, :k]
+        f_err.append(np.abs(f_p - f_r).ravel())
+        s_err.append(np.abs(s_p - s_r).ravel())
+        e, c = orbital_metrics(f_p, f_r, s_r, int(data.n_occupied[i]))
+        eps_err.append(e)
+        psi.append(c)
+    return {
+        "samples": len(data),
+        "fock_mae_uha": float(np.concatenate(f_err).mean() * HARTREE_TO_MICRO),
+        "overlap_mae": float(np.concatenate(s_err).mean()),
+        "orbital_energy_mae_uha": float(np.concatenate(eps_err).mean() * HARTREE_TO_MICRO),
+        "orbital_cosine_similarity": float(np.mean(psi)),
+    }

@@ -1,0 +1,167 @@
+"""PhiSNet training: learning, exact resume, data parallelism, divergence handling, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from phisnet_jax import train as training
+from phisnet_jax.evaluate import load_trained_model, orbital_metrics
+from phisnet_jax.generate import GenerationRequest, generate
+from phisnet_jax.model import PhiSNetConfig
+from phisnet_jax.reference import LevelOfTheory
+from phisnet_jax.sampling import thermal_ensemble
+from conftest import start_geometry
+
+TINY = PhiSNetConfig(basis="sto-3g", elements=(1, 8), features=8, max_order=2, num_modules=1,
+                     num_radial=8, overlap_features=4)
+
+
+@pytest.fixture(scope="module")
+def water_data(tmp_path_factory):
+    """16 HF/STO-3G water geometries at 500 K."""
+    path = str(tmp_path_factory.mktemp("data") / "water.h5")
+    level = LevelOfTheory("hf", "sto-3g")
+    request = GenerationRequest(output=path, name="water", source="test", n_samples=16, level=level)
+    generate(request, lambda: thermal_ensemble(start_geometry("water"), level, 500.0, seed=1), log=lambda m: None)
+    return path
+
+
+def data_config(path):
+    return training.DataConfig(path, ("water",), n_train=8, n_valid=4)
+
+
+def run(run_dir, path, steps, **overrides):
+    cfg = training.TrainConfig(batch_size=4, validate_every=4, log_every=1, learning_rate=3e-3, **overrides)
+    return training.train(str(run_dir), TINY, cfg, data_config(path), max_steps=steps, progress=False)
+
+
+def final_params(run_dir):
+    template_cfg = training.load_run_config(str(run_dir))
+    trained = load_trained_model(str(run_dir))
+    assert trained.config == template_cfg[0]
+    return trained
+
+
+def test_loss_decreases_and_run_dir_is_complete(tmp_path, water_data):
+    result = run(tmp_path / "run", water_data, 24)
+    assert result.steps == 24 and result.stopped_because == "max_steps"
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    losses = [e["loss"] for e in log if "loss" in e]
+    assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
+    assert any("valid_fock_mae" in e for e in log)
+    for name in ("config.json", "learning_curve.png", "checkpoints"):
+        assert (tmp_path / "run" / name).exists()
+
+
+def test_resume_is_exact(tmp_path, water_data):
+    run(tmp_path / "straight", water_data, 8)
+    run(tmp_path / "resumed", water_data, 4)  # checkpoint at step 4 (a validation step)
+    run(tmp_path / "resumed", water_data, 8)
+    a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
+    assert a.step == b.step == 8
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, water_data, monkeypatch):
+    run(tmp_path / "run", water_data, 4)
+    real_load = training.load_splits
+
+    def poisoned(*args, **kwargs):
+        splits = real_load(*args, **kwargs)
+        splits["train"].fock[:] = np.nan
+        return splits
+
+    monkeypatch.setattr(training, "load_splits", poisoned)
+    with pytest.raises(training.TrainingDiverged, match="non-finite loss at step 4"):
+        run(tmp_path / "run", water_data, 8)
+    assert load_trained_model(str(tmp_path / "run")).step == 4
+
+
+def test_other_configuration_in_run_dir_is_rejected(tmp_path, water_data):
+    run(tmp_path / "run", water_data, 1)
+    with pytest.raises(Exception, match="another configuration"):
+        training.train(str(tmp_path / "run"), TINY, training.TrainConfig(batch_size=2),
+                       data_config(water_data), max_steps=2, progress=False)
+
+
+TWO_DEVICE_STEP = r"""
+import os, sys, json
+import jax, numpy as np
+from phisnet_jax import train as training
+from phisnet_jax.model import PhiSNetConfig
+cfg = PhiSNetConfig(basis="sto-3g", elements=(1, 8), features=8, max_order=2, num_modules=1,
+                    num_radial=8, overlap_features=4)
+tcfg = training.TrainConfig(batch_size=4, validate_every=100, float64=True)
+training.train(sys.argv[1], cfg, tcfg, training.DataConfig(sys.argv[2], ("water",), 8, 4),
+               max_steps=1, progress=False)
+print(json.dumps({"devices": len(jax.devices())}))
+"""
+
+
+def test_two_devices_give_the_same_step_as_one(tmp_path, water_data):
+    params = []
+    for devices in (1, 2):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        out = subprocess.run([sys.executable, "-c", TWO_DEVICE_STEP, str(tmp_path / f"d{devices}"), water_data],
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout.strip().splitlines()[-1])["devices"] == devices
+        with jax.enable_x64(True):
+            params.append(jax.tree.leaves(load_trained_model(str(tmp_path / f"d{devices}")).params))
+    for x, y in zip(*params):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12, atol=1e-14)
+
+
+def test_orbital_metrics_against_direct_solution():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 6))
+    S = a @ a.T + 6 * np.eye(6)
+    F = rng.normal(size=(6, 6))
+    F = F + F.T
+    errors, cosine = orbital_metrics(F, F, S, 3)
+    np.testing.assert_allclose(errors, 0.0, atol=1e-12)
+    assert abs(cosine - 1.0) < 1e-12
+    shift = 1e-3 * S  # F + c S has the same orbitals and energies shifted by exactly c
+    errors, cosine = orbital_metrics(F + shift, F, S, 3)
+    np.testing.assert_allclose(errors, 1e-3, rtol=1e-8)
+    assert abs(cosine - 1.0) < 1e-10
+
+
+def phisnet(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "phisnet_jax", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_cli_train_evaluate_predict(tmp_path, water_data):
+    common = ["--run-dir", "r", "--train", "8", "--valid", "4", "--preset", "tiny", "--batch-size", "4"]
+    out = phisnet("train", water_data, *common, "--steps", "4", "--set", "validate_every=2", "--json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["steps"] == 4
+    # Resuming without repeating the dataset uses the stored configuration.
+    out = phisnet("train", "--run-dir", "r", "--steps", "6", "--json", cwd=tmp_path)
+    assert out.returncode == 0 and json.loads(out.stdout)["steps"] == 6, out.stderr
+    out = phisnet("evaluate", "r", "--json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads(out.stdout)
+    assert metrics["samples"] == 4 and metrics["split"] == "test" and metrics["fock_mae_uha"] > 0
+    (tmp_path / "w.xyz").write_text("3\n\nO 0 0 0\nH 0 0.76 0.58\nH 0 -0.76 0.58\n")
+    out = phisnet("predict", "r", "--xyz", "w.xyz", "-o", "p.npz", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    with np.load(tmp_path / "p.npz") as z:
+        assert z["fock"].shape == (1, 7, 7) and np.all(np.diag(z["overlap"][0]) == 1.0)
+    (tmp_path / "hcl.xyz").write_text("2\n\nCl 0 0 0\nH 0 0 1.3\n")
+    for args, message in [
+        (["predict", "r", "--xyz", "hcl.xyz", "-o", "q.npz"], "not atomic number"),
+        (["evaluate", "missing_run"], "not a training run directory"),
+        (["train", water_data, *common, "--steps", "1", "--set", "nonsense=1"], "unknown setting"),
+    ]:
+        out = phisnet(*args, cwd=tmp_path)
+        assert out.returncode == 2 and message in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "q.npz").exists()
