@@ -14,12 +14,18 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Main job on a small built-in default: 16 thermally distorted water geometries labelled at
-# PBE/def2-SVP (the paper's level of theory); re-running continues or reuses the file.
+# Main job on a small built-in default (about 10 minutes on 2 CPU cores): 80 thermally
+# distorted water geometries labelled at PBE/def2-SVP (the paper's level of theory), a small
+# PhiSNet trained on 50 of them for 4 minutes, and its accuracy on the 20 held-out ones.
+# Re-running continues the dataset and the training run where they stopped.
+DEMO := runs/demo
 run: $(STAMP)
-	mkdir -p runs/demo
-	$(BIN)/phisnet generate water --samples 16 --workers 2 --seed 0 --output runs/demo/water.h5
-	$(BIN)/phisnet inspect runs/demo/water.h5
+	mkdir -p $(DEMO)
+	$(BIN)/phisnet generate water --samples 80 --workers 2 --seed 0 --output $(DEMO)/water.h5
+	$(BIN)/phisnet inspect $(DEMO)/water.h5
+	$(BIN)/phisnet train $(DEMO)/water.h5 --run-dir $(DEMO)/phisnet --preset small \
+		--train 50 --valid 10 --batch-size 10 --set validate_every=50 --time-budget 240
+	$(BIN)/phisnet evaluate $(DEMO)/phisnet --split test
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

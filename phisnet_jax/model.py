@@ -232,10 +232,12 @@ class PhiSNet(nn.Module):
             w_on = self.param(f"onsite_head_{order}", init, (n_el, F, C), final.dtype)
             out_off = jnp.einsum("ijfM,ijfc->ijcM", offsite[..., order_slice(order)], w_off[z_idx[:, None], z_idx[None, :]])
             out_on = jnp.einsum("ifM,ifc->icM", onsite[..., order_slice(order)], w_on[z_idx])
+            if order == 0:
+                # Invariant per-element constants of the on-site blocks (e.g. core orbital
+                # energies); ``initial_onsite_offsets`` sets them to training-data means.
+                offset = self.param("onsite_offset", nn.initializers.zeros, (n_el, C), final.dtype)
+                out_on = out_on.at[..., 0].add(offset[z_idx])
             out = jnp.where(is_diagonal[:, :, None, None], out_on[:, None], out_off)
-            if order == 0:  # per-(element pair, channel) offsets of the scalar channels
-                bias = self.param("scalar_offset", nn.initializers.zeros, (n_el, n_el, C), final.dtype)
-                out = out.at[..., 0].add(bias[z_idx[:, None], z_idx[None, :]])
             outputs.append(out)
         blocks = atom_pair_blocks(outputs, self.tables, z_idx)
         fock = assemble_matrix(blocks, inputs.ao_atom, inputs.ao_local, inputs.ao_mask)
@@ -304,3 +306,29 @@ def make_inputs(
         ao_local=index.local,
         ao_mask=index.mask,
     )
+
+
+def initial_onsite_offsets(config: PhiSNetConfig, element_index: np.ndarray, ao_atom: np.ndarray,
+                           ao_local: np.ndarray, ao_mask: np.ndarray, fock: np.ndarray) -> np.ndarray:
+    """(n_elements, C_0) mean scalar (L = 0) channels of the on-site Fock blocks of a data set.
+
+    Arguments are stacked model inputs and reference Fock matrices (n, M, M) hartree. The L = 0
+    channels of a block are its projections on the (mutually orthogonal) channel patterns of the
+    expansion table; they are rotation-invariant, so their means are a safe starting point.
+    """
+    tables = expansion_tables(config.element_basis)
+    table0 = tables.tables[0][:, :, :, 0]  # (n_el, n_el, C0, A, A)
+    n_el, A = table0.shape[0], table0.shape[-1]
+    sums = np.zeros((n_el, table0.shape[2]))
+    counts = np.zeros(n_el)
+    for n in range(fock.shape[0]):
+        for atom in np.unique(ao_atom[n][ao_mask[n]]):
+            rows = np.flatnonzero((ao_atom[n] == atom) & ao_mask[n])
+            block = np.zeros((A, A))
+            block[np.ix_(ao_local[n][rows], ao_local[n][rows])] = fock[n][np.ix_(rows, rows)]
+            e = int(element_index[n][atom])
+            patterns = table0[e, e]
+            norms = np.einsum("cpq,cpq->c", patterns, patterns)
+            sums[e] += np.where(norms > 0, np.einsum("cpq,pq->c", patterns, block) / np.maximum(norms, 1e-30), 0.0)
+            counts[e] += 1
+    return sums / np.maximum(counts, 1)[:, None]

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from phisnet_jax.data import HamiltonianData, SplitSpec, batch_rows, load_splits
 from phisnet_jax.errors import InputError
-from phisnet_jax.model import MoleculeInputs, PhiSNet, PhiSNetConfig, make_phisnet
+from phisnet_jax.model import MoleculeInputs, PhiSNet, PhiSNetConfig, initial_onsite_offsets, make_phisnet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,9 +179,18 @@ def cast_inputs(inputs: MoleculeInputs, dtype) -> MoleculeInputs:
     })
 
 
-def init_state(model: PhiSNet, cfg: TrainConfig, example: MoleculeInputs, optimizer) -> TrainState:
+def init_state(model: PhiSNet, cfg: TrainConfig, example: MoleculeInputs, optimizer,
+               data: HamiltonianData | None = None) -> TrainState:
+    """A fresh state; with ``data``, on-site scalar offsets start at the data's means."""
     single = jax.tree.map(lambda a: a[0], example)
     params = jax.jit(model.init)(jax.random.PRNGKey(cfg.seed), single)
+    if data is not None:
+        i = data.inputs
+        offsets = initial_onsite_offsets(model.config, np.asarray(i.element_index), np.asarray(i.ao_atom),
+                                         np.asarray(i.ao_local), np.asarray(i.ao_mask), data.fock)
+        inner = dict(params["params"])
+        inner["onsite_offset"] = jnp.asarray(offsets, inner["onsite_offset"].dtype)
+        params = {**params, "params": inner}
     return TrainState(
         step=jnp.asarray(0, jnp.int32),
         params=params,
@@ -299,7 +308,7 @@ def train(
         example = cast_inputs(train_data.inputs, dtype)
         state = restore_state(run_dir, state_shapes(model, train_cfg, example, optimizer))
         if state is None:
-            state = init_state(model, train_cfg, example, optimizer)
+            state = init_state(model, train_cfg, example, optimizer, train_data)
             with open(config_path + ".tmp", "w") as f:
                 json.dump(record, f, indent=2)
             os.replace(config_path + ".tmp", config_path)
