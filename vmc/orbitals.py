@@ -1,0 +1,389 @@
+"""Hartree-Fock orbitals for the transferable wavefunction, and their values in JAX.
+
+The ansatz is conditioned on the occupied Hartree-Fock orbitals of a molecule in a minimal
+basis (STO-6G by default). They are made *reproducible* functions of the geometry:
+
+1. restricted Hartree-Fock for closed shells, restricted open-shell (ROHF) otherwise, so that
+   the spin-down orbitals are a subset of the spin-up space;
+2. per spin, the occupied orbitals are localised with Foster-Boys (minimal total spread
+   sum_k <r^2>_k - |<r>_k|^2), restarted until pyscf's stability analysis finds no descent
+   direction (the first optimum it reaches is often a saddle point). Where localisation does
+   not lower the spread (a single atom, whose orbitals are all centred on the nucleus) the
+   canonical orbitals are kept, since any rotation among them would be equally "local";
+3. orbitals are ordered canonically by their estimated energy <phi|F_sigma|phi> (hartree);
+   ties (symmetry-equivalent bonds or lone pairs) are broken by their Mulliken atom
+   populations, then by their centroids, so that the same geometry always gives the same order;
+4. each orbital's sign is fixed so that its AO coefficients sum to a positive number.
+
+Spin-up orbitals are the occupied alpha orbitals (doubly and singly occupied), spin-down ones
+the doubly occupied orbitals. Coefficients are in pyscf's AO order; ``AOLayout`` describes the
+shells. For supervised pretraining the orbitals are also evaluated at electron positions in
+JAX: the contracted spherical GTOs of the basis are computed from pyscf's basis data in jnp
+(:func:`make_ao_values`), independent of pyscf's own integral library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from phisnet_jax.basis import AOLayout, parity_letter, pyscf_to_e3nn
+from phisnet_jax.errors import InputError
+from vmc.systems import System
+
+DEFAULT_BASIS = "sto-6g"
+LOCALIZATIONS = ("boys", None)
+
+# Tolerances of the canonical ordering: estimated orbital energies closer than this (hartree)
+# are treated as ties (localisation converges them to ~1e-8, symmetry-equivalent orbitals
+# are degenerate), and populations/centroids are compared after rounding to this many digits.
+ENERGY_TIE_TOLERANCE = 1e-5
+TIE_BREAK_DECIMALS = 4
+# Localisation must lower the total spread (bohr^2) by more than this to replace canonical
+# orbitals; below it the spread is flat in the orbital rotations (e.g. one atom).
+MIN_SPREAD_GAIN = 1e-6
+MAX_STABILITY_RESTARTS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianShell:
+    """One contracted spherical Gaussian shell: sum_p c_p r^l exp(-a_p r^2) Y_lm.
+
+    ``coefficients`` multiply unnormalised primitives (pyscf's radial normalisation of each
+    primitive folded in), so the shell's AOs are normalised as in pyscf.
+    """
+
+    atom: int
+    l: int
+    exponents: tuple[float, ...]
+    coefficients: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianBasis:
+    """The contracted spherical GTOs of one molecule, shell by shell in pyscf's AO order."""
+
+    shells: tuple[GaussianShell, ...]
+    n_atoms: int
+
+    @classmethod
+    def from_mole(cls, mol) -> "GaussianBasis":
+        from pyscf import gto
+
+        if mol.cart:
+            raise ValueError("Cartesian AO bases are not supported; use spherical (mol.cart=False)")
+        shells = []
+        for bas_id in range(mol.nbas):
+            l = int(mol.bas_angular(bas_id))
+            exponents = np.asarray(mol.bas_exp(bas_id), dtype=np.float64)
+            # bas_ctr_coeff refers to normalised primitives; fold their norms in.
+            contractions = mol.bas_ctr_coeff(bas_id) * gto.gto_norm(l, exponents)[:, None]
+            for c in contractions.T:
+                shells.append(GaussianShell(int(mol.bas_atom(bas_id)), l,
+                                            tuple(exponents.tolist()), tuple(c.tolist())))
+        return cls(tuple(shells), int(mol.natm))
+
+    @property
+    def layout(self) -> AOLayout:
+        return AOLayout(tuple(s.atom for s in self.shells), tuple(s.l for s in self.shells),
+                        self.n_atoms)
+
+    @property
+    def n_ao(self) -> int:
+        return self.layout.n_ao
+
+
+def make_ao_values(basis: GaussianBasis) -> Callable:
+    """Values of all AOs at points, in jnp.
+
+    Returns:
+        ``fn(atom_positions: (n_atoms, 3) bohr, points: (n_points, 3) bohr) -> (n_points, n_ao)``
+        in pyscf's AO order (equal to ``mol.eval_gto("GTOval_sph", points)``); jit-able and
+        differentiable in both arguments. The nuclear positions are an argument so that one
+        compiled function serves every geometry of a molecule.
+    """
+    import e3nn_jax as e3nn
+    import jax.numpy as jnp
+
+    layout = basis.layout
+    offsets = layout.shell_offsets
+    groups = []  # one entry per angular momentum: shells of that l, evaluated together
+    ao_order = []
+    for l in sorted(set(layout.shell_l)):
+        members = [s for s, shell in enumerate(basis.shells) if shell.l == l]
+        n_prim = max(len(basis.shells[s].exponents) for s in members)
+        # Padding primitives have coefficient 0 (and exponent 1, any finite value would do).
+        exponents = np.ones((len(members), n_prim))
+        coefficients = np.zeros((len(members), n_prim))
+        for row, s in enumerate(members):
+            n = len(basis.shells[s].exponents)
+            exponents[row, :n] = basis.shells[s].exponents
+            coefficients[row, :n] = basis.shells[s].coefficients
+        atoms = np.array([basis.shells[s].atom for s in members])
+        # pyscf's real spherical AOs are unit-normalised on the sphere; e3nn's "component"
+        # harmonics have mean square 1 there, hence 1/sqrt(4 pi), and Q_l maps the orders.
+        angular = pyscf_to_e3nn(l) / np.sqrt(4.0 * np.pi)
+        groups.append((l, atoms, exponents, coefficients, angular))
+        for s in members:
+            ao_order.extend(range(int(offsets[s]), int(offsets[s + 1])))
+    # Columns are produced grouped by l; this gather puts them back in pyscf order.
+    to_pyscf_order = np.argsort(np.asarray(ao_order))
+
+    def ao_values(atom_positions, points):
+        atom_positions = jnp.asarray(atom_positions, points.dtype)
+        columns = []
+        for l, atoms, exponents, coefficients, angular in groups:
+            d = points[:, None, :] - atom_positions[atoms][None]  # (n_points, n_shells, 3)
+            r2 = jnp.sum(d * d, axis=-1)
+            radial = jnp.sum(
+                jnp.asarray(coefficients, points.dtype)
+                * jnp.exp(-jnp.asarray(exponents, points.dtype) * r2[..., None]),
+                axis=-1,
+            )
+            if l == 0:
+                values = radial[..., None] * jnp.asarray(angular[0, 0], points.dtype)
+            else:
+                # Unnormalised harmonics are the solid harmonics r^l Y_lm(r_hat): polynomials,
+                # smooth at the nucleus.
+                solid = e3nn.spherical_harmonics(
+                    f"{l}{parity_letter(l)}", d, normalize=False, normalization="component"
+                ).array
+                values = radial[..., None] * (solid @ jnp.asarray(angular, points.dtype))
+            columns.append(values.reshape(points.shape[0], -1))
+        return jnp.concatenate(columns, axis=1)[:, to_pyscf_order]
+
+    return ao_values
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HartreeFockOrbitals:
+    """Occupied Hartree-Fock orbitals of one geometry, localised, ordered and sign-fixed.
+
+    Attributes:
+      coefficients: per spin (up, down), AO coefficients (n_ao, n_up) and (n_ao, n_down) in
+        pyscf AO order; column k is orbital k.
+      orbital_energies: per spin, (n_up,) and (n_down,) estimated orbital energies
+        <phi_k|F_sigma|phi_k>, hartree, non-decreasing.
+      layout: shells of the AO basis.
+      basis: the contracted GTOs, for evaluating the orbitals (:func:`make_orbital_values`).
+      basis_name: the pyscf basis-set name.
+      atomic_numbers: (n_atoms,); atom_positions: (n_atoms, 3) bohr.
+      energy: Hartree-Fock total energy, hartree.
+      method: "RHF" or "ROHF".
+      localization: "boys" or None (canonical orbitals).
+    """
+
+    coefficients: tuple[np.ndarray, np.ndarray]
+    orbital_energies: tuple[np.ndarray, np.ndarray]
+    layout: AOLayout
+    basis: GaussianBasis
+    basis_name: str
+    atomic_numbers: np.ndarray
+    atom_positions: np.ndarray
+    energy: float
+    method: str
+    localization: str | None
+
+    @property
+    def up(self) -> np.ndarray:
+        return self.coefficients[0]
+
+    @property
+    def down(self) -> np.ndarray:
+        return self.coefficients[1]
+
+
+def _spread(mol, coefficients: np.ndarray) -> np.ndarray:
+    """(n_orb,) Boys spread <r^2> - |<r>|^2 of each orbital, bohr^2."""
+    r = mol.intor_symmetric("int1e_r")
+    r2 = mol.intor_symmetric("int1e_r2")
+    centroid = np.einsum("xpq,pk,qk->kx", r, coefficients, coefficients)
+    return np.einsum("pq,pk,qk->k", r2, coefficients, coefficients) - np.sum(centroid**2, axis=1)
+
+
+def _centroids(mol, coefficients: np.ndarray) -> np.ndarray:
+    """(n_orb, 3) orbital centroids <r>, bohr."""
+    r = mol.intor_symmetric("int1e_r")
+    return np.einsum("xpq,pk,qk->kx", r, coefficients, coefficients)
+
+
+def boys_localize(mol, coefficients: np.ndarray, conv_tol: float = 1e-10) -> np.ndarray:
+    """Foster-Boys localisation of the orbitals ``coefficients`` (n_ao, n_orb), restarted
+    from pyscf's stability analysis until it reaches a minimum of the total spread.
+
+    Returns the canonical input unchanged when localisation gains less than
+    ``MIN_SPREAD_GAIN`` bohr^2 of spread (e.g. the orbitals of a single atom).
+    """
+    from pyscf import lo
+
+    coefficients = np.asarray(coefficients, dtype=np.float64)
+    if coefficients.shape[1] <= 1:
+        return coefficients.copy()
+    localizer = lo.Boys(mol, coefficients)
+    localizer.verbose = 0
+    localizer.conv_tol = conv_tol
+    localized = localizer.kernel()
+    for _ in range(MAX_STABILITY_RESTARTS):
+        rotated, stable = localizer.stability(return_status=True)
+        if stable:
+            break
+        localized = localizer.kernel(rotated)
+    if _spread(mol, localized).sum() > _spread(mol, coefficients).sum() - MIN_SPREAD_GAIN:
+        return coefficients.copy()
+    return np.asarray(localized)
+
+
+def fix_signs(coefficients: np.ndarray) -> np.ndarray:
+    """Flip orbitals (columns) so that each one's coefficient sum is positive.
+
+    Where the sum vanishes (|sum| < 1e-8, e.g. an orbital odd under a symmetry of its atom's
+    shells), the largest coefficient (the first of equals) is made positive instead.
+    """
+    coefficients = np.array(coefficients, dtype=np.float64)
+    for k in range(coefficients.shape[1]):
+        c = coefficients[:, k]
+        total = c.sum()
+        if abs(total) < 1e-8:
+            total = c[np.argmax(np.round(np.abs(c), 10))]
+        if total < 0:
+            coefficients[:, k] = -c
+    return coefficients
+
+
+def canonical_order(energies: np.ndarray, populations: np.ndarray,
+                    centroids: np.ndarray) -> np.ndarray:
+    """Orbital order by estimated energy; ties broken by atom populations, then centroids.
+
+    Args:
+        energies: (n_orb,) hartree. populations: (n_orb, n_atoms) Mulliken populations.
+        centroids: (n_orb, 3) bohr.
+    Returns:
+        (n_orb,) indices: ``coefficients[:, order]`` is the canonical order.
+    """
+    by_energy = np.argsort(energies, kind="stable")
+    gaps = np.diff(energies[by_energy]) > ENERGY_TIE_TOLERANCE
+    groups = np.split(by_energy, np.flatnonzero(gaps) + 1)
+
+    def tie_key(k):
+        # Larger populations on lower-index atoms first; then the centroid, lexicographically.
+        pop = np.round(-populations[k], TIE_BREAK_DECIMALS) + 0.0  # + 0.0 turns -0.0 into 0.0
+        cen = np.round(centroids[k], TIE_BREAK_DECIMALS) + 0.0
+        return tuple(pop.tolist()) + tuple(cen.tolist())
+
+    order = [k for group in groups for k in sorted(group.tolist(), key=tie_key)]
+    return np.asarray(order, dtype=np.int64)
+
+
+def _finish(mol, coefficients, fock, overlap, layout) -> tuple[np.ndarray, np.ndarray]:
+    """Order and sign-fix one spin's orbitals; returns (coefficients, energies)."""
+    coefficients = fix_signs(coefficients)
+    if coefficients.shape[1] == 0:
+        return coefficients, np.zeros(0)
+    energies = np.einsum("pk,pq,qk->k", coefficients, fock, coefficients)
+    sc = overlap @ coefficients
+    populations = np.stack(
+        [np.sum(coefficients[sl] * sc[sl], axis=0) for sl in layout.atom_ao_slices], axis=1
+    )
+    order = canonical_order(energies, populations, _centroids(mol, coefficients))
+    return coefficients[:, order], energies[order]
+
+
+def hartree_fock(
+    system: System,
+    basis: str = DEFAULT_BASIS,
+    localization: str | None = "boys",
+    conv_tol: float = 1e-12,
+) -> HartreeFockOrbitals:
+    """Occupied HF orbitals of ``system`` per spin (RHF if spin = 0, else ROHF).
+
+    Args:
+        system: the molecule; its spin selects RHF (0) or ROHF.
+        basis: pyscf basis-set name (minimal bases suit the orbital featurizer).
+        localization: "boys" (Foster-Boys per spin) or None for canonical orbitals.
+        conv_tol: SCF energy convergence (hartree). The localisation converges its spread to
+            1e-10 bohr^2, which reproduces the orbitals of a rotated geometry to ~1e-7.
+
+    Raises:
+        InputError: basis does not cover the elements, or the SCF does not converge.
+    """
+    from pyscf import lib
+
+    if localization not in LOCALIZATIONS:
+        raise InputError(f"unknown localisation {localization!r}; expected one of {LOCALIZATIONS}")
+    mol = system.to_pyscf(basis)
+    # Minimal-basis problems are tiny; OpenMP threads only add overhead to their many small
+    # matrix products (milliseconds each on a busy machine, tens of seconds per localisation).
+    with lib.with_omp_threads(1):
+        return _hartree_fock(system, mol, basis, localization, conv_tol)
+
+
+def _hartree_fock(system, mol, basis, localization, conv_tol) -> HartreeFockOrbitals:
+    from pyscf import scf
+
+    mf = scf.RHF(mol) if system.spin == 0 else scf.ROHF(mol)
+    mf.conv_tol = conv_tol
+    mf.max_cycle = 200
+    mf.verbose = 0
+    mf.kernel()
+    if not mf.converged:  # DIIS can oscillate; the second-order solver is slower but robust
+        mf = mf.newton()
+        mf.kernel(mf.mo_coeff, mf.mo_occ)
+    if not mf.converged:
+        raise InputError(
+            f"Hartree-Fock did not converge for {system.name or 'the system'} in {basis}; "
+            "check the geometry, charge and spin"
+        )
+    fock = mf.get_fock()
+    focks = (fock, fock) if system.spin == 0 else (np.asarray(fock.focka), np.asarray(fock.fockb))
+    overlap = mf.get_ovlp()
+    layout = AOLayout.from_mole(mol)
+    occupations = (mf.mo_occ > 0, mf.mo_occ > 1)
+
+    coefficients, energies = [], []
+    for spin in (0, 1):
+        occupied = np.asarray(mf.mo_coeff[:, occupations[spin]])
+        if spin == 1 and system.spin == 0:  # RHF: both spins share one set of orbitals
+            coefficients.append(coefficients[0].copy())
+            energies.append(energies[0].copy())
+            continue
+        if localization == "boys":
+            occupied = boys_localize(mol, occupied)
+        c, e = _finish(mol, occupied, np.asarray(focks[spin]), overlap, layout)
+        coefficients.append(c)
+        energies.append(e)
+    for array in coefficients + energies:
+        array.setflags(write=False)
+    return HartreeFockOrbitals(
+        coefficients=(coefficients[0], coefficients[1]),
+        orbital_energies=(energies[0], energies[1]),
+        layout=layout,
+        basis=GaussianBasis.from_mole(mol),
+        basis_name=basis,
+        atomic_numbers=system.atomic_numbers,
+        atom_positions=system.positions,
+        energy=float(mf.e_tot),
+        method="RHF" if system.spin == 0 else "ROHF",
+        localization=localization,
+    )
+
+
+def make_orbital_values(orbitals: HartreeFockOrbitals) -> Callable:
+    """The HF orbitals as functions of position, in jnp.
+
+    Returns:
+        ``fn(points: (n_points, 3) bohr) -> (up: (n_points, n_up), down: (n_points, n_down))``,
+        the spin-up and spin-down orbitals at every point; jit-able.
+    """
+    import jax.numpy as jnp
+
+    ao_values = make_ao_values(orbitals.basis)
+    up, down = orbitals.coefficients
+    positions = orbitals.atom_positions
+
+    def orbital_values(points):
+        aos = ao_values(positions, points)
+        return aos @ jnp.asarray(up, aos.dtype), aos @ jnp.asarray(down, aos.dtype)
+
+    return orbital_values
