@@ -85,6 +85,25 @@ def dipole_moment(density: jnp.ndarray, dipole_integrals: jnp.ndarray, charges: 
     return nuclear - electronic
 
 
+def nuclear_repulsion(charges: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
+    """sum_{A<B} Z_A Z_B / |R_A - R_B|, hartree; finite gradients (no self-pairs in the norm)."""
+    i, j = np.triu_indices(charges.shape[0], k=1)
+    return jnp.sum(charges[i] * charges[j] / jnp.linalg.norm(positions[i] - positions[j], axis=-1))
+
+
+def total_energy(fock: jnp.ndarray, overlap: jnp.ndarray, core_hamiltonian: jnp.ndarray, n_occupied: int,
+                 charges: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
+    """E = E_nuc + sum_{k occupied} (eps_k + (C^T H_core C)_kk), hartree (PhiSNet's energy).
+
+    For Hartree-Fock matrices this is exactly the HF total energy; for a model it is the energy
+    whose H_core head is trained on reference energies and (through autodiff) forces.
+    """
+    eps, coefficients = roothaan(fock, overlap)
+    occ = coefficients[:, :n_occupied]
+    one_electron = jnp.einsum("mk,mn,nk->", occ, core_hamiltonian, occ)
+    return nuclear_repulsion(charges, positions) + jnp.sum(eps[:n_occupied]) + one_electron
+
+
 def dipole_integrals(mol) -> np.ndarray:
     """(3, M, M) position integrals about the origin for a pyscf ``Mole``."""
     with mol.with_common_orig((0.0, 0.0, 0.0)):

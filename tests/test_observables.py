@@ -35,6 +35,18 @@ def test_roothaan_reproduces_pyscf(water_hf):
     np.testing.assert_allclose(gap, mf.mo_energy[5] - mf.mo_energy[4], atol=1e-9)
 
 
+def test_total_energy_is_the_hartree_fock_energy(water_hf):
+    mf = water_hf
+    mol = mf.mol
+    energy = observables.total_energy(
+        jnp.asarray(mf.get_fock()), jnp.asarray(mf.get_ovlp()), jnp.asarray(mf.get_hcore()), 5,
+        jnp.asarray(mol.atom_charges(), jnp.float64), jnp.asarray(mol.atom_coords()))
+    np.testing.assert_allclose(energy, mf.e_tot, atol=1e-9)
+    np.testing.assert_allclose(
+        observables.nuclear_repulsion(jnp.asarray(mol.atom_charges(), jnp.float64), jnp.asarray(mol.atom_coords())),
+        mol.energy_nuc(), atol=1e-12)
+
+
 def test_mulliken_and_dipole_match_pyscf(water_hf):
     mf = water_hf
     mol = mf.mol
