@@ -10,6 +10,7 @@ Metrics, as defined for the PhiSNet/SchNOrb benchmarks:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,30 @@ class TrainedModel:
     def dtype(self):
         return _float_dtype(self.train_config)
 
+    @functools.cached_property
+    def batched_apply(self):
+        """Jitted ``(params, stacked inputs) -> matrices`` over a batch of molecules."""
+        return jax.jit(jax.vmap(self.model.apply, in_axes=(None, 0)))
+
+    @functools.cached_property
+    def apply(self):
+        """Jitted ``(params, inputs) -> matrices`` for one molecule, compiled once per shape."""
+        return jax.jit(self.model.apply)
+
+    @functools.cached_property
+    def energy_and_gradient(self):
+        """Jitted ``(params, inputs, charges, n_occupied) -> (energy, dE/dpositions)``."""
+        from phisnet_jax.observables import total_energy
+
+        def energy(positions, params, inputs, charges, n_occupied):
+            out = self.model.apply(params, dataclasses.replace(inputs, positions=positions))
+            return total_energy(out["fock"], out["overlap"], out["core_hamiltonian"], n_occupied,
+                                charges, positions)
+
+        grad_fn = jax.value_and_grad(energy)
+        return jax.jit(lambda params, inputs, charges, n_occupied: grad_fn(inputs.positions, params, inputs, charges, n_occupied),
+                       static_argnums=(3,))
+
 
 def load_trained_model(run_dir: str) -> TrainedModel:
     """The EMA parameters of the latest checkpoint of a training run."""
@@ -68,7 +93,7 @@ def _maybe_x64(cfg: TrainConfig):
 def predict_matrices(trained: TrainedModel, inputs: MoleculeInputs, batch_size: int = 16):
     """(fock, overlap), each (n, M, M) float64 numpy, for stacked inputs (n, ...)."""
     with _maybe_x64(trained.train_config):
-        apply = jax.jit(jax.vmap(trained.model.apply, in_axes=(None, 0)))
+        apply = trained.batched_apply
         inputs = cast_inputs(inputs, trained.dtype)
         n = inputs.positions.shape[0]
         focks, overlaps = [], []

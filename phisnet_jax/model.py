@@ -45,6 +45,8 @@ class PhiSNetConfig:
       cutoff: smooth cutoff radius, bohr.
       residual_blocks: residual blocks before and after each interaction, and on module outputs.
       overlap_features: channels of the overlap branch.
+      core_hamiltonian: also predict a core Hamiltonian H_core (from the same pair features),
+        which defines the model's energy and forces (``observables.total_energy``).
     """
 
     elements: tuple[int, ...] = (1, 6, 7, 8)
@@ -56,6 +58,7 @@ class PhiSNetConfig:
     cutoff: float = 15.0
     residual_blocks: int = 1
     overlap_features: int = 32
+    core_hamiltonian: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "elements", tuple(int(z) for z in self.elements))
@@ -193,11 +196,15 @@ class PhiSNet(nn.Module):
                 y = ResidualBlock(F, L)(y)
             final = final + PerOrderLinear(F, L)(y)
 
-        fock = self._fock(final, radial, pair_mask, z_idx, inputs)
+        fock, core = self._hamiltonians(final, radial, pair_mask, z_idx, inputs)
         overlap = self._overlap(scalars, radial, harmonics, pair_mask, z_idx, inputs)
-        return {"fock": fock, "overlap": overlap}
+        out = {"fock": fock, "overlap": overlap}
+        if core is not None:
+            out["core_hamiltonian"] = core
+        return out
 
-    def _fock(self, final, radial, pair_mask, z_idx, inputs):
+    def _hamiltonians(self, final, radial, pair_mask, z_idx, inputs):
+        """(F, H_core or None) from the final atom features."""
         cfg = self.config
         L, F = cfg.max_order, cfg.features
         a = PerOrderLinear(F, L, name="pair_self")(final)
@@ -218,30 +225,38 @@ class PhiSNet(nn.Module):
         onsite = ResidualBlock(F, L, name="onsite_residual")(onsite)
         offsite = ResidualBlock(F, L, name="offsite_residual")(offsite)
 
+        fock = self._matrix_head("", onsite, offsite, z_idx, inputs)
+        if not cfg.core_hamiltonian:
+            return fock, None
+        return fock, self._matrix_head("core_", onsite, offsite, z_idx, inputs)
+
+    def _matrix_head(self, prefix, onsite, offsite, z_idx, inputs):
+        """A symmetric AO matrix from pair features: channels per (Z_i, Z_j, shells, L), CG blocks."""
+        cfg = self.config
+        F = cfg.features
+        n_el = len(cfg.elements)
         n = z_idx.shape[0]
         is_diagonal = jnp.eye(n, dtype=bool)
         outputs = []
         for order in range(self.tables.max_order + 1):
             C = self.tables.channels[order]
             if C == 0:
-                outputs.append(jnp.zeros((n, n, 0, 2 * order + 1), final.dtype))
+                outputs.append(jnp.zeros((n, n, 0, 2 * order + 1), onsite.dtype))
                 continue
             init = nn.initializers.normal(1.0 / np.sqrt(F))
-            n_el = len(cfg.elements)
-            w_off = self.param(f"offsite_head_{order}", init, (n_el, n_el, F, C), final.dtype)
-            w_on = self.param(f"onsite_head_{order}", init, (n_el, F, C), final.dtype)
+            w_off = self.param(f"{prefix}offsite_head_{order}", init, (n_el, n_el, F, C), onsite.dtype)
+            w_on = self.param(f"{prefix}onsite_head_{order}", init, (n_el, F, C), onsite.dtype)
             out_off = jnp.einsum("ijfM,ijfc->ijcM", offsite[..., order_slice(order)], w_off[z_idx[:, None], z_idx[None, :]])
             out_on = jnp.einsum("ifM,ifc->icM", onsite[..., order_slice(order)], w_on[z_idx])
             if order == 0:
                 # Invariant per-element constants of the on-site blocks (e.g. core orbital
                 # energies); ``initial_onsite_offsets`` sets them to training-data means.
-                offset = self.param("onsite_offset", nn.initializers.zeros, (n_el, C), final.dtype)
+                offset = self.param(f"{prefix}onsite_offset", nn.initializers.zeros, (n_el, C), onsite.dtype)
                 out_on = out_on.at[..., 0].add(offset[z_idx])
-            out = jnp.where(is_diagonal[:, :, None, None], out_on[:, None], out_off)
-            outputs.append(out)
+            outputs.append(jnp.where(is_diagonal[:, :, None, None], out_on[:, None], out_off))
         blocks = atom_pair_blocks(outputs, self.tables, z_idx)
-        fock = assemble_matrix(blocks, inputs.ao_atom, inputs.ao_local, inputs.ao_mask)
-        return 0.5 * (fock + fock.T)
+        matrix = assemble_matrix(blocks, inputs.ao_atom, inputs.ao_local, inputs.ao_mask)
+        return 0.5 * (matrix + matrix.T)
 
     def _overlap(self, scalars, radial, harmonics, pair_mask, z_idx, inputs):
         """Off-site blocks from (embedding_i * embedding_j) x radial weights x Y^L(r_ij)."""

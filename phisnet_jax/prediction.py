@@ -1,0 +1,99 @@
+"""One call from a molecule and a trained PhiSNet model to everything derived from F and S.
+
+    from phisnet_jax.evaluate import load_trained_model
+    from phisnet_jax.prediction import predict
+    p = predict(load_trained_model("runs/water"), mol)      # a pyscf Mole or a Molecule
+    p.orbital_energies, p.density_matrix, p.dipole, p.energy, p.forces
+
+All arrays are numpy, in hartree and bohr, AO matrices in pyscf's AO order (they drop straight
+into pyscf, e.g. ``mf.kernel(dm0=p.density_matrix)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phisnet_jax import observables
+from phisnet_jax.errors import InputError
+from phisnet_jax.evaluate import TrainedModel, _maybe_x64
+from phisnet_jax.model import MoleculeInputs, make_inputs
+from phisnet_jax.molecules import Molecule, validate
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prediction:
+    """Predicted matrices and observables of one closed-shell molecule.
+
+    Attributes (M = number of AOs, n = number of atoms):
+      fock, overlap: (M, M); core_hamiltonian: (M, M) or None (model without H_core head).
+      orbital_energies: (M,) hartree; coefficients: (M, M), columns, S-orthonormal.
+      density_matrix: (M, M) closed-shell 2 C_occ C_occ^T; n_occupied: doubly occupied orbitals.
+      homo_lumo_gap: hartree; mulliken_charges: (n,) e; dipole: (3,) e bohr about the origin.
+      energy: hartree and forces: (n, 3) hartree/bohr, only with an H_core head (else None).
+    """
+
+    molecule: Molecule
+    basis: str
+    fock: np.ndarray
+    overlap: np.ndarray
+    core_hamiltonian: np.ndarray | None
+    orbital_energies: np.ndarray
+    coefficients: np.ndarray
+    density_matrix: np.ndarray
+    n_occupied: int
+    homo_lumo_gap: float
+    mulliken_charges: np.ndarray
+    dipole: np.ndarray
+    energy: float | None
+    forces: np.ndarray | None
+
+
+def _as_molecule(mol_or_molecule) -> Molecule:
+    if isinstance(mol_or_molecule, Molecule):
+        return mol_or_molecule
+    mol = mol_or_molecule  # a pyscf Mole
+    return Molecule(np.asarray(mol.atom_charges()), np.asarray(mol.atom_coords(unit="Bohr")),
+                    int(mol.charge), int(mol.spin))
+
+
+def predict(trained: TrainedModel, mol_or_molecule) -> Prediction:
+    """Predict F, S (and H_core) for a molecule and derive the observables."""
+    from phisnet_jax.molecules import to_pyscf
+
+    molecule = _as_molecule(mol_or_molecule)
+    validate(molecule, trained.config.basis)
+    if molecule.spin != 0:
+        raise InputError("only closed-shell molecules (spin 0) are supported")
+    n_occupied = molecule.n_electrons // 2
+    inputs = make_inputs(trained.config, molecule.atomic_numbers, molecule.positions)
+    ao_atom = np.asarray(inputs.ao_atom)
+    charges = np.asarray(molecule.atomic_numbers, np.float64)
+    with _maybe_x64(trained.train_config):
+        dtype = trained.dtype
+        inputs = MoleculeInputs(**{k: (jnp.asarray(v, dtype) if np.asarray(v).dtype == np.float64 else jnp.asarray(v))
+                                   for k, v in vars(inputs).items()})
+        matrices = trained.apply(trained.params, inputs)
+        fock, overlap = matrices["fock"], matrices["overlap"]
+        eps, coefficients = observables.roothaan(fock, overlap)
+        density = observables.density_matrix(coefficients, n_occupied)
+        mulliken = observables.mulliken_charges(density, overlap, ao_atom, jnp.asarray(charges, dtype))
+        dip = observables.dipole_moment(density, jnp.asarray(observables.dipole_integrals(to_pyscf(molecule, trained.config.basis)), dtype),
+                                        jnp.asarray(charges, dtype), inputs.positions)
+        energy = forces = None
+        core = matrices.get("core_hamiltonian")
+        if core is not None:
+            e, grad = trained.energy_and_gradient(trained.params, inputs, jnp.asarray(charges, dtype), n_occupied)
+            energy, forces = float(e), -np.asarray(grad, np.float64)
+        as_np = lambda x: np.asarray(x, np.float64)  # noqa: E731
+        return Prediction(
+            molecule=molecule, basis=trained.config.basis, fock=as_np(fock), overlap=as_np(overlap),
+            core_hamiltonian=None if core is None else as_np(core), orbital_energies=as_np(eps),
+            coefficients=as_np(coefficients), density_matrix=as_np(density), n_occupied=n_occupied,
+            homo_lumo_gap=float(observables.homo_lumo_gap(eps, n_occupied)),
+            mulliken_charges=as_np(mulliken), dipole=as_np(dip), energy=energy, forces=forces,
+        )
+

@@ -1,0 +1,86 @@
+"""Predictions of a model with a core-Hamiltonian head: energy, forces, observables, pyscf use.
+
+The model is untrained (random parameters): the tests check exact relations that hold for any
+parameters, i.e. forces are minus the energy gradient, the energy is rotation-invariant and the
+forces rotate, densities hold the right number of electrons.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import random_rotation, start_geometry
+from phisnet_jax import molecules
+from phisnet_jax.evaluate import TrainedModel
+from phisnet_jax.model import PhiSNetConfig, make_inputs, make_phisnet
+from phisnet_jax.prediction import predict
+from phisnet_jax.reference import LevelOfTheory, make_scf
+from phisnet_jax.train import TrainConfig, cast_inputs
+
+CONFIG = PhiSNetConfig(basis="sto-3g", elements=(1, 8), features=8, max_order=2, num_modules=1,
+                       num_radial=8, overlap_features=4, core_hamiltonian=True)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    with jax.enable_x64(True):
+        model = make_phisnet(CONFIG)
+        m = start_geometry("water")
+        example = cast_inputs(make_inputs(CONFIG, m.atomic_numbers, m.positions), np.float64)
+        params = jax.jit(model.init)(jax.random.PRNGKey(3), example)
+    return TrainedModel(CONFIG, TrainConfig(float64=True), model, params, step=0)
+
+
+@pytest.fixture(scope="module")
+def water_prediction(trained):
+    return predict(trained, start_geometry("water"))
+
+
+def test_forces_are_minus_the_energy_gradient(trained, water_prediction):
+    m = start_geometry("water")
+    h = 1e-4
+    for atom, axis in [(0, 0), (1, 2), (2, 1)]:
+        energies = []
+        for sign in (1, -1):
+            pos = m.positions.copy()
+            pos[atom, axis] += sign * h
+            energies.append(predict(trained, m.with_positions(pos)).energy)
+        fd_force = -(energies[0] - energies[1]) / (2 * h)
+        assert abs(water_prediction.forces[atom, axis] - fd_force) < 1e-6
+
+
+def test_energy_invariant_and_forces_rotate(trained, water_prediction):
+    m = start_geometry("water")
+    R = random_rotation(11)
+    rotated = predict(trained, m.with_positions(m.positions @ R.T))
+    assert abs(rotated.energy - water_prediction.energy) < 1e-9
+    np.testing.assert_allclose(rotated.forces, water_prediction.forces @ R.T, atol=1e-9)
+    np.testing.assert_allclose(rotated.orbital_energies, water_prediction.orbital_energies, atol=1e-9)
+    np.testing.assert_allclose(np.linalg.norm(rotated.dipole), np.linalg.norm(water_prediction.dipole), atol=1e-9)
+
+
+def test_observables_are_consistent(water_prediction):
+    p = water_prediction
+    assert p.fock.shape == (7, 7) and p.core_hamiltonian.shape == (7, 7)
+    np.testing.assert_allclose(np.trace(p.density_matrix @ p.overlap), 10.0, atol=1e-9)
+    np.testing.assert_allclose(p.mulliken_charges.sum(), 0.0, atol=1e-9)
+    assert p.homo_lumo_gap == pytest.approx(p.orbital_energies[5] - p.orbital_energies[4])
+
+
+def test_predicted_density_is_a_valid_pyscf_guess(water_prediction):
+    m = start_geometry("water")
+    level = LevelOfTheory("hf", "sto-3g", conv_tol=1e-12, conv_tol_grad=1e-8)
+    reference = make_scf(molecules.to_pyscf(m, "sto-3g"), level)
+    reference.kernel()
+    guessed = make_scf(molecules.to_pyscf(m, "sto-3g"), level)
+    guessed.kernel(dm0=water_prediction.density_matrix)
+    assert guessed.converged and abs(guessed.e_tot - reference.e_tot) < 1e-8
+
+
+def test_open_shell_and_unknown_elements_are_rejected(trained):
+    oh = molecules.Molecule(np.array([8, 1]), np.array([[0.0, 0, 0], [0, 0, 1.8]]), spin=1)
+    with pytest.raises(Exception, match="closed-shell"):
+        predict(trained, oh)
+    hf = molecules.Molecule(np.array([9, 1]), np.array([[0.0, 0, 0], [0, 0, 1.7]]))
+    with pytest.raises(Exception, match="not atomic number"):
+        predict(trained, hf)
