@@ -333,6 +333,15 @@ def predict(run_dir, xyz_path, dataset, molecule, indices, output, as_json):
             raise InputError("all geometries must have the same atoms in the same order")
     model_cfg.element_basis.index_of(geometries[0].atomic_numbers)  # elements the model knows
     trained = load_trained_model(run_dir)
+    from phisnet_jax.evaluate import distance_warnings
+
+    n_outside = 0
+    for k, g in enumerate(geometries):
+        problems = distance_warnings(run_dir, g.atomic_numbers, g.positions)
+        n_outside += bool(problems)
+        if problems:
+            print(f"warning: geometry {k} is outside the training data: {problems[0]}"
+                  f"{f' (and {len(problems) - 1} more pairs)' if len(problems) > 1 else ''}", file=sys.stderr)
     per = [make_inputs(trained.config, g.atomic_numbers, g.positions) for g in geometries]
     stacked = MoleculeInputs(**{k: np.stack([getattr(p, k) for p in per]) for k in vars(per[0])})
     fock, overlap = predict_matrices(trained, stacked)
@@ -342,9 +351,74 @@ def predict(run_dir, xyz_path, dataset, molecule, indices, output, as_json):
              units="hartree, bohr; AOs in pyscf order")
     os.replace(tmp, output)
     summary = {"output": output, "geometries": len(geometries), "n_ao": int(fock.shape[-1]),
-               "basis": trained.config.basis, "model_step": trained.step}
+               "basis": trained.config.basis, "model_step": trained.step,
+               "geometries_outside_training_distances": n_outside}
     click.echo(json.dumps(summary) if as_json else
                f"wrote {output}: F and S for {len(geometries)} geometries ({fock.shape[-1]} AOs, {trained.config.basis})")
+
+
+@phisnet.command("scf-guess")
+@click.argument("run_dir")
+@click.option("--dataset", help="Dataset with the geometries [default: the run's dataset].")
+@click.option("--molecule", help="Molecule group [default: the run's first].")
+@click.option("--split", type=click.Choice(["train", "valid", "test", "all"]), default="test", show_default=True)
+@click.option("--xyz", "xyz_path", help="Use the geometries of this file instead of a dataset.")
+@click.option("-n", "--max-geometries", default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON on stdout.")
+def scf_guess(run_dir, dataset, molecule, split, xyz_path, max_geometries, as_json):
+    """SCF iterations and time from the predicted density vs pyscf's guesses (minao, atom, huckel, 1e).
+
+    SCF runs at the run's level of theory; converged energies must agree to 1e-8 hartree.
+    """
+    import numpy as np
+
+    from phisnet_jax import molecules as mols
+    from phisnet_jax import scf_guess as guesses
+    from phisnet_jax.data import SplitSpec, load_splits
+    from phisnet_jax.dataset import read_file_info
+    from phisnet_jax.evaluate import load_trained_model, predict_matrices
+    from phisnet_jax.model import MoleculeInputs, make_inputs
+    from phisnet_jax.train import load_run_config
+
+    model_cfg, _, data_cfg = load_run_config(run_dir)
+    level = read_file_info(data_cfg.dataset).level
+    if xyz_path:
+        geometries = mols.read_xyz(xyz_path)[:max_geometries]
+    else:
+        path = dataset or data_cfg.dataset
+        name = molecule or data_cfg.molecules[0]
+        spec = SplitSpec(0, 0, data_cfg.split_seed) if split == "all" else SplitSpec(
+            data_cfg.n_train, data_cfg.n_valid, data_cfg.split_seed)
+        parts = load_splits(path, [name], model_cfg, spec)
+        data = parts["test"] if split == "all" else parts[split]
+        if len(data) == 0:
+            raise InputError(f"the {split} split of {name} has no samples")
+        z = np.asarray(model_cfg.elements)[np.asarray(data.inputs.element_index[0])[np.asarray(data.inputs.atom_mask[0])]]
+        geometries = [mols.Molecule(z, np.asarray(data.inputs.positions[i])[: len(z)]) for i in range(min(len(data), max_geometries))]
+    for g in geometries:
+        mols.validate(g, level.basis)
+    model_cfg.element_basis.index_of(geometries[0].atomic_numbers)
+    trained = load_trained_model(run_dir)
+    per = [make_inputs(model_cfg, g.atomic_numbers, g.positions) for g in geometries]
+    stacked = MoleculeInputs(**{k: np.stack([getattr(p, k) for p in per]) for k in vars(per[0])})
+    focks, _ = predict_matrices(trained, stacked)
+    results = []
+    for g, f in zip(geometries, focks):
+        results.append(guesses.run_from_guesses(g, level, f))
+    summary = guesses.summarize(results)
+    summary.update({"run_dir": run_dir, "level_of_theory": f"{level.method}/{level.basis}", "model_step": trained.step})
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"SCF from each guess, {summary['geometries']} geometries, {summary['level_of_theory']}:")
+        click.echo(f"  {'guess':10s} {'iterations':>10s} {'vs minao':>9s} {'seconds':>8s}")
+        for name, row in summary["guesses"].items():
+            click.echo(f"  {name:10s} {row['mean_iterations']:10.1f} {row.get('iterations_vs_minao', float('nan')):9.2f} "
+                       f"{row['mean_seconds']:8.2f}")
+        click.echo(f"  converged energies agree to {summary['max_energy_spread_hartree']:.1e} Ha"
+                   f" ({'ok' if summary['energies_agree'] else 'MISMATCH'})")
+    if not summary["energies_agree"]:
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

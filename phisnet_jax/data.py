@@ -137,3 +137,38 @@ def batch_rows(step: int, n_samples: int, batch_size: int, seed: int) -> np.ndar
     epoch, position = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(n_samples)
     return order[position * batch_size : (position + 1) * batch_size]
+
+
+def distance_ranges(data: HamiltonianData, elements: tuple[int, ...]) -> dict[str, list[float]]:
+    """Per element pair ('1-8'), the [min, max] interatomic distance (bohr) in a data split."""
+    ranges: dict[str, list[float]] = {}
+    inputs = data.inputs
+    for n in range(len(data)):
+        real = np.flatnonzero(np.asarray(inputs.atom_mask[n]))
+        pos = np.asarray(inputs.positions[n])[real]
+        z = [elements[int(e)] for e in np.asarray(inputs.element_index[n])[real]]
+        dist = np.linalg.norm(pos[:, None] - pos[None], axis=-1)
+        for i in range(len(real)):
+            for j in range(i + 1, len(real)):
+                key = f"{min(z[i], z[j])}-{max(z[i], z[j])}"
+                lo, hi = ranges.get(key, [np.inf, -np.inf])
+                ranges[key] = [min(lo, float(dist[i, j])), max(hi, float(dist[i, j]))]
+    return ranges
+
+
+def outside_distance_ranges(atomic_numbers, positions, ranges: dict[str, list[float]],
+                            margin: float = 0.2) -> list[str]:
+    """Descriptions of the atom pairs whose distance lies outside the training range (+- margin bohr)."""
+    problems = []
+    z = [int(a) for a in atomic_numbers]
+    pos = np.asarray(positions)
+    for i in range(len(z)):
+        for j in range(i + 1, len(z)):
+            key = f"{min(z[i], z[j])}-{max(z[i], z[j])}"
+            d = float(np.linalg.norm(pos[i] - pos[j]))
+            if key not in ranges:
+                problems.append(f"atoms {i}-{j} ({key}): element pair never seen in training")
+            elif not ranges[key][0] - margin <= d <= ranges[key][1] + margin:
+                lo, hi = ranges[key]
+                problems.append(f"atoms {i}-{j} ({key}): {d:.2f} bohr outside training range {lo:.2f}-{hi:.2f}")
+    return problems

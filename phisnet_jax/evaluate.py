@@ -140,3 +140,20 @@ def accuracy(trained: TrainedModel, data: HamiltonianData, batch_size: int = 16)
         "orbital_energy_mae_uha": float(np.concatenate(eps_err).mean() * HARTREE_TO_MICRO),
         "orbital_cosine_similarity": float(np.mean(psi)),
     }
+
+
+def distance_warnings(run_dir: str, atomic_numbers, positions) -> list[str]:
+    """Atom pairs of a geometry outside the distances the run was trained on (empty if none).
+
+    Runs without a recorded range (trained before it was recorded) give no warnings.
+    """
+    import json
+    import os
+
+    from phisnet_jax.data import outside_distance_ranges
+
+    path = os.path.join(run_dir, "distance_ranges.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return outside_distance_ranges(atomic_numbers, positions, json.load(f))

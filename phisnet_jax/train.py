@@ -6,7 +6,8 @@ without improvement, stop below 1e-5) and an exponential moving average of the p
 which is what validation, evaluation and prediction use.
 
 A run directory holds ``config.json`` (the resolved model, training and data configuration),
-``log.jsonl`` (one JSON object per logged step or validation), ``learning_curve.png`` and
+``log.jsonl`` (one JSON object per logged step or validation), ``learning_curve.png``,
+``distance_ranges.json`` (interatomic distances seen in training, to flag extrapolation) and
 orbax checkpoints in ``checkpoints/``. Running again on the same directory resumes exactly:
 step, optimiser state, EMA, plateau state and the data order (a function of the step).
 """
@@ -27,7 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from phisnet_jax.data import HamiltonianData, SplitSpec, batch_rows, load_splits
+from phisnet_jax.data import HamiltonianData, SplitSpec, batch_rows, distance_ranges, load_splits
 from phisnet_jax.errors import InputError
 from phisnet_jax.model import MoleculeInputs, PhiSNet, PhiSNetConfig, initial_onsite_offsets, make_phisnet
 
@@ -309,6 +310,10 @@ def train(
         state = restore_state(run_dir, state_shapes(model, train_cfg, example, optimizer))
         if state is None:
             state = init_state(model, train_cfg, example, optimizer, train_data)
+            ranges_path = os.path.join(run_dir, "distance_ranges.json")
+            with open(ranges_path + ".tmp", "w") as f:
+                json.dump(distance_ranges(train_data, model_cfg.elements), f, indent=2)
+            os.replace(ranges_path + ".tmp", ranges_path)
             with open(config_path + ".tmp", "w") as f:
                 json.dump(record, f, indent=2)
             os.replace(config_path + ".tmp", config_path)

@@ -155,6 +155,15 @@ def test_cli_train_evaluate_predict(tmp_path, water_data):
     assert out.returncode == 0, out.stderr
     with np.load(tmp_path / "p.npz") as z:
         assert z["fock"].shape == (1, 7, 7) and np.all(np.diag(z["overlap"][0]) == 1.0)
+    (tmp_path / "stretched.xyz").write_text("3\n\nO 0 0 0\nH 0 0 2.5\nH 0 -0.76 0.58\n")
+    out = phisnet("predict", "r", "--xyz", "stretched.xyz", "-o", "s.npz", "--json", cwd=tmp_path)
+    assert out.returncode == 0 and "outside the training data" in out.stderr, out.stderr
+    assert json.loads(out.stdout)["geometries_outside_training_distances"] == 1
+    out = phisnet("scf-guess", "r", "--split", "valid", "-n", "2", "--json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["energies_agree"] and report["geometries"] == 2
+    assert set(report["guesses"]) == {"predicted", "minao", "atom", "huckel", "1e"}
     (tmp_path / "hcl.xyz").write_text("2\n\nCl 0 0 0\nH 0 0 1.3\n")
     for args, message in [
         (["predict", "r", "--xyz", "hcl.xyz", "-o", "q.npz"], "not atomic number"),
