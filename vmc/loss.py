@@ -1,0 +1,183 @@
+"""The VMC energy as a loss whose gradient is the variational-Monte-Carlo gradient.
+
+With walkers r_k drawn from |psi|^2, the energy <E_L> and its gradient with respect to the
+parameters are estimated by
+
+    E       = mean_k E_L(r_k)
+    grad E  = 2 mean_k [(E_L(r_k) - E) grad log|psi(r_k)|],
+
+which needs no derivative of the local energy itself (that term has zero expectation for a
+real wavefunction). Plain autodiff of ``mean(E_L)`` would give a different, noisier and far
+more expensive quantity, so the loss is a ``jax.custom_jvp`` function: its value is the mean
+local energy, its tangent (derivative along a parameter direction dp) is
+
+    2 mean_k [(E_L^clip(r_k) - mean_j E_L^clip(r_j)) * d log|psi(r_k)|[dp]],
+
+where E_L^clip are the local energies clipped to median +- clip_scale x the mean absolute
+deviation from the median. Clipping applies to the gradient only; the reported energy is the
+unclipped mean. Heavy tails of E_L near nodes and nuclei otherwise make single steps explode.
+
+Defining the derivative as a JVP (rather than a VJP or a hand-made gradient) lets kfac-jax
+trace through it: the tangent contains the network's own forward-mode derivative, where
+kfac-jax's graph matcher finds the dense layers, and it registers log|psi| as the output of a
+normal predictive distribution, whose Fisher matrix E[grad log|psi| grad log|psi|^T] is (up to
+a factor) the one natural-gradient VMC needs.
+
+Walkers whose local energy is not finite (NaN or +-inf) are left out of the mean, the variance,
+the median, and the gradient, and are counted in the statistics; deciding what to do about
+them (stop, warn, resample) is the caller's business. Averaging NaN in would silently turn the
+whole step into NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = Any
+LogPsi = Callable[[Params, jax.Array], jax.Array]
+BatchedLocalEnergy = Callable[[Params, jax.Array], jax.Array]
+# loss(params, walkers) -> (energy, EnergyStats)
+EnergyLoss = Callable[[Params, jax.Array], tuple[jax.Array, "EnergyStats"]]
+
+DEFAULT_CLIP_SCALE = 5.0
+
+
+@flax.struct.dataclass
+class EnergyStats:
+    """Per-step statistics of the local energies (the loss's auxiliary output).
+
+    Attributes:
+        energy: scalar hartree, mean local energy over the finite walkers (unclipped).
+        variance: scalar hartree^2, variance of the finite local energies (unclipped).
+        clipped_fraction: scalar, fraction of the finite walkers whose local energy was
+            clipped for the gradient.
+        n_nonfinite: scalar int32, walkers whose local energy was NaN or infinite.
+        local_energies: (n_walkers,) hartree, as computed (non-finite values included).
+    """
+
+    energy: jax.Array
+    variance: jax.Array
+    clipped_fraction: jax.Array
+    n_nonfinite: jax.Array
+    local_energies: jax.Array
+
+
+def clip_local_energies(
+    local_energies: jax.Array, finite: jax.Array, clip_scale: float | None
+) -> jax.Array:
+    """Local energies (n_walkers,) clipped to median +- clip_scale x mean |E_L - median|,
+    with median and deviation taken over the ``finite`` walkers (bool mask, (n_walkers,)).
+
+    ``clip_scale`` None or <= 0 switches clipping off. Entries outside ``finite`` are returned
+    as they are; callers mask them.
+    """
+    if clip_scale is None or clip_scale <= 0:
+        return local_energies
+    masked = jnp.where(finite, local_energies, jnp.nan)
+    median = jnp.nanmedian(masked)
+    deviation = jnp.nanmean(jnp.abs(masked - median))
+    clipped = jnp.clip(local_energies, median - clip_scale * deviation,
+                       median + clip_scale * deviation)
+    return jnp.where(finite, clipped, local_energies)
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array, count: jax.Array) -> jax.Array:
+    # where() before the sum, not a multiplication by the mask: 0 * NaN would still be NaN.
+    return jnp.sum(jnp.where(mask, values, 0.0)) / count
+
+
+def make_energy_loss(
+    log_psi: LogPsi,
+    local_energy_batched: BatchedLocalEnergy,
+    clip_scale: float | None = DEFAULT_CLIP_SCALE,
+    register_with_kfac: bool = True,
+    batched_log_psi: BatchedLocalEnergy | None = None,
+) -> EnergyLoss:
+    """The VMC energy loss.
+
+    Args:
+        log_psi: ``log_psi(params, electrons: (n_electrons, 3) bohr) -> log|psi|`` (scalar).
+        local_energy_batched: ``fn(params, walkers: (n_walkers, n_electrons, 3) bohr) ->
+            (n_walkers,)`` hartree, e.g. :func:`vmc.hamiltonian.make_batched_local_energy`.
+        clip_scale: local energies are clipped at median +- clip_scale x mean absolute
+            deviation for the gradient; None or 0 for no clipping.
+        register_with_kfac: register log|psi| (n_walkers, 1) with kfac-jax as the mean of a
+            normal predictive distribution inside the tangent (needed for KFAC, harmless
+            elsewhere: outside kfac-jax's tracer the tag is an identity).
+        batched_log_psi: ``fn(params, walkers) -> (n_walkers,)`` log|psi|, used for the
+            tangent; default ``vmap(log_psi)``. It must compute the same values; KFAC needs a
+            version in which every layer sees a per-walker input (see
+            :func:`vmc.optimizers.make_kfac_log_psi`).
+
+    Returns:
+        ``loss(params, walkers: (n_walkers, n_electrons, 3) bohr) -> (energy, EnergyStats)``:
+        energy is the mean local energy (hartree) and the derivative with respect to
+        ``params`` is the clipped VMC gradient. Use with ``jax.grad(..., has_aux=True)``. The
+        walkers are data: the tangent ignores any derivative with respect to them.
+    """
+    if batched_log_psi is None:
+        batched_log_psi = jax.vmap(log_psi, in_axes=(None, 0))
+
+    @jax.custom_jvp
+    def loss(params, walkers):
+        local_energies = local_energy_batched(params, walkers)
+        finite = jnp.isfinite(local_energies)
+        count = jnp.maximum(jnp.sum(finite), 1).astype(local_energies.dtype)
+        energy = _masked_mean(local_energies, finite, count)
+        variance = _masked_mean((local_energies - energy) ** 2, finite, count)
+        clipped = clip_local_energies(local_energies, finite, clip_scale)
+        n_clipped = jnp.sum(finite & (clipped != local_energies))
+        stats = EnergyStats(
+            energy=energy,
+            variance=variance,
+            clipped_fraction=n_clipped.astype(local_energies.dtype) / count,
+            n_nonfinite=jnp.sum(~finite).astype(jnp.int32),
+            local_energies=local_energies,
+        )
+        return energy, stats
+
+    @loss.defjvp
+    def loss_jvp(primals, tangents):
+        params, walkers = primals
+        params_tangent, _ = tangents
+        energy, stats = loss(params, walkers)
+        local_energies = stats.local_energies
+        finite = jnp.isfinite(local_energies)
+        count = jnp.maximum(jnp.sum(finite), 1).astype(local_energies.dtype)
+        clipped = clip_local_energies(local_energies, finite, clip_scale)
+        # Centring on the mean of the clipped energies (not the unclipped mean) keeps the
+        # baseline exactly the mean of what multiplies grad log|psi|, so the estimator's
+        # control variate cancels exactly.
+        centred = jnp.where(finite, clipped - _masked_mean(clipped, finite, count), 0.0)
+        centred = jax.lax.stop_gradient(centred)
+
+        log_psi_values, log_psi_tangent = jax.jvp(
+            lambda p: batched_log_psi(p, walkers), (params,), (params_tangent,)
+        )
+        if register_with_kfac:
+            import kfac_jax
+
+            kfac_jax.register_normal_predictive_distribution(log_psi_values[:, None])
+        # A walker without a finite energy may also have a non-finite tangent: mask it out
+        # rather than multiply it by zero.
+        log_psi_tangent = jnp.where(finite, log_psi_tangent, 0.0)
+        energy_tangent = 2.0 * jnp.sum(centred * log_psi_tangent) / count
+        return (energy, stats), (energy_tangent, _zero_tangents(stats))
+
+    return loss
+
+
+def _zero_tangents(tree):
+    """Zero tangents of ``tree`` (float0 for integer leaves, as JAX requires)."""
+
+    def zero(x):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return jnp.zeros_like(x)
+        return np.zeros(x.shape, dtype=jax.dtypes.float0)
+
+    return jax.tree_util.tree_map(zero, tree)

@@ -1,0 +1,228 @@
+"""Optimisers for the VMC energy: KFAC (kfac-jax) with the reference schedules, and Adam.
+
+Both come as an :class:`Optimizer`, a pair of functions with one interface:
+
+    state = optimizer.init(params, key, walkers)
+    params, state, stats = optimizer.step(params, state, key, walkers)
+
+where ``walkers: (n_walkers, n_electrons, 3)`` bohr are the current MCMC samples and ``stats``
+is a dict of scalars: ``energy``, ``variance``, ``clipped_fraction``, ``n_nonfinite`` (from
+:class:`vmc.loss.EnergyStats`), ``learning_rate`` and, for KFAC, ``damping``. ``step`` is
+compiled internally (kfac-jax jits its own step; the Adam step is jitted here); do not wrap it
+in ``jax.jit``. The optimiser keeps no other state than ``state``: the step counter that drives
+the schedules lives inside it.
+
+Schedules (transferable-wavefunction reference recipe, step t counted from 0):
+
+- learning rate  lr(t) = lr_0 / (1 + t / t_lr),        lr_0 = 0.1, t_lr = 20000;
+- damping        d(t)  = max(d_min, d_0 exp(-t / t_d)), d_0 = 1,   d_min = 2e-3, t_d = 5000:
+  an exponential decay with time constant t_d, floored where the reference damping ends.
+
+Devices: the KFAC optimiser runs kfac-jax with ``multi_device=False`` (no pmap): one device, or
+several devices through jit's automatic partitioning when the walkers are given a sharding over
+them (that path is not exercised by the tests). kfac-jax's own pmap path (``multi_device=True``)
+is not used here. Note that importing kfac-jax 0.0.8 switches JAX's ``jax_pmap_shmap_merge``
+flag off for the whole process (legacy pmap), which matters only to code that uses pmap.
+
+For KFAC, build the loss with ``batched_log_psi=make_kfac_log_psi(config, inputs)`` (see there
+why); with the default per-walker vmap, kfac-jax rejects the network's orbital layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from vmc import kfac_compat
+from vmc.loss import EnergyLoss
+
+Params = Any
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+class Optimizer(NamedTuple):
+    """``init(params, key, walkers) -> state`` and ``step(params, state, key, walkers) ->
+    (params, state, stats)``; see the module docstring."""
+
+    init: Callable[[Params, jax.Array, jax.Array], Any]
+    step: Callable[[Params, Any, jax.Array, jax.Array], tuple[Params, Any, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class KFACConfig:
+    """KFAC settings; the defaults are the reference recipe.
+
+    Attributes:
+        learning_rate: lr_0 of lr_0 / (1 + t / learning_rate_decay).
+        learning_rate_decay: steps t_lr.
+        damping: initial damping d_0.
+        min_damping: final damping d_min.
+        damping_time: time constant t_d (steps) of the exponential damping decay.
+        curvature_ema: decay of the moving average of the curvature estimate.
+        norm_constraint: bound on the squared norm of the preconditioned update scaled by the
+            learning rate (kfac-jax's norm_constraint); FermiNet's value.
+        inverse_update_period: steps between recomputations of the factor inverses.
+    """
+
+    learning_rate: float = 0.1
+    learning_rate_decay: float = 20000.0
+    damping: float = 1.0
+    min_damping: float = 2e-3
+    damping_time: float = 5000.0
+    curvature_ema: float = 0.99
+    norm_constraint: float = 1e-3
+    inverse_update_period: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamConfig:
+    """Adam settings: the same learning-rate decay shape as KFAC, smaller base rate."""
+
+    learning_rate: float = 1e-3
+    learning_rate_decay: float = 20000.0
+    b1: float = 0.9
+    b2: float = 0.999
+
+
+def make_learning_rate_schedule(learning_rate: float, decay: float) -> Schedule:
+    """``t -> learning_rate / (1 + t / decay)`` (t the step count, from 0)."""
+
+    def schedule(t):
+        return learning_rate / (1.0 + jnp.asarray(t, jnp.float32) / decay)
+
+    return schedule
+
+
+def make_damping_schedule(damping: float, min_damping: float, time_constant: float) -> Schedule:
+    """``t -> max(min_damping, damping * exp(-t / time_constant))``."""
+
+    def schedule(t):
+        decayed = damping * jnp.exp(-jnp.asarray(t, jnp.float32) / time_constant)
+        return jnp.maximum(min_damping, decayed)
+
+    return schedule
+
+
+def _energy_stats(aux) -> dict:
+    return dict(
+        energy=aux.energy,
+        variance=aux.variance,
+        clipped_fraction=aux.clipped_fraction,
+        n_nonfinite=aux.n_nonfinite,
+    )
+
+
+def make_kfac_log_psi(config, inputs) -> Callable[[Params, jax.Array], jax.Array]:
+    """``fn(params, walkers: (n_walkers, n_electrons, 3) bohr) -> (n_walkers,)`` log|psi| of
+    :mod:`vmc.ansatz` with the molecule's inputs copied to every walker; pass it as
+    ``batched_log_psi`` to :func:`vmc.loss.make_energy_loss` for KFAC.
+
+    Why: under a plain vmap over walkers the orbital half of the network (GNN and heads), which
+    does not depend on the electrons, stays unbatched and is evaluated once. KFAC's dense-layer
+    blocks need per-walker layer inputs and output derivatives (their Kronecker factors are
+    averages over the batch), so kfac-jax rejects unbatched layers. Copying the inputs batches
+    every layer; the values, and hence the loss and gradient, are unchanged. The price is the
+    orbital half evaluated once per walker in the tangent (the local energy is not affected).
+    """
+    from vmc import ansatz
+
+    wavefunction = ansatz.make_wavefunction(config)
+
+    def per_walker(params, electrons, walker_inputs):
+        return wavefunction(params, electrons, walker_inputs)[1]
+
+    def batched_log_psi(params, walkers):
+        n_walkers = walkers.shape[0]
+        copies = jax.tree_util.tree_map(
+            lambda x: jnp.broadcast_to(x, (n_walkers,) + x.shape), inputs
+        )
+        return jax.vmap(per_walker, in_axes=(None, 0, 0))(params, walkers, copies)
+
+    return batched_log_psi
+
+
+def make_kfac(loss: EnergyLoss, config: KFACConfig = KFACConfig()) -> Optimizer:
+    """KFAC on ``loss`` (from :func:`vmc.loss.make_energy_loss` with KFAC registration on and
+    ``batched_log_psi`` from :func:`make_kfac_log_psi`).
+
+    kfac-jax finds the network's dense layers by matching patterns in the traced tangent of the
+    loss and gives every other parameter a generic (full-matrix) block; the loss is the normal
+    predictive distribution that :mod:`vmc.loss` registers on log|psi|, so the curvature is the
+    Fisher matrix of the wavefunction, estimated from gradients of sampled targets.
+    """
+    import kfac_jax
+
+    kfac_compat.ensure_compatible()
+    learning_rate = make_learning_rate_schedule(config.learning_rate, config.learning_rate_decay)
+    damping = make_damping_schedule(config.damping, config.min_damping, config.damping_time)
+    optimizer = kfac_jax.Optimizer(
+        value_and_grad_func=jax.value_and_grad(loss, has_aux=True),
+        l2_reg=0.0,
+        value_func_has_aux=True,
+        learning_rate_schedule=learning_rate,
+        # No momentum, as in the reference recipe; kfac-jax wants a schedule or an argument.
+        momentum_schedule=lambda t: jnp.zeros([]),
+        damping_schedule=damping,
+        norm_constraint=config.norm_constraint,
+        curvature_ema=config.curvature_ema,
+        inverse_update_period=config.inverse_update_period,
+        estimation_mode="fisher_gradients",
+        # Burn-in steps of the curvature would spend extra evaluations before the first
+        # update; the exponential average starting from the first step is enough here.
+        num_burnin_steps=0,
+        multi_device=False,
+        include_norms_in_stats=True,
+    )
+
+    def init(params, key, walkers):
+        return optimizer.init(params, key, walkers)
+
+    def step(params, state, key, walkers):
+        params, state, kfac_stats = optimizer.step(params, state, key, batch=walkers)
+        stats = _energy_stats(kfac_stats["aux"])
+        stats.update(
+            learning_rate=kfac_stats["learning_rate"],
+            damping=kfac_stats["damping"],
+            update_norm=kfac_stats["update_norm"],
+        )
+        return params, state, stats
+
+    return Optimizer(init, step)
+
+
+@flax.struct.dataclass
+class AdamState:
+    """optax's Adam state and the number of steps taken (scalar int32)."""
+
+    opt_state: Any
+    step: jax.Array
+
+
+def make_adam(loss: EnergyLoss, config: AdamConfig = AdamConfig()) -> Optimizer:
+    """Adam (optax) on ``loss``, with the KFAC interface. The KFAC registration inside the
+    loss is an identity outside kfac-jax's tracer, so the same loss serves both."""
+    learning_rate = make_learning_rate_schedule(config.learning_rate, config.learning_rate_decay)
+    transform = optax.adam(learning_rate, b1=config.b1, b2=config.b2)
+    value_and_grad = jax.value_and_grad(loss, has_aux=True)
+
+    def init(params, key, walkers):
+        del key, walkers  # same signature as KFAC; Adam needs neither
+        return AdamState(transform.init(params), jnp.zeros((), jnp.int32))
+
+    @jax.jit
+    def step(params, state, key, walkers):
+        del key
+        (_, aux), grads = value_and_grad(params, walkers)
+        updates, opt_state = transform.update(grads, state.opt_state, params)
+        params = optax.apply_updates(params, updates)
+        stats = _energy_stats(aux)
+        # The rate this step used: optax evaluates the schedule at the count before the update.
+        stats.update(learning_rate=learning_rate(state.step))
+        return params, AdamState(opt_state, state.step + 1), stats
+
+    return Optimizer(init, step)
