@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Main job on a small built-in default (about 10 minutes on 2 CPU cores): 80 thermally
+# Main job on a small built-in default (about 6 minutes on 2 CPU cores): 80 thermally
 # distorted water geometries labelled at PBE/def2-SVP (the paper's level of theory), a small
 # PhiSNet trained on 50 of them for 4 minutes, and its accuracy on the 20 held-out ones.
 # Re-running continues the dataset and the training run where they stopped.
