@@ -105,12 +105,6 @@ class AOLayout:
         """Angular momenta of the shells on one atom, in pyscf order."""
         return tuple(l for a, l in zip(self.shell_atom, self.shell_l) if a == atom)
 
-    def atom_irreps(self, atom: int):
-        """Irreps of the AOs of one atom in pyscf shell order, e.g. ``1x0e+1x0e+1x1o``."""
-        import e3nn_jax as e3nn
-
-        return e3nn.Irreps([(1, (l, 1 if l % 2 == 0 else -1)) for l in self.atom_shell_l(atom)])
-
     @property
     def irreps(self):
         """e3nn Irreps of the whole AO vector, shell by shell (not simplified: order is kept)."""

@@ -13,7 +13,6 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
@@ -21,8 +20,8 @@ from phisnet_jax.data import HamiltonianData
 from phisnet_jax.errors import InputError
 from phisnet_jax.model import MoleculeInputs, PhiSNet, PhiSNetConfig, make_phisnet
 from phisnet_jax.train import (
-    TrainConfig, _float_dtype, cast_inputs, load_run_config, make_optimizer, restore_state,
-    state_shapes,
+    TrainConfig, _float_dtype, cast_inputs, load_run_config, make_optimizer, precision,
+    restore_state, state_shapes,
 )
 
 HARTREE_TO_MICRO = 1e6
@@ -76,7 +75,7 @@ def load_trained_model(run_dir: str) -> TrainedModel:
 
     example = make_inputs(model_cfg, [model_cfg.elements[0]], np.zeros((1, 3)))
     example = cast_inputs(jax.tree.map(lambda a: np.asarray(a)[None], example), _float_dtype(train_cfg))
-    with _maybe_x64(train_cfg):
+    with precision(train_cfg):
         template = state_shapes(model, train_cfg, example, make_optimizer(train_cfg))
         state = restore_state(run_dir, template)
     if state is None:
@@ -84,15 +83,9 @@ def load_trained_model(run_dir: str) -> TrainedModel:
     return TrainedModel(model_cfg, train_cfg, model, state.ema_params, int(state.step))
 
 
-def _maybe_x64(cfg: TrainConfig):
-    import contextlib
-
-    return jax.enable_x64(True) if cfg.float64 else contextlib.nullcontext()
-
-
 def predict_matrices(trained: TrainedModel, inputs: MoleculeInputs, batch_size: int = 16):
     """(fock, overlap), each (n, M, M) float64 numpy, for stacked inputs (n, ...)."""
-    with _maybe_x64(trained.train_config):
+    with precision(trained.train_config):
         apply = trained.batched_apply
         inputs = cast_inputs(inputs, trained.dtype)
         n = inputs.positions.shape[0]

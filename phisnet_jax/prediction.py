@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from phisnet_jax import observables
 from phisnet_jax.errors import InputError
-from phisnet_jax.evaluate import TrainedModel, _maybe_x64
+from phisnet_jax.evaluate import TrainedModel
+from phisnet_jax.train import precision
 from phisnet_jax.model import MoleculeInputs, make_inputs
 from phisnet_jax.molecules import Molecule, validate
 
@@ -72,7 +72,7 @@ def predict(trained: TrainedModel, mol_or_molecule) -> Prediction:
     inputs = make_inputs(trained.config, molecule.atomic_numbers, molecule.positions)
     ao_atom = np.asarray(inputs.ao_atom)
     charges = np.asarray(molecule.atomic_numbers, np.float64)
-    with _maybe_x64(trained.train_config):
+    with precision(trained.train_config):
         dtype = trained.dtype
         inputs = MoleculeInputs(**{k: (jnp.asarray(v, dtype) if np.asarray(v).dtype == np.float64 else jnp.asarray(v))
                                    for k, v in vars(inputs).items()})

@@ -14,6 +14,7 @@ step, optimiser state, EMA, plateau state and the data order (a function of the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -92,6 +93,12 @@ def masked_matrix_errors(pred: jnp.ndarray, ref: jnp.ndarray, ao_mask: jnp.ndarr
     return jnp.sum(diff**2) / count, jnp.sum(jnp.abs(diff)) / count
 
 
+def weighted_loss(cfg: TrainConfig, metrics: dict):
+    """The training objective from the MSE and MAE of F and S."""
+    return (cfg.fock_mse_weight * metrics["fock_mse"] + cfg.fock_mae_weight * metrics["fock_mae"]
+            + cfg.overlap_mse_weight * metrics["overlap_mse"] + cfg.overlap_mae_weight * metrics["overlap_mae"])
+
+
 def make_loss(model: PhiSNet, cfg: TrainConfig) -> Callable:
     """loss(params, inputs, fock, overlap) -> (loss, metrics) for a batch."""
     batched_apply = jax.vmap(model.apply, in_axes=(None, 0))
@@ -100,9 +107,8 @@ def make_loss(model: PhiSNet, cfg: TrainConfig) -> Callable:
         out = batched_apply(params, inputs)
         f_mse, f_mae = masked_matrix_errors(out["fock"], fock, inputs.ao_mask)
         s_mse, s_mae = masked_matrix_errors(out["overlap"], overlap, inputs.ao_mask)
-        loss = (cfg.fock_mse_weight * f_mse + cfg.fock_mae_weight * f_mae
-                + cfg.overlap_mse_weight * s_mse + cfg.overlap_mae_weight * s_mae)
-        return loss, {"fock_mae": f_mae, "overlap_mae": s_mae, "fock_mse": f_mse, "overlap_mse": s_mse}
+        metrics = {"fock_mae": f_mae, "overlap_mae": s_mae, "fock_mse": f_mse, "overlap_mse": s_mse}
+        return weighted_loss(cfg, metrics), metrics
 
     return loss_fn
 
@@ -305,7 +311,7 @@ def train(
         raise InputError(f"batch size {train_cfg.batch_size} is not divisible by {parallel.n_devices} devices")
 
     optimizer = make_optimizer(train_cfg)
-    with _precision(train_cfg):
+    with precision(train_cfg):
         example = cast_inputs(train_data.inputs, dtype)
         state = restore_state(run_dir, state_shapes(model, train_cfg, example, optimizer))
         if state is None:
@@ -322,20 +328,9 @@ def train(
                      max_steps, time_budget, progress)
 
 
-class _precision:
-    """float64 for the duration of a run when asked for (jax's x64 mode, restored after)."""
-
-    def __init__(self, cfg: TrainConfig):
-        self.enabled = cfg.float64
-
-    def __enter__(self):
-        self.context = jax.enable_x64(True) if self.enabled else None
-        if self.context is not None:
-            self.context.__enter__()
-
-    def __exit__(self, *exc):
-        if self.context is not None:
-            self.context.__exit__(*exc)
+def precision(cfg: TrainConfig):
+    """float64 (jax's x64 mode) for the duration of a block when the run asks for it."""
+    return jax.enable_x64(True) if cfg.float64 else contextlib.nullcontext()
 
 
 def make_evaluator(model: PhiSNet, cfg: TrainConfig, batch_size: int):
@@ -358,8 +353,7 @@ def make_evaluator(model: PhiSNet, cfg: TrainConfig, batch_size: int):
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * real
         out = {k: v / n for k, v in totals.items()}
-        out["loss"] = (cfg.fock_mse_weight * out["fock_mse"] + cfg.fock_mae_weight * out["fock_mae"]
-                       + cfg.overlap_mse_weight * out["overlap_mse"] + cfg.overlap_mae_weight * out["overlap_mae"])
+        out["loss"] = weighted_loss(cfg, out)
         return out
 
     return evaluate

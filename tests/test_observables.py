@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import start_geometry
-from phisnet_jax import molecules, observables
+from phisnet_jax import observables
 from phisnet_jax.basis import AOLayout
 from phisnet_jax.reference import LevelOfTheory, run_scf
 
