@@ -97,7 +97,7 @@ def make_mcmc_step(log_psi: LogPsi, n_steps: int) -> MCMCStep:
             accept = jnp.isfinite(proposal_values) & (metropolis | ~jnp.isfinite(values))
             walkers = jnp.where(accept[:, None, None], proposal, walkers)
             values = jnp.where(accept, proposal_values, values)
-            return (walkers, values, n_accepted + jnp.sum(accept)), None
+            return (walkers, values, n_accepted + jnp.sum(accept, dtype=jnp.int32)), None
 
         keys = jax.random.split(key, n_steps)
         init = (walkers, log_psi_values, jnp.zeros((), jnp.int32))
@@ -236,3 +236,28 @@ def init_walkers(
     centres = atom_positions[np.concatenate([up_atoms, down_atoms])]
     noise = jax.random.normal(key, (n_walkers,) + centres.shape, centres.dtype)
     return centres[None] + width * noise
+
+
+def refresh(log_psi: LogPsi, params: Params, state: MCMCState) -> MCMCState:
+    """The state with log|psi| of its walkers re-evaluated under ``params`` (after a parameter
+    update the cached values belong to the old parameters and would bias the next
+    acceptance tests)."""
+    values = jax.vmap(log_psi, in_axes=(None, 0))(params, state.walkers)
+    return state.replace(log_psi=values)
+
+
+def replace_nonfinite_walkers(state: MCMCState, key: jax.Array) -> tuple[MCMCState, jax.Array]:
+    """Walkers whose positions or log|psi| are not finite are replaced by copies of randomly
+    chosen finite walkers (with their log|psi|), so one bad walker never enters an average.
+
+    Returns the repaired state and the number of replaced walkers (scalar int32). If no walker
+    is finite, the state is returned unchanged and the count equals the number of walkers;
+    the caller must stop.
+    """
+    good = jnp.isfinite(state.log_psi) & jnp.all(jnp.isfinite(state.walkers), axis=(1, 2))
+    logits = jnp.where(good, 0.0, -jnp.inf)
+    donors = jax.random.categorical(key, logits, shape=good.shape)
+    any_good = jnp.any(good)
+    source = jnp.where(good | ~any_good, jnp.arange(good.shape[0]), donors)
+    repaired = state.replace(walkers=state.walkers[source], log_psi=state.log_psi[source])
+    return repaired, jnp.sum(~good).astype(jnp.int32)

@@ -1,0 +1,128 @@
+"""Energy of a trained wavefunction from fresh MCMC samples, with a blocking error bar.
+
+The walkers start from scratch (not from the training walkers), are equilibrated for
+``burn_in_sweeps`` MCMC calls and then sampled for ``n_steps`` calls of the run's
+``mcmc_steps`` Metropolis steps each; the local energy of every walker is evaluated after
+every call. Successive calls are correlated, so the error bar of the mean comes from a
+blocking analysis (Flyvbjerg and Petersen 1989) of the series of per-call mean energies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phisnet_jax.errors import InputError
+from vmc import hamiltonian, mcmc, train
+from vmc.references import exact_energy
+
+# Blocking stops while at least this many blocks are left (fewer give a noisy error of the
+# error); the error bar is the largest standard error over the blocking levels kept.
+MIN_BLOCKS = 16
+
+
+def blocking_error(series: np.ndarray) -> float:
+    """Standard error of the mean of a correlated series (Flyvbjerg-Petersen blocking).
+
+    Neighbouring values are averaged pairwise again and again; the naive standard error grows
+    with the block length until blocks are longer than the correlation time and then stays
+    flat. The largest value over the levels with at least ``MIN_BLOCKS`` blocks is returned
+    (a conservative reading of the plateau). Series shorter than ``MIN_BLOCKS`` give the naive
+    standard error."""
+    x = np.asarray(series, dtype=np.float64)
+    if x.size < 2:
+        return float("nan")
+    errors = [x.std(ddof=1) / np.sqrt(x.size)]
+    while x.size // 2 >= MIN_BLOCKS:
+        n = x.size // 2 * 2
+        x = 0.5 * (x[0:n:2] + x[1:n:2])
+        errors.append(x.std(ddof=1) / np.sqrt(x.size))
+    return float(max(errors))
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """Energies in hartree; ``reference`` is the exact energy of a named system if known."""
+
+    energy: float
+    error: float
+    variance: float
+    n_steps: int
+    n_walkers: int
+    n_nonfinite: int
+    acceptance: float
+    checkpoint_step: int
+    reference: float | None
+    seconds: float
+
+
+def evaluate(run_dir: str, n_steps: int = 200, n_walkers: int | None = None,
+             burn_in_sweeps: int | None = None, seed: int = 1, progress: bool = True) -> Evaluation:
+    """Evaluate the latest VMC checkpoint of ``run_dir`` (or the pretrained parameters if VMC
+    has not started) with fresh walkers; ``n_walkers`` and ``burn_in_sweeps`` default to the
+    run's own settings."""
+    from tqdm import tqdm
+
+    config = train.load_run_config(run_dir)
+    cfg = config.vmc
+    n_walkers = n_walkers or cfg.n_walkers
+    burn_in_sweeps = cfg.burn_in_sweeps if burn_in_sweeps is None else burn_in_sweeps
+    if n_steps < 2:
+        raise InputError("evaluation needs at least 2 steps")
+    started = time.perf_counter()
+    with train.precision(cfg):
+        problem = train.problem_for(dataclasses.replace(config, vmc=dataclasses.replace(cfg, n_walkers=n_walkers)))
+        params, step = _load_params(run_dir, problem)
+        parallel = train.WalkerParallel()
+        if n_walkers % parallel.n_devices:
+            raise InputError(f"{n_walkers} walkers do not divide over {parallel.n_devices} devices")
+        key_walkers, key = jax.random.split(jax.random.PRNGKey(seed))
+        sampler = mcmc.init_state(problem.log_psi, params, problem.init_walkers(key_walkers),
+                                  cfg.initial_step_size)
+        state = parallel.place(train.TrainState(jnp.asarray(step), params, None, sampler, key))
+        sample = problem.sample
+        local_energy = jax.jit(hamiltonian.make_batched_local_energy(
+            problem.log_psi, jnp.asarray(problem.system.positions, sampler.walkers.dtype),
+            jnp.asarray(problem.system.charges, sampler.walkers.dtype), cfg.laplacian))
+        state = train._burn_in(sample, state.params, state, burn_in_sweeps)
+        means, variances, acceptances, n_nonfinite = [], [], [], 0
+        key = state.key
+        sampler = state.sampler
+        for _ in tqdm(range(n_steps), desc="evaluate", unit="step", file=sys.stderr,
+                      disable=None if progress else True, dynamic_ncols=True):
+            key, key_sample = jax.random.split(key)
+            sampler, acceptance, _ = sample(state.params, sampler, key_sample)
+            energies = np.asarray(local_energy(state.params, sampler.walkers), np.float64)
+            finite = np.isfinite(energies)
+            n_nonfinite += int((~finite).sum())
+            if finite.any():
+                means.append(energies[finite].mean())
+                variances.append(energies[finite].var())
+            acceptances.append(float(acceptance))
+    if len(means) < 2:
+        raise train.TrainingDiverged("fewer than two evaluation steps had a finite local energy")
+    means = np.asarray(means)
+    return Evaluation(
+        energy=float(means.mean()), error=blocking_error(means), variance=float(np.mean(variances)),
+        n_steps=n_steps, n_walkers=n_walkers, n_nonfinite=n_nonfinite,
+        acceptance=float(np.mean(acceptances)), checkpoint_step=step,
+        reference=exact_energy(problem.system), seconds=time.perf_counter() - started,
+    )
+
+
+def _load_params(run_dir: str, problem: train.Problem):
+    """(parameters, VMC step) of the latest VMC checkpoint, or of the latest pretraining one
+    (step 0) when there is no VMC checkpoint."""
+    for phase in ("vmc", "pretrain"):
+        step = train.restore_step(run_dir, phase)
+        if step is None:
+            continue
+        template = jax.eval_shape(lambda: problem.init_params(jax.random.PRNGKey(0)))
+        params = train.restore_params(run_dir, phase, template)
+        return params, (step if phase == "vmc" else 0)
+    raise InputError(f"{run_dir} has no checkpoint to evaluate")

@@ -1,0 +1,718 @@
+"""Training a transferable wavefunction on one system: supervised pretraining to the
+Hartree-Fock orbitals, then variational Monte Carlo with KFAC (or Adam).
+
+Pretraining fits the neural orbital matrices [phi_k^d(r_i)] of every determinant d to the HF
+orbital matrix (spin-up electrons x spin-up orbitals and spin-down x spin-down blocks, zero
+spin-mixing blocks) by least squares, with Adam, on walkers sampled from the HF density
+|det Phi_up|^2 |det Phi_down|^2. VMC then starts from the pretrained parameters with the walkers
+re-equilibrated under the network (burn-in), and alternates one MCMC call (``mcmc_steps``
+Metropolis steps) and one optimiser step on the fresh walkers.
+
+A run directory holds ``config.json`` (system, ansatz, sampling and optimiser settings),
+``log.jsonl`` (one JSON object per step, ``"phase": "pretrain"`` or ``"vmc"``),
+``energy.png`` (VMC energy against step) and orbax checkpoints in ``checkpoints/pretrain`` and
+``checkpoints/vmc``. Each checkpoint holds the whole state: parameters, optimiser state,
+walkers with their step size, the PRNG key and the step, so running again on the same
+directory continues exactly where the last checkpoint was written (log lines written after it
+are dropped). Walkers are split over all local devices (data parallel through ``jax.sharding``;
+the same code runs multi-host after ``jax.distributed.initialize()``).
+
+Non-finite values are never averaged: walkers whose position or log|psi| is not finite are
+replaced by copies of finite walkers (counted as ``n_walkers_reset``), local energies that are
+not finite are left out of the energy and gradient (counted as ``n_nonfinite``), and a step
+whose energy or new parameters are not finite, or where more than half of the local energies
+are not finite, stops the run with :class:`TrainingDiverged`, keeping the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from phisnet_jax.errors import InputError
+from phisnet_jax.orbital_features import FeatureSlots
+from vmc import ansatz, hamiltonian, loss, mcmc, optimizers, orbitals, systems
+
+OPTIMIZERS = ("kfac", "adam")
+# A step where more than this fraction of local energies is not finite is treated as diverged.
+MAX_NONFINITE_FRACTION = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemConfig:
+    """Which system, and the Hartree-Fock calculation its orbital features come from.
+
+    Attributes:
+      spec: a name (``H2``, ``LiH``, ``H6``, ``Be``, ...) or an XYZ file (angstrom); see
+        :func:`vmc.systems.load`.
+      charge, spin: total charge and 2S (None: the default of :func:`vmc.systems.load`).
+      basis: minimal basis of the HF orbitals (pyscf name).
+      localization: "boys" or None (canonical orbitals).
+    """
+
+    spec: str
+    charge: int = 0
+    spin: int | None = None
+    basis: str = orbitals.DEFAULT_BASIS
+    localization: str | None = "boys"
+
+
+@dataclasses.dataclass(frozen=True)
+class VMCConfig:
+    """Sampling, pretraining and VMC settings (defaults: the reference recipe).
+
+    Attributes:
+      n_walkers: walkers (the batch of every step); must divide evenly over the devices.
+      mcmc_steps: Metropolis steps between two optimiser steps.
+      burn_in_sweeps: MCMC calls of ``mcmc_steps`` steps before VMC starts (and before
+        pretraining, on the HF density).
+      initial_step_size: bohr, of the Gaussian proposals (then adapted to 50 % acceptance).
+      walker_init_width: bohr, spread of the starting walkers around their atoms.
+      pretrain_steps: supervised steps towards the HF orbitals (0 to skip).
+      pretrain_learning_rate: Adam's rate during pretraining.
+      optimizer: "kfac" or "adam".
+      laplacian: "folx" (forward Laplacian) or "hessian" (reference loop).
+      clip_scale: local energies clipped at median +- clip_scale x mean absolute deviation
+        for the gradient.
+      checkpoint_every: steps between checkpoints (also written at the end of every run).
+      seed: PRNG seed of parameters, walkers and sampling.
+      float64: run in double precision.
+    """
+
+    n_walkers: int = 2048
+    mcmc_steps: int = 40
+    burn_in_sweeps: int = 50
+    initial_step_size: float = 0.2
+    walker_init_width: float = 1.0
+    pretrain_steps: int = 1000
+    pretrain_learning_rate: float = 3e-4
+    optimizer: str = "kfac"
+    laplacian: str = "folx"
+    clip_scale: float = loss.DEFAULT_CLIP_SCALE
+    checkpoint_every: int = 500
+    seed: int = 0
+    float64: bool = False
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
+        if self.laplacian not in hamiltonian.METHODS:
+            raise InputError(f"unknown laplacian {self.laplacian!r}; expected one of {hamiltonian.METHODS}")
+        if self.n_walkers < 2 or self.mcmc_steps < 1 or self.burn_in_sweeps < 0 or self.pretrain_steps < 0:
+            raise InputError("n_walkers >= 2, mcmc_steps >= 1, burn_in_sweeps >= 0 and pretrain_steps >= 0 needed")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a run is defined by; stored as ``config.json``."""
+
+    system: SystemConfig
+    ansatz: ansatz.AnsatzConfig = ansatz.AnsatzConfig()
+    vmc: VMCConfig = VMCConfig()
+    kfac: optimizers.KFACConfig = optimizers.KFACConfig()
+    adam: optimizers.AdamConfig = optimizers.AdamConfig()
+
+    def to_record(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict) -> "RunConfig":
+        ansatz_record = dict(record["ansatz"])
+        ansatz_record["slots"] = FeatureSlots(tuple(ansatz_record["slots"]["channels"]))
+        return cls(
+            system=SystemConfig(**record["system"]),
+            ansatz=ansatz.AnsatzConfig(**ansatz_record),
+            vmc=VMCConfig(**record["vmc"]),
+            kfac=optimizers.KFACConfig(**record["kfac"]),
+            adam=optimizers.AdamConfig(**record["adam"]),
+        )
+
+
+def load_run_config(run_dir: str) -> RunConfig:
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise InputError(f"{run_dir} is not a VMC run directory (no config.json)")
+    try:
+        with open(path) as f:
+            return RunConfig.from_record(json.load(f))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"corrupt run configuration {path}: {exc}") from None
+
+
+class TrainingDiverged(RuntimeError):
+    """Energies or parameters became non-finite; the last good checkpoint is kept."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """The whole state of one phase (a pytree, saved whole by orbax).
+
+    Attributes:
+      step: scalar int32, steps done in this phase.
+      params: wavefunction parameters.
+      opt_state: optimiser state (optax Adam in pretraining; KFAC or Adam in VMC).
+      sampler: walkers (n_walkers, n_electrons, 3) bohr, their log|psi| and the step size.
+      key: PRNG key of the next step.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    sampler: mcmc.MCMCState
+    key: jax.Array
+
+
+def precision(cfg: VMCConfig):
+    """float64 (jax's x64 mode) for the duration of a block when the run asks for it."""
+    return jax.enable_x64(True) if cfg.float64 else contextlib.nullcontext()
+
+
+def _float_dtype(cfg: VMCConfig):
+    return jnp.float64 if cfg.float64 else jnp.float32
+
+
+class WalkerParallel:
+    """Walkers split over all devices along axis 0; everything else replicated."""
+
+    def __init__(self):
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        self.mesh = Mesh(np.array(jax.devices()), ("walkers",))
+        self.walkers = NamedSharding(self.mesh, PartitionSpec("walkers"))
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+
+    @property
+    def n_devices(self) -> int:
+        return self.mesh.size
+
+    def place(self, state: TrainState) -> TrainState:
+        """The state with walkers sharded and everything else replicated."""
+        sampler = state.sampler.replace(
+            walkers=self._shard(state.sampler.walkers), log_psi=self._shard(state.sampler.log_psi)
+        )
+        rest = jax.device_put(state.replace(sampler=None), self.replicated)
+        return rest.replace(sampler=sampler.replace(step_size=jax.device_put(sampler.step_size, self.replicated)))
+
+    def _shard(self, x):
+        """A global array sharded along axis 0 from the full array every process holds."""
+        x = np.asarray(x)
+        n_proc = jax.process_count()
+        local = np.array_split(x, n_proc)[jax.process_index()] if n_proc > 1 else x
+        return jax.make_array_from_process_local_data(self.walkers, local, x.shape)
+
+
+@dataclasses.dataclass(eq=False)
+class Problem:
+    """The system with its HF orbitals and the functions every phase needs."""
+
+    config: RunConfig
+    system: systems.System
+    hartree_fock: orbitals.HartreeFockOrbitals
+    inputs: ansatz.AnsatzInputs
+    log_psi: Any  # fn(params, electrons (n_el, 3)) -> log|psi|
+
+    @classmethod
+    def build(cls, config: RunConfig) -> "Problem":
+        """Load the system and run Hartree-Fock (call inside :func:`precision`)."""
+        s = config.system
+        system = systems.load(s.spec, charge=s.charge, spin=s.spin)
+        hf = orbitals.hartree_fock(system, basis=s.basis, localization=s.localization)
+        inputs = ansatz.inputs_from_hartree_fock(hf, config.ansatz)
+        inputs = jax.tree.map(lambda x: x.astype(_float_dtype(config.vmc)) if jnp.issubdtype(x.dtype, jnp.floating) else x, inputs)
+        return cls(config, system, hf, inputs, ansatz.make_log_psi(config.ansatz, inputs).log_psi)
+
+    def init_params(self, key):
+        params = ansatz.init_params(key, self.config.ansatz, self.inputs)
+        return jax.tree.map(lambda x: x.astype(_float_dtype(self.config.vmc)), params)
+
+    def init_walkers(self, key):
+        cfg = self.config.vmc
+        return mcmc.init_walkers(
+            key, self.system.positions, self.system.charges, self.system.n_up, self.system.n_down,
+            cfg.n_walkers, width=cfg.walker_init_width, dtype=_float_dtype(cfg),
+        )
+
+    def hartree_fock_log_psi(self):
+        """``fn(params (ignored), electrons (n_el, 3)) -> log|det Phi_up det Phi_down|`` of HF."""
+        values = orbitals.make_orbital_values(self.hartree_fock)
+        n_up = self.system.n_up
+
+        def log_psi(params, electrons):
+            del params
+            up, down = values(electrons)
+            return jnp.linalg.slogdet(up[:n_up])[1] + jnp.linalg.slogdet(down[n_up:])[1]
+
+        return log_psi
+
+    def pretrain_loss(self):
+        """``fn(params, walkers (W, n_el, 3)) -> mean_walkers sum_d ||Phi^d - Phi_HF||^2``."""
+        values = orbitals.make_orbital_values(self.hartree_fock)
+        matrices = ansatz.make_orbital_matrices(self.config.ansatz)
+        n_up, n_down = self.system.n_up, self.system.n_down
+        inputs = self.inputs
+
+        def target(electrons):
+            up, down = values(electrons)
+            dtype = up.dtype
+            top = jnp.concatenate([up[:n_up], jnp.zeros((n_up, n_down), dtype)], axis=1)
+            bottom = jnp.concatenate([jnp.zeros((n_down, n_up), dtype), down[n_up:]], axis=1)
+            return jnp.concatenate([top, bottom], axis=0)
+
+        def pretrain_loss(params, walkers):
+            predicted = jax.vmap(matrices, in_axes=(None, 0, None))(params, walkers, inputs)
+            reference = jax.vmap(target)(walkers)[:, None]
+            return jnp.mean(jnp.sum((predicted - reference) ** 2, axis=(-2, -1)))
+
+        return pretrain_loss
+
+    def energy_loss(self, for_kfac: bool):
+        cfg = self.config
+        local_energy = hamiltonian.make_batched_local_energy(
+            self.log_psi, jnp.asarray(self.system.positions, _float_dtype(cfg.vmc)),
+            jnp.asarray(self.system.charges, _float_dtype(cfg.vmc)), cfg.vmc.laplacian,
+        )
+        batched = optimizers.make_kfac_log_psi(cfg.ansatz, self.inputs) if for_kfac else None
+        return loss.make_energy_loss(self.log_psi, local_energy, cfg.vmc.clip_scale,
+                                     register_with_kfac=for_kfac, batched_log_psi=batched)
+
+    @functools.cached_property
+    def optimizer(self) -> optimizers.Optimizer:
+        cfg = self.config
+        if cfg.vmc.optimizer == "kfac":
+            return optimizers.make_kfac(self.energy_loss(for_kfac=True), cfg.kfac)
+        return optimizers.make_adam(self.energy_loss(for_kfac=False), cfg.adam)
+
+    @functools.cached_property
+    def sample(self):
+        """The network's sampler (:func:`make_sampler`)."""
+        return make_sampler(self.log_psi, self.config.vmc.mcmc_steps)
+
+    @functools.cached_property
+    def sample_hartree_fock(self):
+        """The sampler of the HF density (parameters ignored)."""
+        return make_sampler(self.hartree_fock_log_psi(), self.config.vmc.mcmc_steps)
+
+    @functools.cached_property
+    def pretrain_update(self):
+        """``fn(params, opt_state, walkers) -> (params, opt_state, loss)``: one Adam step of
+        pretraining, jit-compiled."""
+        transform = self.pretrain_transform
+        value_and_grad = jax.value_and_grad(self.pretrain_loss())
+
+        @jax.jit
+        def update(params, opt_state, walkers):
+            value, grads = value_and_grad(params, walkers)
+            updates, opt_state = transform.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, value
+
+        return update
+
+    @property
+    def pretrain_transform(self):
+        return optax.adam(self.config.vmc.pretrain_learning_rate)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_problem(config: RunConfig, float64: bool) -> Problem:
+    del float64  # part of the key only: functions traced in one precision are not reused in the other
+    return Problem.build(config)
+
+
+def problem_for(config: RunConfig) -> Problem:
+    """The :class:`Problem` of ``config``, reused within a process so that repeated runs and
+    evaluations of one configuration (resumes, tests, notebooks) do not trace and compile
+    again. Call inside :func:`precision`."""
+    return _cached_problem(config, config.vmc.float64)
+
+
+def make_sampler(log_psi, n_steps: int):
+    """``fn(params, sampler, key) -> (sampler, acceptance, n_walkers_reset)``: refresh log|psi|
+    under ``params``, ``n_steps`` Metropolis steps with step-size adaptation, then replacement
+    of non-finite walkers. jit-compiled."""
+    mcmc_step = mcmc.make_mcmc_step(log_psi, n_steps)
+
+    @jax.jit
+    def sample(params, sampler, key):
+        key_move, key_repair = jax.random.split(key)
+        sampler = mcmc.refresh(log_psi, params, sampler)
+        sampler, acceptance = mcmc.advance(mcmc_step, params, sampler, key_move)
+        sampler, n_reset = mcmc.replace_nonfinite_walkers(sampler, key_repair)
+        return sampler, acceptance, n_reset
+
+    return sample
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and logs.
+
+
+def _checkpoint_manager(run_dir: str, phase: str):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(run_dir, "checkpoints", phase)),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+    )
+
+
+def restore(run_dir: str, phase: str, template: TrainState) -> TrainState | None:
+    """The latest checkpoint of a phase, replicated on this process's devices (None if there
+    is none); ``template`` gives shapes and dtypes only."""
+    import orbax.checkpoint as ocp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    if not os.path.isdir(os.path.join(run_dir, "checkpoints", phase)):
+        return None
+    manager = _checkpoint_manager(run_dir, phase)
+    step = manager.latest_step()
+    if step is None:
+        return None
+    replicated = NamedSharding(Mesh(np.array(jax.devices()), ("walkers",)), PartitionSpec())
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), template)
+    try:
+        return manager.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as exc:
+        raise InputError(
+            f"cannot restore {phase} checkpoint {step} of {run_dir}: {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def restore_params(run_dir: str, phase: str, template):
+    """The parameters alone from the latest checkpoint of a phase (whatever optimiser state
+    it holds); ``template`` gives their structure, shapes and dtypes."""
+    import orbax.checkpoint as ocp
+
+    manager = _checkpoint_manager(run_dir, phase)
+    step = manager.latest_step()
+    try:
+        saved = manager.restore(step, args=ocp.args.StandardRestore())["params"]
+        return jax.tree.map(lambda t, x: jnp.asarray(x, t.dtype).reshape(t.shape), template, saved)
+    except Exception as exc:
+        raise InputError(
+            f"cannot read the parameters of {phase} checkpoint {step} of {run_dir}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+
+
+def _save(manager, state: TrainState) -> None:
+    import orbax.checkpoint as ocp
+
+    manager.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
+    manager.wait_until_finished()
+
+
+def _truncate_log(path: str, phase: str, step: int) -> None:
+    """Drop log lines of ``phase`` after ``step`` (written after the checkpoint resumed from),
+    and every line of later phases, so a resumed run's log has no duplicates."""
+    if not os.path.exists(path):
+        return
+    order = {"pretrain": 0, "vmc": 1}
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if order[entry["phase"]] < order[phase] or (entry["phase"] == phase and entry["step"] <= step):
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def read_log(run_dir: str, phase: str = "vmc") -> list[dict]:
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        entries = [json.loads(line) for line in f if line.strip()]
+    return [e for e in entries if e["phase"] == phase]
+
+
+def plot_energy(run_dir: str, reference: float | None = None) -> None:
+    """energy.png from log.jsonl: VMC energy per step and its running mean; the reference
+    energy as a line when known."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = read_log(run_dir, "vmc")
+    if not entries:
+        return
+    steps = np.array([e["step"] for e in entries])
+    energy = np.array([e["energy"] for e in entries])
+    window = max(1, len(energy) // 20)
+    smooth = np.convolve(energy, np.ones(window) / window, mode="valid")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, energy, alpha=0.3, label="energy per step")
+    ax.plot(steps[window - 1:], smooth, label=f"running mean ({window} steps)")
+    if reference is not None:
+        ax.axhline(reference, color="k", ls="--", lw=1, label=f"reference {reference:.5f}")
+    low, high = np.percentile(energy, [1, 99])
+    lower = min(low, reference) if reference is not None else low
+    ax.set_ylim(lower - 0.05 * (high - lower) - 1e-3, high + 0.05 * (high - lower))
+    ax.set_xlabel("VMC step")
+    ax.set_ylabel("energy (hartree)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "energy.png"), dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# The two phases.
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    pretrain_steps: int
+    steps: int
+    stopped_because: str
+    energy: float | None  # mean energy of the last up to 10 % of logged VMC steps, hartree
+    seconds: float
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _fresh_pretrain_state(problem: Problem, transform) -> TrainState:
+    cfg = problem.config.vmc
+    key_params, key_walkers, key_run = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
+    params = problem.init_params(key_params)
+    walkers = problem.init_walkers(key_walkers)
+    sampler = mcmc.init_state(problem.hartree_fock_log_psi(), None, walkers, cfg.initial_step_size)
+    return TrainState(jnp.asarray(0, jnp.int32), params, transform.init(params), sampler, key_run)
+
+
+def _burn_in(sample, params, state: TrainState, n_sweeps: int) -> TrainState:
+    key = state.key
+    sampler = state.sampler
+    for _ in range(n_sweeps):
+        key, key_sweep = jax.random.split(key)
+        sampler, _, _ = sample(params, sampler, key_sweep)
+    return state.replace(sampler=sampler, key=key)
+
+
+class _Phase:
+    """Shared bookkeeping of a training phase: log file, progress bar, checkpoints, budget."""
+
+    def __init__(self, run_dir, phase, total, time_budget, started, progress):
+        from tqdm import tqdm
+
+        self.run_dir, self.phase, self.total = run_dir, phase, total
+        self.time_budget, self.started = time_budget, started
+        self.manager = _checkpoint_manager(run_dir, phase)
+        self.log = open(os.path.join(run_dir, "log.jsonl"), "a")
+        self.bar = tqdm(total=total, desc=phase, unit="step", file=sys.stderr,
+                        disable=None if progress else True, dynamic_ncols=True)
+
+    def out_of_time(self) -> bool:
+        return self.time_budget is not None and time.perf_counter() - self.started >= self.time_budget
+
+    def record(self, entry: dict) -> None:
+        self.log.write(json.dumps({"phase": self.phase, **entry}) + "\n")
+        self.log.flush()
+
+    def save(self, state: TrainState) -> None:
+        if int(state.step) != (self.manager.latest_step() or -1):
+            _save(self.manager, state)
+
+    def close(self):
+        self.bar.close()
+        self.log.close()
+
+
+def _run_phase(phase: _Phase, state: TrainState, step_fn, checkpoint_every: int):
+    """Run ``step_fn(state) -> (state, log entry)`` until the phase's step total or the time
+    budget; checkpoint periodically and on the way out (also on Ctrl-C and divergence, with the
+    last good state). Returns (state, why it stopped)."""
+    phase.bar.update(int(state.step))
+    stopped = "max_steps"
+    try:
+        while int(state.step) < phase.total:
+            if phase.out_of_time():
+                stopped = "time_budget"
+                break
+            state, entry = step_fn(state)
+            phase.record(entry)
+            phase.bar.update(1)
+            phase.bar.set_postfix({k: f"{entry[k]:.5g}" for k in ("loss", "energy", "acceptance") if k in entry})
+            if int(state.step) % checkpoint_every == 0:
+                phase.save(state)
+    except TrainingDiverged as exc:
+        # The failed step may have consumed (donated) the last state: keep the checkpoint.
+        raise TrainingDiverged(f"{exc}; the last checkpoint ({phase.phase} step "
+                               f"{phase.manager.latest_step()}) is kept") from None
+    except KeyboardInterrupt:
+        if not _deleted(state):
+            phase.save(state)
+        raise
+    else:
+        phase.save(state)
+    finally:
+        phase.close()
+    return state, stopped
+
+
+def _deleted(tree) -> bool:
+    """Whether any array of ``tree`` was donated to a computation (and is gone)."""
+    return any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(tree))
+
+
+def pretrain(run_dir: str, problem: Problem, parallel: WalkerParallel, time_budget, started, progress) -> tuple[Any, TrainState | None, str]:
+    """Supervised pretraining to the HF orbitals (resumable). Returns the parameters, the final
+    pretraining state (walkers on the HF density) and why it stopped."""
+    cfg = problem.config.vmc
+    fresh = functools.partial(_fresh_pretrain_state, problem, problem.pretrain_transform)
+    state = restore(run_dir, "pretrain", jax.eval_shape(fresh))
+    hf_sample = problem.sample_hartree_fock
+    if state is None:
+        state = fresh()
+        state = parallel.place(state)
+        state = _burn_in(hf_sample, None, state, cfg.burn_in_sweeps)
+    else:
+        _truncate_log(os.path.join(run_dir, "log.jsonl"), "pretrain", int(state.step))
+        state = parallel.place(state)
+    if int(state.step) >= cfg.pretrain_steps:
+        return state.params, state, "max_steps"
+    update = problem.pretrain_update
+
+    def step_fn(state: TrainState):
+        t = time.perf_counter()
+        key, key_sample = jax.random.split(state.key)
+        sampler, acceptance, _ = hf_sample(None, state.sampler, key_sample)
+        params, opt_state, value = update(state.params, state.opt_state, sampler.walkers)
+        value = float(value)
+        if not np.isfinite(value):
+            raise TrainingDiverged(f"non-finite pretraining loss at step {int(state.step)}")
+        new = TrainState(state.step + 1, params, opt_state, sampler, key)
+        return new, {"step": int(new.step), "loss": value, "acceptance": float(acceptance),
+                     "seconds": time.perf_counter() - t}
+
+    phase = _Phase(run_dir, "pretrain", cfg.pretrain_steps, time_budget, started, progress)
+    state, stopped = _run_phase(phase, state, step_fn, cfg.checkpoint_every)
+    return state.params, state, stopped
+
+
+def _fresh_vmc_state(problem: Problem, optimizer: optimizers.Optimizer, params, walkers, key) -> TrainState:
+    key_opt, key_run = jax.random.split(key)
+    sampler = mcmc.init_state(problem.log_psi, params, walkers, problem.config.vmc.initial_step_size)
+    return TrainState(jnp.asarray(0, jnp.int32), params, optimizer.init(params, key_opt, walkers), sampler, key_run)
+
+
+def run_vmc(run_dir: str, problem: Problem, parallel: WalkerParallel, start: TrainState | None,
+            max_steps: int, time_budget, started, progress) -> tuple[TrainState, str]:
+    """VMC steps up to ``max_steps`` in all (resumable). ``start`` is the pretraining state
+    (parameters and HF walkers), None when a VMC checkpoint exists."""
+    cfg = problem.config.vmc
+    optimizer = problem.optimizer
+    sample = problem.sample
+
+    def template():
+        params = problem.init_params(jax.random.PRNGKey(0))
+        walkers = problem.init_walkers(jax.random.PRNGKey(0))
+        return _fresh_vmc_state(problem, optimizer, params, walkers, jax.random.PRNGKey(0))
+
+    state = restore(run_dir, "vmc", jax.eval_shape(template))
+    if state is None:
+        if start is None:
+            raise InputError(f"{run_dir} has no pretraining state to start VMC from")
+        key_start, key_burn = jax.random.split(start.key)
+        state = _fresh_vmc_state(problem, optimizer, start.params, start.sampler.walkers, key_start)
+        state = parallel.place(state.replace(key=key_burn))
+        state = _burn_in(sample, state.params, state, cfg.burn_in_sweeps)
+    else:
+        _truncate_log(os.path.join(run_dir, "log.jsonl"), "vmc", int(state.step))
+        state = parallel.place(state)
+    all_finite = jax.jit(_all_finite)
+
+    def step_fn(state: TrainState):
+        t = time.perf_counter()
+        step = int(state.step)
+        key, key_sample, key_opt = jax.random.split(state.key, 3)
+        sampler, acceptance, n_reset = sample(state.params, state.sampler, key_sample)
+        if int(n_reset) == cfg.n_walkers:
+            raise TrainingDiverged(f"no walker has a finite wavefunction at VMC step {step}")
+        params, opt_state, stats = optimizer.step(state.params, state.opt_state, key_opt, sampler.walkers)
+        energy, n_nonfinite = float(stats["energy"]), int(stats["n_nonfinite"])
+        if not np.isfinite(energy) or n_nonfinite > MAX_NONFINITE_FRACTION * cfg.n_walkers:
+            raise TrainingDiverged(f"{n_nonfinite} of {cfg.n_walkers} local energies not finite at VMC step {step}")
+        if not bool(all_finite(params)):
+            raise TrainingDiverged(f"non-finite parameters after VMC step {step}")
+        new = TrainState(state.step + 1, params, opt_state, sampler, key)
+        entry = {"step": step + 1, "energy": energy, "variance": float(stats["variance"]),
+                 "acceptance": float(acceptance), "step_size": float(sampler.step_size),
+                 "clipped_fraction": float(stats["clipped_fraction"]), "n_nonfinite": n_nonfinite,
+                 "n_walkers_reset": int(n_reset), "learning_rate": float(stats["learning_rate"])}
+        if "damping" in stats:
+            entry["damping"] = float(stats["damping"])
+        entry["seconds"] = time.perf_counter() - t
+        return new, entry
+
+    phase = _Phase(run_dir, "vmc", max_steps, time_budget, started, progress)
+    return _run_phase(phase, state, step_fn, cfg.checkpoint_every)
+
+
+def train(run_dir: str, config: RunConfig, max_steps: int, time_budget: float | None = None,
+          progress: bool = True) -> TrainResult:
+    """Pretrain (``config.vmc.pretrain_steps``) and then run VMC to ``max_steps`` steps in all,
+    or until ``time_budget`` seconds (both phases together) have passed; resume whatever the
+    run directory already holds. A different configuration in an existing run directory is
+    rejected (use a new directory)."""
+    config_path = os.path.join(run_dir, "config.json")
+    if os.path.exists(config_path):
+        if load_run_config(run_dir) != config:
+            raise InputError(f"{run_dir} holds a run with another configuration; use a new run directory")
+    started = time.perf_counter()
+    with precision(config.vmc):
+        problem = problem_for(config)  # validates the system and runs HF before anything is written
+        parallel = WalkerParallel()
+        if config.vmc.n_walkers % parallel.n_devices:
+            raise InputError(f"{config.vmc.n_walkers} walkers do not divide over {parallel.n_devices} devices")
+        os.makedirs(run_dir, exist_ok=True)
+        if not os.path.exists(config_path):
+            with open(config_path + ".tmp", "w") as f:
+                json.dump(config.to_record(), f, indent=2)
+            os.replace(config_path + ".tmp", config_path)
+        has_vmc = restore_step(run_dir, "vmc") is not None
+        start = None
+        pretrain_stopped = "max_steps"
+        if not has_vmc:
+            _, start, pretrain_stopped = pretrain(run_dir, problem, parallel, time_budget, started, progress)
+        if pretrain_stopped != "max_steps":
+            state, stopped = start, pretrain_stopped
+            vmc_steps = 0
+        else:
+            state, stopped = run_vmc(run_dir, problem, parallel, start, max_steps, time_budget, started, progress)
+            vmc_steps = int(state.step)
+        from vmc.references import exact_energy
+
+        plot_energy(run_dir, exact_energy(problem.system))
+    energies = [e["energy"] for e in read_log(run_dir, "vmc")]
+    tail = energies[-max(1, len(energies) // 10):] if energies else []
+    return TrainResult(
+        pretrain_steps=restore_step(run_dir, "pretrain") or 0, steps=vmc_steps, stopped_because=stopped,
+        energy=float(np.mean(tail)) if tail else None, seconds=time.perf_counter() - started,
+    )
+
+
+def restore_step(run_dir: str, phase: str) -> int | None:
+    """The step of the latest checkpoint of a phase, None if there is none."""
+    if not os.path.isdir(os.path.join(run_dir, "checkpoints", phase)):
+        return None
+    return _checkpoint_manager(run_dir, phase).latest_step()
