@@ -1,0 +1,128 @@
+"""Benchmark: VMC energies of small systems against exact and near-exact references.
+
+For each system: pretrain to the HF orbitals and optimise by VMC (resumable run directory
+under --runs), then evaluate the final parameters with fresh walkers (blocking error bar).
+References: the literature's exact energy where known (vmc.references) and a pyscf calculation
+in a large basis (CCSD, exact for two electrons, or CCSD(T): basis-set-limited estimates).
+Writes experiments/results/vmc_energies_<platform>.json and one energy-curve PNG per system.
+
+    .venv/bin/python experiments/vmc_energies.py --systems H2 LiH --preset small \
+        --steps 20000 --time-budget 1200 --eval-walkers 1024 --eval-steps 1000
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import jax  # noqa: E402
+
+from machine import machine_info  # noqa: E402
+from vmc import cli, evaluate, orbitals, systems, train  # noqa: E402
+from vmc.references import EXACT_ENERGIES, exact_energy  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+# Large-basis references computed with pyscf: (method, basis) per system. CCSD is exact (FCI)
+# for two electrons.
+PYSCF_REFERENCES = {
+    "H2": ("ccsd", "cc-pv5z"),
+    "LiH": ("ccsd(t)", {"Li": "cc-pcvqz", "H": "cc-pvqz"}),
+    "Li": ("ccsd(t)", "cc-pcvqz"),
+    "Be": ("ccsd(t)", "cc-pcvqz"),
+}
+
+
+def pyscf_reference(system: systems.System) -> dict | None:
+    """Total energy (hartree) of ``system`` from the large-basis method of PYSCF_REFERENCES."""
+    if system.name not in PYSCF_REFERENCES:
+        return None
+    from pyscf import cc, scf
+
+    method, basis = PYSCF_REFERENCES[system.name]
+    mol = system.to_pyscf("sto-3g")
+    mol.basis = basis  # a name or a per-element dict
+    mol.build()
+    mf = (scf.RHF(mol) if system.spin == 0 else scf.ROHF(mol)).run(conv_tol=1e-10)
+    solver = cc.CCSD(mf).run(conv_tol=1e-9)
+    energy = solver.e_tot + (solver.ccsd_t() if method == "ccsd(t)" else 0.0)
+    return {"method": method, "basis": basis, "energy": float(energy)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--systems", nargs="+", default=["H2", "LiH"])
+    parser.add_argument("--preset", default="small", choices=cli.PRESET_NAMES)
+    parser.add_argument("--optimizer", default="kfac", choices=["kfac", "adam"])
+    parser.add_argument("--walkers", type=int, help="training walkers [default: the preset's]")
+    parser.add_argument("--steps", type=int, default=20000, help="VMC steps (in all, per system)")
+    parser.add_argument("--time-budget", type=float, help="seconds of training per system and call")
+    parser.add_argument("--eval-walkers", type=int, default=1024)
+    parser.add_argument("--eval-steps", type=int, default=1000)
+    parser.add_argument("--runs", default="runs/vmc", help="parent of the run directories")
+    args = parser.parse_args()
+
+    path = os.path.join(RESULTS, f"vmc_energies_{jax.default_backend()}.json")
+    previous = json.load(open(path)) if os.path.exists(path) else {}
+    records = previous.get("systems", {})
+    for name in args.systems:
+        network, sampling = cli._presets()[args.preset]
+        sampling = dict(sampling, optimizer=args.optimizer)
+        if args.walkers:
+            sampling["n_walkers"] = args.walkers
+        config = train.RunConfig(system=train.SystemConfig(name), ansatz=network,
+                                 vmc=train.VMCConfig(**sampling))
+        run_dir = os.path.join(args.runs, f"{name}_{args.preset}_{args.optimizer}")
+        t0 = time.perf_counter()
+        result = train.train(run_dir, config, max_steps=args.steps, time_budget=args.time_budget)
+        train_seconds = time.perf_counter() - t0
+        log = train.read_log(run_dir, "vmc")
+        evaluation = evaluate.evaluate(run_dir, n_steps=args.eval_steps, n_walkers=args.eval_walkers)
+        system = systems.from_name(name)
+        exact = exact_energy(system)
+        reference = pyscf_reference(system)
+        hartree_fock = orbitals.hartree_fock(system, basis=config.system.basis).energy
+        record = {
+            "system": name,
+            "command": "python experiments/vmc_energies.py " + " ".join(sys.argv[1:]),
+            "config": config.to_record(),
+            "vmc_steps": result.steps,
+            "pretrain_steps": result.pretrain_steps,
+            "training_seconds_total": sum(e["seconds"] for e in log),
+            "training_seconds_this_call": train_seconds,
+            "mean_step_seconds": sum(e["seconds"] for e in log[-100:]) / max(1, len(log[-100:])),
+            "evaluation": dataclasses.asdict(evaluation),
+            "energy": evaluation.energy,
+            "error_bar": evaluation.error,
+            "hartree_fock_minimal_basis": hartree_fock,
+            "exact": exact,
+            "exact_source": EXACT_ENERGIES[name][1] if exact is not None else None,
+            "pyscf_reference": reference,
+        }
+        if exact is not None:
+            record["error_vs_exact_mha"] = 1000 * (evaluation.energy - exact)
+            record["correlation_energy_recovered"] = (hartree_fock - evaluation.energy) / (hartree_fock - exact)
+        if reference is not None:
+            record["error_vs_pyscf_reference_mha"] = 1000 * (evaluation.energy - reference["energy"])
+        records[name] = record
+        shutil.copyfile(os.path.join(run_dir, "energy.png"),
+                        os.path.join(RESULTS, f"vmc_energy_{name}_{jax.default_backend()}.png"))
+        print(json.dumps({k: record[k] for k in ("system", "vmc_steps", "energy", "error_bar", "exact")
+                          if k in record}), flush=True)
+    out = {
+        "benchmark": "vmc_energies",
+        "machine": machine_info(),
+        "systems": records,
+    }
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Benchmark: VMC step time against batch size and number of electrons, folx vs Hessian loop.
+
+One step is what training repeats: one MCMC call (``mcmc_steps`` Metropolis steps) and one
+optimiser step (local energies, the VMC gradient and, for KFAC, the curvature update). The
+first step (trace + compile) is timed separately; the step time is the median of --repeats
+steps after two warm-up steps. Writes experiments/results/vmc_speed_<platform>.json.
+
+    .venv/bin/python experiments/vmc_speed.py
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import jax  # noqa: E402
+
+from machine import machine_info  # noqa: E402
+from vmc import ansatz, cli, mcmc, train  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+NETWORKS = {
+    "small": lambda: cli._presets()["small"][0],
+    # The size of the FermiNet reference timing in ../shared/reference.md: hidden (64, 16) x 2,
+    # 4 determinants (orbital side: the small GNN).
+    "ferminet_64x16x2": lambda: ansatz.small_config(one_electron_width=64, pair_width=16,
+                                                    embedding_layers=2, n_determinants=4),
+    "paper": lambda: cli._presets()["paper"][0],
+}
+
+
+def time_steps(system: str, network: str, walkers: int, laplacian: str, optimizer: str,
+               mcmc_steps: int, repeats: int) -> dict:
+    config = train.RunConfig(
+        system=train.SystemConfig(system), ansatz=NETWORKS[network](),
+        vmc=train.VMCConfig(n_walkers=walkers, mcmc_steps=mcmc_steps, laplacian=laplacian,
+                            optimizer=optimizer, pretrain_steps=0),
+    )
+    problem = train.problem_for(config)
+    params = problem.init_params(jax.random.PRNGKey(0))
+    sampler = mcmc.init_state(problem.log_psi, params, problem.init_walkers(jax.random.PRNGKey(1)), 0.2)
+    opt_state = problem.optimizer.init(params, jax.random.PRNGKey(2), sampler.walkers)
+
+    def step(params, opt_state, sampler, key):
+        key_sample, key_opt = jax.random.split(key)
+        sampler, _, _ = problem.sample(params, sampler, key_sample)
+        params, opt_state, stats = problem.optimizer.step(params, opt_state, key_opt, sampler.walkers)
+        jax.block_until_ready((params, stats["energy"]))
+        return params, opt_state, sampler
+
+    times = []
+    for i in range(repeats + 3):
+        start = time.perf_counter()
+        params, opt_state, sampler = step(params, opt_state, sampler, jax.random.PRNGKey(10 + i))
+        times.append(time.perf_counter() - start)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    return {
+        "system": system, "electrons": problem.system.n_electrons, "network": network,
+        "parameters": int(n_params), "walkers": walkers, "laplacian": laplacian,
+        "optimizer": optimizer, "mcmc_steps": mcmc_steps,
+        "first_step_seconds": times[0], "step_seconds": statistics.median(times[3:]),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--mcmc-steps", type=int, default=10)
+    parser.add_argument("--optimizer", default="kfac", choices=["kfac", "adam"])
+    parser.add_argument("--batch-system", default="LiH", help="system of the batch-size scan")
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--electron-systems", nargs="+", default=["H2", "LiH", "H6", "H10"])
+    parser.add_argument("--network", default="small", choices=sorted(NETWORKS))
+    parser.add_argument("--reference-networks", nargs="*", default=["ferminet_64x16x2"],
+                        help="networks also timed on LiH with 256 walkers (comparison with FermiNet)")
+    args = parser.parse_args()
+
+    cases = [(args.batch_system, args.network, b) for b in args.batches]
+    cases += [(s, args.network, 256) for s in args.electron_systems if (s, args.network, 256) not in cases]
+    cases += [("LiH", n, 256) for n in args.reference_networks]
+    rows = []
+    for system, network, walkers in cases:
+        for laplacian in ("folx", "hessian"):
+            row = time_steps(system, network, walkers, laplacian, args.optimizer, args.mcmc_steps, args.repeats)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    out = {
+        "benchmark": "vmc_speed",
+        "command": "python experiments/vmc_speed.py " + " ".join(sys.argv[1:]),
+        "machine": machine_info(),
+        "reference_ferminet_cpu": {
+            "LiH, batch 256, hidden (64,16) x 2, 4 dets": {"hessian": 0.052, "folx": 0.038},
+            "LiH, batch 256, hidden (256,32) x 4, 16 dets": {"hessian": 0.44, "folx": 0.38},
+        },
+        "rows": rows,
+    }
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"vmc_speed_{jax.default_backend()}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    main()
