@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax  # noqa: E402
 
 from machine import machine_info  # noqa: E402
-from vmc import cli, evaluate, orbitals, systems, train  # noqa: E402
+from vmc import evaluate, orbitals, systems, train  # noqa: E402
 from vmc.references import EXACT_ENERGIES, exact_energy  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -56,7 +56,7 @@ def pyscf_reference(system: systems.System) -> dict | None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--systems", nargs="+", default=["H2", "LiH"])
-    parser.add_argument("--preset", default="small", choices=cli.PRESET_NAMES)
+    parser.add_argument("--preset", default="small", choices=train.PRESET_NAMES)
     parser.add_argument("--optimizer", default="kfac", choices=["kfac", "adam"])
     parser.add_argument("--walkers", type=int, help="training walkers [default: the preset's]")
     parser.add_argument("--steps", type=int, default=20000, help="VMC steps (in all, per system)")
@@ -70,12 +70,10 @@ def main():
     previous = json.load(open(path)) if os.path.exists(path) else {}
     records = previous.get("systems", {})
     for name in args.systems:
-        network, sampling = cli._presets()[args.preset]
-        sampling = dict(sampling, optimizer=args.optimizer)
+        sampling = dict(optimizer=args.optimizer)
         if args.walkers:
             sampling["n_walkers"] = args.walkers
-        config = train.RunConfig(system=train.SystemConfig(name), ansatz=network,
-                                 vmc=train.VMCConfig(**sampling))
+        config = train.preset_config(args.preset, train.SystemConfig(name), **sampling)
         run_dir = os.path.join(args.runs, f"{name}_{args.preset}_{args.optimizer}")
         t0 = time.perf_counter()
         result = train.train(run_dir, config, max_steps=args.steps, time_budget=args.time_budget)

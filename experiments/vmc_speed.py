@@ -20,16 +20,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax  # noqa: E402
 
 from machine import machine_info  # noqa: E402
-from vmc import ansatz, cli, mcmc, train  # noqa: E402
+from vmc import ansatz, mcmc, train  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 NETWORKS = {
-    "small": lambda: cli._presets()["small"][0],
+    "small": lambda: ansatz.small_config(),
     # The size of the FermiNet reference timing in ../shared/reference.md: hidden (64, 16) x 2,
     # 4 determinants (orbital side: the small GNN).
     "ferminet_64x16x2": lambda: ansatz.small_config(one_electron_width=64, pair_width=16,
                                                     embedding_layers=2, n_determinants=4),
-    "paper": lambda: cli._presets()["paper"][0],
+    "paper": lambda: ansatz.AnsatzConfig(),
 }
 
 

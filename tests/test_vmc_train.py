@@ -19,9 +19,7 @@ from vmc import cli, evaluate, mcmc, train
 
 
 def tiny_config(**vmc_changes) -> train.RunConfig:
-    network, sampling = cli._presets()["tiny"]
-    sampling = dict(sampling, float64=True, checkpoint_every=2, **vmc_changes)
-    return train.RunConfig(system=train.SystemConfig("H2"), ansatz=network, vmc=train.VMCConfig(**sampling))
+    return train.preset_config("tiny", train.SystemConfig("H2"), float64=True, checkpoint_every=2, **vmc_changes)
 
 
 def log_lines(run_dir):
@@ -249,9 +247,7 @@ def test_walkers_sharded_over_two_devices_give_the_same_run(runs, tmp_path):
 def test_pretraining_fits_the_hartree_fock_orbitals():
     """LiH (1s and a Li-H bond orbital, s and p coefficients): 150 supervised steps on walkers
     from the HF density bring the squared orbital-matrix error below 1 % of its start."""
-    network, sampling = cli._presets()["tiny"]
-    config = train.RunConfig(system=train.SystemConfig("LiH"), ansatz=network,
-                             vmc=train.VMCConfig(**dict(sampling, n_walkers=64, pretrain_learning_rate=3e-3)))
+    config = train.preset_config("tiny", train.SystemConfig("LiH"), n_walkers=64, pretrain_learning_rate=3e-3)
     problem = train.problem_for(config)
     params = problem.init_params(jax.random.PRNGKey(0))
     opt_state = problem.pretrain_transform.init(params)

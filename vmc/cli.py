@@ -16,22 +16,6 @@ from phisnet_jax.cli import _apply_overrides, _parse_settings, run_cli
 from phisnet_jax.errors import InputError
 
 
-def _presets():
-    """Named sizes: ``paper`` is the reference recipe; ``small`` runs in minutes on a CPU;
-    ``tiny`` is for tests. Each is (AnsatzConfig, VMCConfig overrides)."""
-    from vmc import ansatz
-
-    return {
-        "paper": (ansatz.AnsatzConfig(), {}),
-        "small": (ansatz.small_config(), dict(n_walkers=256, mcmc_steps=10, burn_in_sweeps=20,
-                                              pretrain_steps=200, checkpoint_every=200)),
-        "tiny": (ansatz.small_config(n_determinants=1, embedding_layers=1, gnn_iterations=1),
-                 dict(n_walkers=32, mcmc_steps=5, burn_in_sweeps=4, pretrain_steps=10,
-                      checkpoint_every=50)),
-    }
-
-
-PRESET_NAMES = ("paper", "small", "tiny")
 SECTIONS = ("vmc", "ansatz", "kfac", "adam", "system")
 
 
@@ -73,8 +57,9 @@ def vmc():
 @vmc.command()
 @click.argument("system", required=False)
 @click.option("--run-dir", required=True, help="Run directory (created, or resumed if it exists).")
-@click.option("--preset", type=click.Choice(PRESET_NAMES), default="small", show_default=True,
-              help="Network and sampling size: the reference recipe or smaller ones for CPU runs.")
+@click.option("--preset", type=click.Choice(["paper", "small", "tiny"]), default="small", show_default=True,
+              help="Network and sampling size: the reference recipe or smaller ones for CPU runs "
+                   "(see vmc.train.preset_config).")
 @click.option("--charge", default=0, show_default=True)
 @click.option("--spin", type=int, help="2S = N_up - N_down [default: the system's usual spin].")
 @click.option("--basis", default="sto-6g", show_default=True, help="Minimal basis of the HF orbitals.")
@@ -101,16 +86,13 @@ def train(system, run_dir, preset, charge, spin, basis, optimizer, walkers, pret
             raise InputError("--set needs SYSTEM (a resumed run keeps its configuration)")
         config = training.load_run_config(run_dir)
     else:
-        network, sampling = _presets()[preset]
-        sampling = dict(sampling, optimizer=optimizer, float64=float64)
+        sampling = dict(optimizer=optimizer, float64=float64)
         if walkers is not None:
             sampling["n_walkers"] = walkers
         if pretrain_steps is not None:
             sampling["pretrain_steps"] = pretrain_steps
-        config = training.RunConfig(
-            system=training.SystemConfig(system, charge=charge, spin=spin, basis=basis),
-            ansatz=network, vmc=training.VMCConfig(**sampling),
-        )
+        config = training.preset_config(
+            preset, training.SystemConfig(system, charge=charge, spin=spin, basis=basis), **sampling)
         config = apply_settings(config, settings)
     try:
         result = training.train(run_dir, config, max_steps=steps, time_budget=time_budget)

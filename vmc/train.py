@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from phisnet_jax import parallel
 from phisnet_jax.errors import InputError
 from phisnet_jax.orbital_features import FeatureSlots
 from vmc import ansatz, hamiltonian, loss, mcmc, optimizers, orbitals, systems
@@ -140,6 +141,38 @@ class RunConfig:
         )
 
 
+PRESET_NAMES = ("paper", "small", "tiny")
+
+
+def preset_config(name: str, system: SystemConfig, **vmc_settings) -> RunConfig:
+    """A named configuration for ``system``; ``vmc_settings`` override :class:`VMCConfig` fields.
+
+    - ``paper``: the reference network and recipe (2048 walkers, 40 Metropolis steps per
+      update, KFAC damping decaying from 1 to 2e-3 over ~5000-step time constants: made for
+      runs of 10^5 steps).
+    - ``small``: a CPU-sized network with 256 walkers and 10 Metropolis steps, and FermiNet's
+      constant KFAC damping 1e-3, which suits runs of a few thousand steps (on H2 it reaches the
+      energy plateau within 250 steps, where the decaying damping needs about 1000).
+    - ``tiny``: for tests.
+    """
+    if name == "paper":
+        network, sampling, kfac = ansatz.AnsatzConfig(), {}, {}
+    elif name == "small":
+        network = ansatz.small_config()
+        sampling = dict(n_walkers=256, mcmc_steps=10, burn_in_sweeps=20, pretrain_steps=200,
+                        checkpoint_every=200)
+        kfac = dict(damping=1e-3, min_damping=1e-3)
+    elif name == "tiny":
+        network = ansatz.small_config(n_determinants=1, embedding_layers=1, gnn_iterations=1)
+        sampling = dict(n_walkers=32, mcmc_steps=5, burn_in_sweeps=4, pretrain_steps=10,
+                        checkpoint_every=50)
+        kfac = {}
+    else:
+        raise InputError(f"unknown preset {name!r}; expected one of {PRESET_NAMES}")
+    return RunConfig(system=system, ansatz=network, vmc=VMCConfig(**{**sampling, **vmc_settings}),
+                     kfac=optimizers.KFACConfig(**kfac))
+
+
 def load_run_config(run_dir: str) -> RunConfig:
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
@@ -187,11 +220,11 @@ class WalkerParallel:
     """Walkers split over all devices along axis 0; everything else replicated."""
 
     def __init__(self):
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+        from jax.sharding import NamedSharding, PartitionSpec
 
-        self.mesh = Mesh(np.array(jax.devices()), ("walkers",))
+        self.mesh = parallel.device_mesh("walkers")
         self.walkers = NamedSharding(self.mesh, PartitionSpec("walkers"))
-        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.replicated = parallel.replicated(self.mesh)
 
     @property
     def n_devices(self) -> int:
@@ -199,18 +232,11 @@ class WalkerParallel:
 
     def place(self, state: TrainState) -> TrainState:
         """The state with walkers sharded and everything else replicated."""
-        sampler = state.sampler.replace(
-            walkers=self._shard(state.sampler.walkers), log_psi=self._shard(state.sampler.log_psi)
-        )
+        shard = functools.partial(parallel.split_first_axis, self.walkers)
+        sampler = state.sampler.replace(walkers=shard(state.sampler.walkers),
+                                        log_psi=shard(state.sampler.log_psi))
         rest = jax.device_put(state.replace(sampler=None), self.replicated)
         return rest.replace(sampler=sampler.replace(step_size=jax.device_put(sampler.step_size, self.replicated)))
-
-    def _shard(self, x):
-        """A global array sharded along axis 0 from the full array every process holds."""
-        x = np.asarray(x)
-        n_proc = jax.process_count()
-        local = np.array_split(x, n_proc)[jax.process_index()] if n_proc > 1 else x
-        return jax.make_array_from_process_local_data(self.walkers, local, x.shape)
 
 
 @dataclasses.dataclass(eq=False)
@@ -371,7 +397,6 @@ def restore(run_dir: str, phase: str, template: TrainState) -> TrainState | None
     """The latest checkpoint of a phase, replicated on this process's devices (None if there
     is none); ``template`` gives shapes and dtypes only."""
     import orbax.checkpoint as ocp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     if not os.path.isdir(os.path.join(run_dir, "checkpoints", phase)):
         return None
@@ -379,7 +404,7 @@ def restore(run_dir: str, phase: str, template: TrainState) -> TrainState | None
     step = manager.latest_step()
     if step is None:
         return None
-    replicated = NamedSharding(Mesh(np.array(jax.devices()), ("walkers",)), PartitionSpec())
+    replicated = parallel.replicated(parallel.device_mesh("walkers"))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), template)
     try:
         return manager.restore(step, args=ocp.args.StandardRestore(target))
