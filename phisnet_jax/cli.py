@@ -207,21 +207,28 @@ def _parse_settings(settings: tuple[str, ...]) -> dict[str, str]:
 @click.option("--train", "n_train", default=500, show_default=True, help="Training samples per molecule.")
 @click.option("--valid", "n_valid", default=500, show_default=True, help="Validation samples per molecule.")
 @click.option("--split-seed", default=42, show_default=True)
-@click.option("--preset", type=click.Choice(sorted(MODEL_PRESETS)), default="paper", show_default=True,
-              help="Model size: the paper's configuration or smaller ones for CPU runs.")
+@click.option("--preset", type=click.Choice(sorted(MODEL_PRESETS)),
+              help="Model size: the paper's configuration or smaller ones for CPU runs [default: paper].")
 @click.option("--max-order", type=int, help="Feature order [default: 2 x the largest shell l of the basis].")
 @click.option("--batch-size", type=int, default=50, show_default=True)
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
-              help="Override any PhiSNetConfig or TrainConfig field, e.g. --set features=64.")
+              help="Override any PhiSNetConfig or TrainConfig field, e.g. --set features=64, "
+                   "--set energy_weight=1 --set energy_source=ccsd_t.")
+@click.option("--init-from", "init_from", metavar="RUN_DIR",
+              help="Fine-tune: start the new run from the EMA parameters of RUN_DIR's latest checkpoint "
+                   "(its model configuration, a fresh optimiser; loss weights and learning rate via --set, "
+                   "e.g. learning_rate=1e-5).")
 @click.option("--steps", type=int, help="Stop at this total step count.")
 @click.option("--time-budget", type=float, help="Stop after this many seconds of training.")
 @click.option("--float64", is_flag=True, help="Train in float64.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def train(dataset, run_dir, molecules_, n_train, n_valid, split_seed, preset, max_order, batch_size,
-          settings, steps, time_budget, float64, as_json):
+          settings, init_from, steps, time_budget, float64, as_json):
     """Train PhiSNet on a reference dataset (or resume the run in --run-dir).
 
-    Without DATASET, the run in --run-dir continues with its stored configuration.
+    Without DATASET, the run in --run-dir continues with its stored configuration. A model with
+    the core-Hamiltonian head (--set core_hamiltonian=true) also fits H_core, and with
+    --set energy_weight=... / forces_weight=... energies and forces (energy_source=scf or ccsd_t).
     """
     import dataclasses
 
@@ -236,25 +243,35 @@ def train(dataset, run_dir, molecules_, n_train, n_valid, split_seed, preset, ma
     else:
         info = read_file_info(dataset)
         names = list(molecules_) or list(info.molecules)
-        elements = sorted({int(z) for n in names for z in read_molecule(dataset, n, fields=()).atomic_numbers})
-        model_cfg = PhiSNetConfig(elements=tuple(elements), basis=info.level.basis, **MODEL_PRESETS[preset])
-        model_cfg = dataclasses.replace(model_cfg, max_order=max_order or 2 * model_cfg.element_basis.max_l)
-        train_cfg = training.TrainConfig(batch_size=batch_size, float64=float64)
         overrides = _parse_settings(settings)
         model_keys = {f.name for f in dataclasses.fields(PhiSNetConfig)}
         train_keys = {f.name for f in dataclasses.fields(training.TrainConfig)}
         unknown = sorted(set(overrides) - model_keys - train_keys)
         if unknown:
             raise InputError(f"unknown setting(s) {', '.join(unknown)}")
-        model_cfg = _apply_overrides(model_cfg, {k: v for k, v in overrides.items() if k in model_keys})
+        model_overrides = {k: v for k, v in overrides.items() if k in model_keys}
+        if init_from:
+            given = [f"--{k}" for k, v in (("preset", preset), ("max-order", max_order)) if v] + sorted(model_overrides)
+            if given:
+                raise InputError(f"--init-from uses the model configuration of {init_from}; leave out {', '.join(given)}")
+            model_cfg = training.load_run_config(init_from)[0]
+        else:
+            elements = sorted({int(z) for n in names for z in read_molecule(dataset, n, fields=()).atomic_numbers})
+            model_cfg = PhiSNetConfig(elements=tuple(elements), basis=info.level.basis,
+                                      **MODEL_PRESETS[preset or "paper"])
+            model_cfg = dataclasses.replace(model_cfg, max_order=max_order or 2 * model_cfg.element_basis.max_l)
+            model_cfg = _apply_overrides(model_cfg, model_overrides)
+        train_cfg = training.TrainConfig(batch_size=batch_size, float64=float64)
         train_cfg = _apply_overrides(train_cfg, {k: v for k, v in overrides.items() if k in train_keys})
         data_cfg = training.DataConfig(os.path.abspath(dataset), tuple(names), n_train, n_valid, split_seed)
     try:
-        result = training.train(run_dir, model_cfg, train_cfg, data_cfg, max_steps=steps, time_budget=time_budget)
+        result = training.train(run_dir, model_cfg, train_cfg, data_cfg, max_steps=steps, time_budget=time_budget,
+                                init_from=init_from)
     except training.TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     summary = dataclasses.asdict(result)
+    summary["init_from"] = training.load_run_origin(run_dir)
     if as_json:
         click.echo(json.dumps(summary))
     else:

@@ -25,6 +25,9 @@ class HamiltonianData:
       n_occupied: (n,) doubly occupied orbitals (closed shells).
       molecule: (n,) index into ``names``; sample_index: (n,) geometry index in its group.
       names: molecule group names.
+      labels: optional further labels by dataset field name (only those asked for), padded like
+        the inputs: ``core_hamiltonian`` (n, M, M) hartree; ``energy``, ``ccsd_t_energy`` (n,)
+        hartree; ``forces``, ``ccsd_t_forces`` (n, N, 3) hartree/bohr, zero on padding atoms.
     """
 
     inputs: MoleculeInputs
@@ -34,6 +37,7 @@ class HamiltonianData:
     molecule: np.ndarray
     sample_index: np.ndarray
     names: tuple[str, ...]
+    labels: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.fock.shape[0])
@@ -48,6 +52,7 @@ class HamiltonianData:
             molecule=self.molecule[rows],
             sample_index=self.sample_index[rows],
             names=self.names,
+            labels={k: v[rows] for k, v in self.labels.items()},
         )
 
 
@@ -69,27 +74,51 @@ def check_compatible(path: str, config: PhiSNetConfig) -> dataset.FileInfo:
     return info
 
 
+# Optional labels ``load_splits`` can add, by dataset field: how each is padded.
+LABEL_KINDS = {
+    "core_hamiltonian": "matrix",
+    "energy": "scalar",
+    "forces": "atoms",
+    "ccsd_t_energy": "scalar",
+    "ccsd_t_forces": "atoms",
+}
+
+
 def load_splits(
-    path: str, names: list[str] | None, config: PhiSNetConfig, split: SplitSpec
+    path: str, names: list[str] | None, config: PhiSNetConfig, split: SplitSpec,
+    labels: tuple[str, ...] = (),
 ) -> dict[str, HamiltonianData]:
-    """Train / valid / test data of the chosen molecule groups (all groups if ``names`` is None)."""
+    """Train / valid / test data of the chosen molecule groups (all groups if ``names`` is None).
+
+    ``labels``: further dataset fields to load into ``HamiltonianData.labels`` (keys of
+    ``LABEL_KINDS``); a group without one of them is an ``InputError``.
+    """
+    unknown = [k for k in labels if k not in LABEL_KINDS]
+    if unknown:
+        raise InputError(f"unknown label field(s) {', '.join(unknown)}; known: {', '.join(LABEL_KINDS)}")
     info = check_compatible(path, config)
     names = list(info.molecules) if not names else names
-    groups = [dataset.read_molecule(path, n, fields=("positions", "fock", "overlap")) for n in names]
+    groups = [dataset.read_molecule(path, n, fields=("positions", "fock", "overlap") + tuple(labels)) for n in names]
     if any(g.n_samples == 0 for g in groups):
         empty = [g.name for g in groups if g.n_samples == 0]
         raise InputError(f"no converged samples for {', '.join(empty)} in {path}")
+    for g in groups:
+        missing = [k for k in labels if k not in g.arrays]
+        if missing:
+            hint = " (generate the data with --ccsd-t)" if any(k.startswith("ccsd_t") for k in missing) else ""
+            raise InputError(f"molecule {g.name!r} in {path} has no {', '.join(missing)} labels{hint}")
     n_atoms = max(len(g.atomic_numbers) for g in groups)
     n_ao = max(g.layout.n_ao for g in groups)
     parts: dict[str, list[HamiltonianData]] = {"train": [], "valid": [], "test": []}
     for m, g in enumerate(groups):
-        stacked = _stack_group(g, m, config, n_atoms, n_ao, tuple(names))
+        stacked = _stack_group(g, m, config, n_atoms, n_ao, tuple(names), labels)
         for key, rows in dataset.split_indices(g.n_samples, split.n_train, split.n_valid, split.seed).items():
             parts[key].append(stacked.take(rows))
     return {key: _concatenate(v) for key, v in parts.items()}
 
 
-def _stack_group(g: dataset.MoleculeData, m: int, config, n_atoms: int, n_ao: int, names) -> HamiltonianData:
+def _stack_group(g: dataset.MoleculeData, m: int, config, n_atoms: int, n_ao: int, names,
+                 labels: tuple[str, ...]) -> HamiltonianData:
     n = g.n_samples
     per_sample = [make_inputs(config, g.atomic_numbers, pos, n_atoms, n_ao) for pos in g.arrays["positions"]]
     inputs = MoleculeInputs(**{
@@ -101,12 +130,25 @@ def _stack_group(g: dataset.MoleculeData, m: int, config, n_atoms: int, n_ao: in
     fock[:, :k, :k] = g.arrays["fock"]
     overlap[:, :k, :k] = g.arrays["overlap"]
     n_electrons = int(g.atomic_numbers.sum()) - int(g.attrs.get("charge", 0))
+    padded = {}
+    for key in labels:
+        value = np.asarray(g.arrays[key], np.float64)
+        kind = LABEL_KINDS[key]
+        if kind == "matrix":
+            padded[key] = np.zeros((n, n_ao, n_ao))
+            padded[key][:, :k, :k] = value
+        elif kind == "atoms":
+            padded[key] = np.zeros((n, n_atoms, 3))
+            padded[key][:, : value.shape[1]] = value
+        else:
+            padded[key] = value.reshape(n)
     return HamiltonianData(
         inputs=inputs, fock=fock, overlap=overlap,
         n_occupied=np.full(n, n_electrons // 2, dtype=np.int32),
         molecule=np.full(n, m, dtype=np.int32),
         sample_index=np.asarray(g.arrays["sample_index"]),
         names=names,
+        labels=padded,
     )
 
 
@@ -122,6 +164,7 @@ def _concatenate(parts: list[HamiltonianData]) -> HamiltonianData:
         molecule=cat([p.molecule for p in parts]),
         sample_index=cat([p.sample_index for p in parts]),
         names=parts[0].names,
+        labels={k: cat([p.labels[k] for p in parts]) for k in parts[0].labels},
     )
 
 

@@ -20,8 +20,7 @@ from phisnet_jax.data import HamiltonianData
 from phisnet_jax.errors import InputError
 from phisnet_jax.model import MoleculeInputs, PhiSNet, PhiSNetConfig, make_phisnet
 from phisnet_jax.train import (
-    TrainConfig, _float_dtype, cast_inputs, load_run_config, make_optimizer, precision,
-    restore_state, state_shapes,
+    TrainConfig, _float_dtype, cast_inputs, load_ema_parameters, make_energy_and_forces, precision,
 )
 
 HARTREE_TO_MICRO = 1e6
@@ -52,6 +51,12 @@ class TrainedModel:
         return jax.jit(self.model.apply)
 
     @functools.cached_property
+    def batched_energy_and_forces(self):
+        """Jitted ``(params, stacked inputs, n_occupied (n,)) -> (energies, forces, matrices)``
+        (``train.make_energy_and_forces``), for a model with the core-Hamiltonian head."""
+        return jax.jit(make_energy_and_forces(self.model))
+
+    @functools.cached_property
     def energy_and_gradient(self):
         """Jitted ``(params, inputs, charges, n_occupied) -> (energy, dE/dpositions)``."""
         from phisnet_jax.observables import total_energy
@@ -68,19 +73,8 @@ class TrainedModel:
 
 def load_trained_model(run_dir: str) -> TrainedModel:
     """The EMA parameters of the latest checkpoint of a training run."""
-    model_cfg, train_cfg, data_cfg = load_run_config(run_dir)
-    model = make_phisnet(model_cfg)
-    # Shapes of the parameters do not depend on the molecule: a one-atom example suffices.
-    from phisnet_jax.model import make_inputs
-
-    example = make_inputs(model_cfg, [model_cfg.elements[0]], np.zeros((1, 3)))
-    example = cast_inputs(jax.tree.map(lambda a: np.asarray(a)[None], example), _float_dtype(train_cfg))
-    with precision(train_cfg):
-        template = state_shapes(model, train_cfg, example, make_optimizer(train_cfg))
-        state = restore_state(run_dir, template)
-    if state is None:
-        raise InputError(f"{run_dir} has no checkpoint to load")
-    return TrainedModel(model_cfg, train_cfg, model, state.ema_params, int(state.step))
+    model_cfg, train_cfg, params, step = load_ema_parameters(run_dir)
+    return TrainedModel(model_cfg, train_cfg, make_phisnet(model_cfg), params, step)
 
 
 def predict_matrices(trained: TrainedModel, inputs: MoleculeInputs, batch_size: int = 16):
@@ -98,6 +92,26 @@ def predict_matrices(trained: TrainedModel, inputs: MoleculeInputs, batch_size: 
             focks.append(np.asarray(out["fock"], np.float64)[: rows.size])
             overlaps.append(np.asarray(out["overlap"], np.float64)[: rows.size])
     return np.concatenate(focks), np.concatenate(overlaps)
+
+
+def predict_energies_and_forces(trained: TrainedModel, data: HamiltonianData, batch_size: int = 16):
+    """(energies (n,) hartree, forces (n, N, 3) hartree/bohr) of a model with the core-Hamiltonian
+    head for every sample of ``data`` (forces zero on padding atoms), float64 numpy."""
+    if not trained.config.core_hamiltonian:
+        raise InputError("the model has no core-Hamiltonian head, so it predicts no energies")
+    with precision(trained.train_config):
+        fn = trained.batched_energy_and_forces
+        inputs = cast_inputs(data.inputs, trained.dtype)
+        n = len(data)
+        energies, forces = [], []
+        for start in range(0, n, batch_size):
+            rows = np.arange(start, min(start + batch_size, n))
+            pad = np.concatenate([rows, np.full(batch_size - rows.size, rows[-1])])
+            part = jax.tree.map(lambda a: np.asarray(a)[pad], inputs)
+            e, f, _ = fn(trained.params, part, data.n_occupied[pad])
+            energies.append(np.asarray(e, np.float64)[: rows.size])
+            forces.append(np.asarray(f, np.float64)[: rows.size])
+    return np.concatenate(energies), np.concatenate(forces)
 
 
 def orbital_metrics(fock_pred, fock_ref, overlap_ref, n_occupied: int) -> tuple[np.ndarray, float]:

@@ -5,6 +5,14 @@ gradient clipping at norm 1, reduce-on-plateau (halve the learning rate after 10
 without improvement, stop below 1e-5) and an exponential moving average of the parameters,
 which is what validation, evaluation and prediction use.
 
+A model with the core-Hamiltonian head also learns H_core (MSE + MAE, like F) and can learn
+energies and forces end to end: the energy is ``observables.total_energy`` of the predicted
+F, S and H_core, the forces its negative gradient with respect to the positions (autodiff
+inside the loss, so the parameter gradient is a second derivative). The energy and force
+labels are the dataset's own level (``energy_source="scf"``) or CCSD(T) (``"ccsd_t"``), which
+is how a model trained on Hartree-Fock matrices is fine-tuned to CCSD(T) (``init_from``: a new
+run that starts from another run's EMA parameters with a fresh optimiser).
+
 A run directory holds ``config.json`` (the resolved model, training and data configuration),
 ``log.jsonl`` (one JSON object per logged step or validation), ``learning_curve.png``,
 ``distance_ranges.json`` (interatomic distances seen in training, to flag extrapolation) and
@@ -27,8 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
+from phisnet_jax import observables, parallel
 from phisnet_jax.data import HamiltonianData, SplitSpec, batch_rows, distance_ranges, load_splits
 from phisnet_jax.errors import InputError
 from phisnet_jax.model import MoleculeInputs, PhiSNet, PhiSNetConfig, initial_onsite_offsets, make_phisnet
@@ -53,6 +62,11 @@ class TrainConfig:
     fock_mae_weight: float = 1.0
     overlap_mse_weight: float = 1.0
     overlap_mae_weight: float = 1.0
+    core_mse_weight: float = 1.0  # H_core terms: only for a model with the core-Hamiltonian head
+    core_mae_weight: float = 1.0
+    energy_weight: float = 0.0  # MSE of the energy per molecule, hartree^2
+    forces_weight: float = 0.0  # MSE of the force components, (hartree/bohr)^2
+    energy_source: str = "scf"  # energy/force labels: "scf" (the dataset's level) or "ccsd_t"
     log_every: int = 10
     seed: int = 0
     float64: bool = False
@@ -85,6 +99,101 @@ class TrainState:
     bad_validations: jnp.ndarray  # validations since the last improvement
 
 
+ENERGY_SOURCES = {"scf": ("energy", "forces"), "ccsd_t": ("ccsd_t_energy", "ccsd_t_forces")}
+
+
+def check_losses(model_cfg: PhiSNetConfig, cfg: TrainConfig) -> None:
+    """InputError for loss settings that cannot work with this model."""
+    if cfg.energy_source not in ENERGY_SOURCES:
+        raise InputError(f"energy_source must be one of {', '.join(ENERGY_SOURCES)}, not {cfg.energy_source!r}")
+    weights = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.endswith("_weight")}
+    negative = [k for k, v in weights.items() if v < 0]
+    if negative:
+        raise InputError(f"loss weights must not be negative: {', '.join(negative)}")
+    if (cfg.energy_weight > 0 or cfg.forces_weight > 0) and not model_cfg.core_hamiltonian:
+        raise InputError("energy and force losses need a model with the core-Hamiltonian head "
+                         "(core_hamiltonian=true)")
+
+
+def _fits_core(model_cfg: PhiSNetConfig, cfg: TrainConfig) -> bool:
+    return model_cfg.core_hamiltonian and (cfg.core_mse_weight > 0 or cfg.core_mae_weight > 0)
+
+
+def _needs_energy(cfg: TrainConfig) -> bool:
+    return cfg.energy_weight > 0 or cfg.forces_weight > 0
+
+
+def label_fields(model_cfg: PhiSNetConfig, cfg: TrainConfig) -> dict[str, str]:
+    """The labels the loss uses beyond F and S: loss key -> dataset field (``data.LABEL_KINDS``)."""
+    energy_field, forces_field = ENERGY_SOURCES[cfg.energy_source]
+    fields = {}
+    if _fits_core(model_cfg, cfg):
+        fields["core_hamiltonian"] = "core_hamiltonian"
+    if cfg.energy_weight > 0:
+        fields["energy"] = energy_field
+    if cfg.forces_weight > 0:
+        fields["forces"] = forces_field
+    return fields
+
+
+def batch_labels(data: HamiltonianData, model_cfg: PhiSNetConfig, cfg: TrainConfig, dtype) -> dict[str, np.ndarray]:
+    """The loss's ``labels`` argument for a batch: label arrays by loss key, plus ``n_occupied``."""
+    labels = {key: data.labels[field].astype(dtype) for key, field in label_fields(model_cfg, cfg).items()}
+    if _needs_energy(cfg):
+        labels["n_occupied"] = data.n_occupied
+    return labels
+
+
+def padded_total_energy(fock, overlap, core_hamiltonian, ao_mask, n_occupied, charges, positions):
+    """``observables.total_energy`` of one molecule padded to M AOs and N atoms, hartree.
+
+    fock, overlap, core_hamiltonian: (M, M), zero on padded AOs; ao_mask: (M,) bool;
+    n_occupied: () int, may be traced; charges: (N,) nuclear charges, 0 on padding atoms;
+    positions: (N, 3) bohr. Each padded AO becomes a decoupled orbital with its own energy in
+    [1, 2) hartree: above every occupied orbital of a bound molecule, so never occupied, and
+    never degenerate, since degenerate levels would make eigenvector second derivatives infinite.
+    """
+    m = fock.shape[-1]
+    pad_level = jnp.where(ao_mask, 0.0, 1.0 + jnp.arange(m, dtype=fock.dtype) / m)
+    eps, coefficients = observables.roothaan(fock + jnp.diag(pad_level**2), overlap + jnp.diag(pad_level))
+    occupied = (jnp.arange(m) < n_occupied).astype(fock.dtype)
+    one_electron = jnp.einsum("mk,mn,nk->k", coefficients, core_hamiltonian, coefficients)
+    return observables.nuclear_repulsion(charges, positions) + jnp.sum(occupied * (eps + one_electron))
+
+
+def make_energy_and_forces(model: PhiSNet, with_forces: bool = True) -> Callable:
+    """``f(params, inputs, n_occupied) -> (energy (n,), forces (n, N, 3) or None, outputs)``.
+
+    For a batch of padded molecules (inputs with leading axis n, n_occupied (n,)): the model's
+    energy (hartree), forces = -dE/dpositions (hartree/bohr; zero on padding atoms) and the
+    model's output matrices (batched dict). Needs the core-Hamiltonian head.
+    """
+    elements = np.asarray(model.config.elements, np.float64)
+
+    def energy(positions, params, inputs, n_occupied):
+        inputs = dataclasses.replace(inputs, positions=positions)
+        out = model.apply(params, inputs)
+        charges = jnp.where(inputs.atom_mask, jnp.asarray(elements, positions.dtype)[inputs.element_index], 0.0)
+        e = padded_total_energy(out["fock"], out["overlap"], out["core_hamiltonian"], inputs.ao_mask,
+                                n_occupied, charges, positions)
+        return e, out
+
+    if with_forces:
+        value_and_grad = jax.vmap(jax.value_and_grad(energy, has_aux=True), in_axes=(0, None, 0, 0))
+
+        def batched(params, inputs, n_occupied):
+            (e, out), gradient = value_and_grad(inputs.positions, params, inputs, n_occupied)
+            return e, -gradient, out
+    else:
+        values = jax.vmap(energy, in_axes=(0, None, 0, 0))
+
+        def batched(params, inputs, n_occupied):
+            e, out = values(inputs.positions, params, inputs, n_occupied)
+            return e, None, out
+
+    return batched
+
+
 def masked_matrix_errors(pred: jnp.ndarray, ref: jnp.ndarray, ao_mask: jnp.ndarray):
     """(MSE, MAE) over the real (unpadded) matrix elements of a batch (..., M, M)."""
     mask = (ao_mask[..., :, None] & ao_mask[..., None, :]).astype(pred.dtype)
@@ -94,20 +203,53 @@ def masked_matrix_errors(pred: jnp.ndarray, ref: jnp.ndarray, ao_mask: jnp.ndarr
 
 
 def weighted_loss(cfg: TrainConfig, metrics: dict):
-    """The training objective from the MSE and MAE of F and S."""
-    return (cfg.fock_mse_weight * metrics["fock_mse"] + cfg.fock_mae_weight * metrics["fock_mae"]
-            + cfg.overlap_mse_weight * metrics["overlap_mse"] + cfg.overlap_mae_weight * metrics["overlap_mae"])
+    """The training objective from the metrics of the active terms (F, S, H_core, energy, forces)."""
+    total = (cfg.fock_mse_weight * metrics["fock_mse"] + cfg.fock_mae_weight * metrics["fock_mae"]
+             + cfg.overlap_mse_weight * metrics["overlap_mse"] + cfg.overlap_mae_weight * metrics["overlap_mae"])
+    if "core_mse" in metrics:
+        total = total + cfg.core_mse_weight * metrics["core_mse"] + cfg.core_mae_weight * metrics["core_mae"]
+    if "energy_mse" in metrics:
+        total = total + cfg.energy_weight * metrics["energy_mse"]
+    if "forces_mse" in metrics:
+        total = total + cfg.forces_weight * metrics["forces_mse"]
+    return total
 
 
 def make_loss(model: PhiSNet, cfg: TrainConfig) -> Callable:
-    """loss(params, inputs, fock, overlap) -> (loss, metrics) for a batch."""
-    batched_apply = jax.vmap(model.apply, in_axes=(None, 0))
+    """loss(params, inputs, fock, overlap, labels) -> (loss, metrics) for a batch.
 
-    def loss_fn(params, inputs: MoleculeInputs, fock, overlap):
-        out = batched_apply(params, inputs)
+    inputs: batched ``MoleculeInputs`` (n, ...); fock, overlap: (n, M, M) hartree; labels: the
+    dict of ``batch_labels`` (may be omitted when only F and S are fitted). Molecules without
+    any real AO (padding rows of an evaluation batch) count in no term.
+    """
+    batched_apply = jax.vmap(model.apply, in_axes=(None, 0))
+    fit_core = _fits_core(model.config, cfg)
+    energy_and_forces = make_energy_and_forces(model, with_forces=cfg.forces_weight > 0) if _needs_energy(cfg) else None
+
+    def loss_fn(params, inputs: MoleculeInputs, fock, overlap, labels=None):
+        labels = labels or {}
+        if energy_and_forces is None:
+            out = batched_apply(params, inputs)
+        else:
+            energy, forces, out = energy_and_forces(params, inputs, labels["n_occupied"])
         f_mse, f_mae = masked_matrix_errors(out["fock"], fock, inputs.ao_mask)
         s_mse, s_mae = masked_matrix_errors(out["overlap"], overlap, inputs.ao_mask)
         metrics = {"fock_mae": f_mae, "overlap_mae": s_mae, "fock_mse": f_mse, "overlap_mse": s_mse}
+        if fit_core:
+            metrics["core_mse"], metrics["core_mae"] = masked_matrix_errors(
+                out["core_hamiltonian"], labels["core_hamiltonian"], inputs.ao_mask)
+        molecules = inputs.ao_mask.any(axis=-1)
+        if cfg.energy_weight > 0:
+            error = jnp.where(molecules, energy - labels["energy"], 0.0)
+            count = jnp.maximum(molecules.sum(), 1)
+            metrics["energy_mse"] = jnp.sum(error**2) / count
+            metrics["energy_mae"] = jnp.sum(jnp.abs(error)) / count
+        if cfg.forces_weight > 0:
+            atoms = inputs.atom_mask & molecules[:, None]
+            error = jnp.where(atoms[..., None], forces - labels["forces"], 0.0)
+            count = jnp.maximum(3 * atoms.sum(), 1)
+            metrics["forces_mse"] = jnp.sum(error**2) / count
+            metrics["forces_mae"] = jnp.sum(jnp.abs(error)) / count
         return weighted_loss(cfg, metrics), metrics
 
     return loss_fn
@@ -134,8 +276,8 @@ def current_learning_rate(state: TrainState) -> float:
 def make_train_step(model: PhiSNet, cfg: TrainConfig, optimizer) -> Callable:
     loss_fn = make_loss(model, cfg)
 
-    def train_step(state: TrainState, inputs, fock, overlap):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, inputs, fock, overlap)
+    def train_step(state: TrainState, inputs, fock, overlap, labels=None):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, inputs, fock, overlap, labels)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # Warm-up of the average: early on it follows the fast-changing weights closely.
@@ -152,9 +294,9 @@ class DataParallel:
     """Batch split over all devices (all hosts after ``jax.distributed.initialize()``)."""
 
     def __init__(self):
-        self.mesh = Mesh(np.array(jax.devices()), ("data",))
+        self.mesh = parallel.device_mesh("data")
         self.batch = NamedSharding(self.mesh, PartitionSpec("data"))
-        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.replicated = parallel.replicated(self.mesh)
 
     @property
     def n_devices(self) -> int:
@@ -162,14 +304,7 @@ class DataParallel:
 
     def put_batch(self, tree):
         """Global arrays sharded along axis 0; every process holds the same full batch."""
-        n_proc, proc = jax.process_count(), jax.process_index()
-
-        def put(x):
-            x = np.asarray(x)
-            local = np.array_split(x, n_proc)[proc] if n_proc > 1 else x
-            return jax.make_array_from_process_local_data(self.batch, local, x.shape)
-
-        return jax.tree.map(put, tree)
+        return jax.tree.map(lambda x: parallel.split_first_axis(self.batch, x), tree)
 
     def replicate(self, tree):
         return jax.device_put(tree, self.replicated)
@@ -187,16 +322,27 @@ def cast_inputs(inputs: MoleculeInputs, dtype) -> MoleculeInputs:
 
 
 def init_state(model: PhiSNet, cfg: TrainConfig, example: MoleculeInputs, optimizer,
-               data: HamiltonianData | None = None) -> TrainState:
-    """A fresh state; with ``data``, on-site scalar offsets start at the data's means."""
-    single = jax.tree.map(lambda a: a[0], example)
-    params = jax.jit(model.init)(jax.random.PRNGKey(cfg.seed), single)
+               data: HamiltonianData | None = None, params=None) -> TrainState:
+    """A fresh state (step 0, new optimiser).
+
+    With ``data``, on-site scalar offsets of F (and of H_core, if the data has it) start at the
+    data's means; with ``params`` (e.g. another run's), those are the starting parameters.
+    """
+    if params is None:
+        single = jax.tree.map(lambda a: a[0], example)
+        params = jax.jit(model.init)(jax.random.PRNGKey(cfg.seed), single)
+    else:
+        params = jax.tree.map(lambda x: jnp.asarray(x, _float_dtype(cfg)), params)
     if data is not None:
         i = data.inputs
-        offsets = initial_onsite_offsets(model.config, np.asarray(i.element_index), np.asarray(i.ao_atom),
-                                         np.asarray(i.ao_local), np.asarray(i.ao_mask), data.fock)
+        matrices = {"onsite_offset": data.fock}
+        if model.config.core_hamiltonian and "core_hamiltonian" in data.labels:
+            matrices["core_onsite_offset"] = data.labels["core_hamiltonian"]
         inner = dict(params["params"])
-        inner["onsite_offset"] = jnp.asarray(offsets, inner["onsite_offset"].dtype)
+        for name, matrix in matrices.items():
+            offsets = initial_onsite_offsets(model.config, np.asarray(i.element_index), np.asarray(i.ao_atom),
+                                             np.asarray(i.ao_local), np.asarray(i.ao_mask), matrix)
+            inner[name] = jnp.asarray(offsets, inner[name].dtype)
         params = {**params, "params": inner}
     return TrainState(
         step=jnp.asarray(0, jnp.int32),
@@ -221,13 +367,26 @@ def _config_record(model_cfg: PhiSNetConfig, train_cfg: TrainConfig, data_cfg: D
     }
 
 
-def load_run_config(run_dir: str) -> tuple[PhiSNetConfig, TrainConfig, DataConfig]:
+def _read_record(run_dir: str) -> dict:
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         raise InputError(f"{run_dir} is not a training run directory (no config.json)")
     try:
         with open(path) as f:
-            record = json.load(f)
+            return json.load(f)
+    except ValueError as exc:
+        raise InputError(f"corrupt run configuration {path}: {exc}") from None
+
+
+def load_run_origin(run_dir: str) -> dict | None:
+    """Where a fine-tuning run's parameters came from (``{"run_dir", "step", "parameters"}``), else None."""
+    return _read_record(run_dir).get("init_from")
+
+
+def load_run_config(run_dir: str) -> tuple[PhiSNetConfig, TrainConfig, DataConfig]:
+    record = _read_record(run_dir)
+    path = os.path.join(run_dir, "config.json")
+    try:
         model = record["model"]
         model["elements"] = tuple(model["elements"])
         data = record["data"]
@@ -235,6 +394,22 @@ def load_run_config(run_dir: str) -> tuple[PhiSNetConfig, TrainConfig, DataConfi
         return PhiSNetConfig(**model), TrainConfig(**record["train"]), DataConfig(**data)
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"corrupt run configuration {path}: {exc}") from None
+
+
+def load_ema_parameters(run_dir: str) -> tuple[PhiSNetConfig, TrainConfig, Any, int]:
+    """(model config, training config, EMA parameters, step) of a run's latest checkpoint."""
+    from phisnet_jax.model import make_inputs
+
+    model_cfg, train_cfg, _ = load_run_config(run_dir)
+    model = make_phisnet(model_cfg)
+    # Shapes of the parameters do not depend on the molecule: a one-atom example suffices.
+    example = make_inputs(model_cfg, [model_cfg.elements[0]], np.zeros((1, 3)))
+    example = cast_inputs(jax.tree.map(lambda a: np.asarray(a)[None], example), _float_dtype(train_cfg))
+    with precision(train_cfg):
+        state = restore_state(run_dir, state_shapes(model, train_cfg, example, make_optimizer(train_cfg)))
+    if state is None:
+        raise InputError(f"{run_dir} has no checkpoint to load")
+    return model_cfg, train_cfg, state.ema_params, int(state.step)
 
 
 def _checkpoint_manager(run_dir: str):
@@ -255,7 +430,7 @@ def restore_state(run_dir: str, template: TrainState) -> TrainState | None:
     if step is None:
         return None
     # Restore replicated over this process's devices, whatever topology saved the checkpoint.
-    replicated = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec())
+    replicated = parallel.replicated(parallel.device_mesh("data"))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), template)
     try:
         return manager.restore(step, args=ocp.args.StandardRestore(target))
@@ -287,22 +462,35 @@ def train(
     max_steps: int | None = None,
     time_budget: float | None = None,
     progress: bool = True,
+    init_from: str | None = None,
 ) -> TrainResult:
     """Train (or resume training) in ``run_dir`` until ``max_steps``, the time budget (seconds),
-    or the learning rate falls below its minimum."""
+    or the learning rate falls below its minimum.
+
+    ``init_from``: another run directory; a new run then starts from the EMA parameters of its
+    latest checkpoint (same model configuration required) with a fresh optimiser, saves them
+    as its step-0 checkpoint and records the origin in ``config.json``. A resumed fine-tuning
+    run continues from its own checkpoints (``init_from`` may then be left out).
+    """
+    check_losses(model_cfg, train_cfg)
     os.makedirs(run_dir, exist_ok=True)
     record = _config_record(model_cfg, train_cfg, data_cfg)
     config_path = os.path.join(run_dir, "config.json")
+    if init_from is not None:
+        init_from = os.path.abspath(init_from)
     if os.path.exists(config_path):
         existing = load_run_config(run_dir)
-        if _config_record(*existing) != record:
+        stored_origin = (load_run_origin(run_dir) or {}).get("run_dir")
+        if _config_record(*existing) != record or (init_from is not None and init_from != stored_origin):
             raise InputError(
                 f"{run_dir} holds a run with another configuration; use a new run directory"
             )
+        init_from = stored_origin
     model = make_phisnet(model_cfg)
     dtype = _float_dtype(train_cfg)
     splits = load_splits(data_cfg.dataset, list(data_cfg.molecules), model_cfg,
-                         SplitSpec(data_cfg.n_train, data_cfg.n_valid, data_cfg.split_seed))
+                         SplitSpec(data_cfg.n_train, data_cfg.n_valid, data_cfg.split_seed),
+                         labels=tuple(label_fields(model_cfg, train_cfg).values()))
     train_data, valid_data = splits["train"], splits["valid"]
     if len(train_data) == 0:
         raise InputError("the training split is empty")
@@ -315,10 +503,23 @@ def train(
         example = cast_inputs(train_data.inputs, dtype)
         state = restore_state(run_dir, state_shapes(model, train_cfg, example, optimizer))
         if state is None:
-            state = init_state(model, train_cfg, example, optimizer, train_data)
+            if init_from is None:
+                state = init_state(model, train_cfg, example, optimizer, train_data)
+            else:
+                source_cfg, _, params, source_step = load_ema_parameters(init_from)
+                if source_cfg != model_cfg:
+                    raise InputError(f"the model configuration differs from that of {init_from}; "
+                                     "fine-tuning needs the same model")
+                state = init_state(model, train_cfg, example, optimizer, params=params)
+                # A resumed run restarts from this copy, whatever happens to the source run later.
+                save_state(_checkpoint_manager(run_dir), state)
+                record["init_from"] = {"run_dir": init_from, "step": source_step, "parameters": "ema"}
+            ranges = distance_ranges(train_data, model_cfg.elements)
+            if init_from is not None:
+                ranges = _merged_ranges(ranges, os.path.join(init_from, "distance_ranges.json"))
             ranges_path = os.path.join(run_dir, "distance_ranges.json")
             with open(ranges_path + ".tmp", "w") as f:
-                json.dump(distance_ranges(train_data, model_cfg.elements), f, indent=2)
+                json.dump(ranges, f, indent=2)
             os.replace(ranges_path + ".tmp", ranges_path)
             with open(config_path + ".tmp", "w") as f:
                 json.dump(record, f, indent=2)
@@ -326,6 +527,19 @@ def train(
         state = parallel.replicate(state)
         return _loop(run_dir, model, train_cfg, optimizer, parallel, state, train_data, valid_data,
                      max_steps, time_budget, progress)
+
+
+def _merged_ranges(ranges: dict[str, list[float]], path: str) -> dict[str, list[float]]:
+    """Distance ranges widened by those of another run (a fine-tuned model has seen both)."""
+    if not os.path.exists(path):
+        return ranges
+    with open(path) as f:
+        other = json.load(f)
+    merged = dict(other)
+    for key, (lo, hi) in ranges.items():
+        old_lo, old_hi = merged.get(key, [lo, hi])
+        merged[key] = [min(lo, old_lo), max(hi, old_hi)]
+    return merged
 
 
 def precision(cfg: TrainConfig):
@@ -339,6 +553,7 @@ def make_evaluator(model: PhiSNet, cfg: TrainConfig, batch_size: int):
     dtype = _float_dtype(cfg)
 
     def evaluate(params, data: HamiltonianData) -> dict[str, float]:
+        """Mean loss and metrics (hartree, hartree/bohr) over ``data``."""
         totals: dict[str, float] = {}
         n = len(data)
         for start in range(0, n, batch_size):
@@ -349,7 +564,8 @@ def make_evaluator(model: PhiSNet, cfg: TrainConfig, batch_size: int):
             inputs = cast_inputs(part.inputs, dtype)
             # Padded rows repeat the last sample but carry no AOs, so they add nothing.
             inputs = MoleculeInputs(**{**vars(inputs), "ao_mask": inputs.ao_mask & (np.arange(batch_size) < real)[:, None]})
-            _, metrics = loss_fn(params, inputs, part.fock.astype(dtype), part.overlap.astype(dtype))
+            labels = batch_labels(part, model.config, cfg, dtype)
+            _, metrics = loss_fn(params, inputs, part.fock.astype(dtype), part.overlap.astype(dtype), labels)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * real
         out = {k: v / n for k, v in totals.items()}
@@ -388,9 +604,10 @@ def _loop(run_dir, model, cfg, optimizer, parallel, state, train_data, valid_dat
                     break
                 rows = batch_rows(step, len(train_data), cfg.batch_size, cfg.seed)
                 batch = train_data.take(rows)
-                inputs, fock, overlap = parallel.put_batch(
-                    (cast_inputs(batch.inputs, dtype), batch.fock.astype(dtype), batch.overlap.astype(dtype)))
-                state, metrics = step_fn(state, inputs, fock, overlap)
+                inputs, fock, overlap, labels = parallel.put_batch(
+                    (cast_inputs(batch.inputs, dtype), batch.fock.astype(dtype), batch.overlap.astype(dtype),
+                     batch_labels(batch, model.config, cfg, dtype)))
+                state, metrics = step_fn(state, inputs, fock, overlap, labels)
                 loss = float(metrics["loss"])
                 if not np.isfinite(loss):
                     raise TrainingDiverged(
@@ -403,8 +620,8 @@ def _loop(run_dir, model, cfg, optimizer, parallel, state, train_data, valid_dat
                 if new_step % cfg.log_every == 0:
                     bar.set_postfix(loss=f"{loss:.3e}", lr=f"{current_learning_rate(state):.1e}")
                     log.write(json.dumps({
-                        "step": new_step, "loss": loss, "fock_mae": float(metrics["fock_mae"]),
-                        "overlap_mae": float(metrics["overlap_mae"]),
+                        "step": new_step, "loss": loss,
+                        **{k: float(v) for k, v in metrics.items() if k.endswith("_mae")},
                         "learning_rate": current_learning_rate(state),
                         "seconds": time.perf_counter() - t0,
                     }) + "\n")
@@ -438,8 +655,8 @@ def _validate(state, evaluate, valid_data, cfg, log, step, t0):
     hyper["learning_rate"] = jnp.asarray(lr, hyper["learning_rate"].dtype)
     opt_state = state.opt_state._replace(hyperparams=hyper)
     log.write(json.dumps({
-        "step": step, "valid_loss": metrics["loss"], "valid_fock_mae": metrics["fock_mae"],
-        "valid_overlap_mae": metrics["overlap_mae"], "learning_rate": lr,
+        "step": step, "valid_loss": metrics["loss"],
+        **{f"valid_{k}": v for k, v in metrics.items() if k.endswith("_mae")}, "learning_rate": lr,
         "seconds": time.perf_counter() - t0,
     }) + "\n")
     log.flush()
@@ -451,30 +668,38 @@ def _validate(state, evaluate, valid_data, cfg, log, step, t0):
 
 
 def plot_learning_curve(run_dir: str) -> None:
-    """learning_curve.png from log.jsonl: training loss and validation F MAE against step."""
+    """learning_curve.png from log.jsonl: training loss and validation MAEs (F, and energy and
+    forces when trained on them) against step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train_steps, train_loss, valid_steps, valid_mae = [], [], [], []
+    curves = {"valid_fock_mae": "validation MAE F (uHa)", "valid_energy_mae": "validation MAE E (uHa)",
+              "valid_forces_mae": "validation MAE forces (uHa/bohr)"}
+    train_steps, train_loss = [], []
+    valid: dict[str, tuple[list, list]] = {k: ([], []) for k in curves}
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         for line in f:
             entry = json.loads(line)
             if "loss" in entry:
                 train_steps.append(entry["step"])
                 train_loss.append(entry["loss"])
-            if "valid_fock_mae" in entry:
-                valid_steps.append(entry["step"])
-                valid_mae.append(entry["valid_fock_mae"] * 1e6)
+            for key in curves:
+                if key in entry:
+                    valid[key][0].append(entry["step"])
+                    valid[key][1].append(entry[key] * 1e6)
     if not train_steps:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.semilogy(train_steps, train_loss, label="training loss (batch)", alpha=0.7)
-    if valid_steps:
+    if any(steps for steps, _ in valid.values()):
         ax2 = ax.twinx()
-        ax2.semilogy(valid_steps, valid_mae, "o-", color="C1", label="validation MAE F (uHa, EMA)")
-        ax2.set_ylabel("validation MAE of F (micro-hartree)")
+        for color, (key, label) in enumerate(curves.items(), start=1):
+            steps, values = valid[key]
+            if steps:
+                ax2.semilogy(steps, values, "o-", color=f"C{color}", label=label + ", EMA")
+        ax2.set_ylabel("validation MAE (micro-hartree, per bohr for forces)")
         ax2.legend(loc="upper right")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
