@@ -1,5 +1,6 @@
-"""Data parallelism shared by both pillars: global arrays split along their first axis over
-all devices of all processes (one process per host after ``jax.distributed.initialize()``)."""
+"""Data parallelism shared by both pillars: arrays split along their first axis over all
+devices of all processes (one process per host after ``jax.distributed.initialize()``),
+everything else replicated."""
 
 from __future__ import annotations
 
@@ -8,19 +9,30 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
-def device_mesh(axis: str) -> Mesh:
-    """A one-dimensional mesh over every device of every process."""
-    return Mesh(np.array(jax.devices()), (axis,))
+class FirstAxisSharding:
+    """A one-dimensional mesh over every device; ``split`` shards axis 0 over it,
+    ``replicated`` copies to every device."""
 
+    def __init__(self, axis: str):
+        self.mesh = Mesh(np.array(jax.devices()), (axis,))
+        self.split = NamedSharding(self.mesh, PartitionSpec(axis))
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
+    @property
+    def n_devices(self) -> int:
+        return self.mesh.size
 
+    def put_split(self, tree):
+        """Global arrays sharded along axis 0 from the full arrays every process holds: each
+        process contributes its own contiguous slice."""
+        n_processes, process = jax.process_count(), jax.process_index()
 
-def split_first_axis(sharding: NamedSharding, x) -> jax.Array:
-    """A global array sharded by ``sharding`` (along axis 0) from the full array ``x`` that
-    every process holds: each process contributes its own contiguous slice."""
-    x = np.asarray(x)
-    n_processes = jax.process_count()
-    local = np.array_split(x, n_processes)[jax.process_index()] if n_processes > 1 else x
-    return jax.make_array_from_process_local_data(sharding, local, x.shape)
+        def put(x):
+            x = np.asarray(x)
+            local = np.array_split(x, n_processes)[process] if n_processes > 1 else x
+            return jax.make_array_from_process_local_data(self.split, local, x.shape)
+
+        return jax.tree.map(put, tree)
+
+    def replicate(self, tree):
+        return jax.device_put(tree, self.replicated)

@@ -35,9 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
-from phisnet_jax import observables, parallel
+from phisnet_jax import checkpoints, observables, parallel
 from phisnet_jax.data import HamiltonianData, SplitSpec, batch_rows, distance_ranges, load_splits
 from phisnet_jax.errors import InputError
 from phisnet_jax.model import MoleculeInputs, PhiSNet, PhiSNetConfig, initial_onsite_offsets, make_phisnet
@@ -290,26 +289,6 @@ def make_train_step(model: PhiSNet, cfg: TrainConfig, optimizer) -> Callable:
     return train_step
 
 
-class DataParallel:
-    """Batch split over all devices (all hosts after ``jax.distributed.initialize()``)."""
-
-    def __init__(self):
-        self.mesh = parallel.device_mesh("data")
-        self.batch = NamedSharding(self.mesh, PartitionSpec("data"))
-        self.replicated = parallel.replicated(self.mesh)
-
-    @property
-    def n_devices(self) -> int:
-        return self.mesh.size
-
-    def put_batch(self, tree):
-        """Global arrays sharded along axis 0; every process holds the same full batch."""
-        return jax.tree.map(lambda x: parallel.split_first_axis(self.batch, x), tree)
-
-    def replicate(self, tree):
-        return jax.device_put(tree, self.replicated)
-
-
 def _float_dtype(cfg: TrainConfig):
     return jnp.float64 if cfg.float64 else jnp.float32
 
@@ -406,43 +385,24 @@ def load_ema_parameters(run_dir: str) -> tuple[PhiSNetConfig, TrainConfig, Any, 
     example = make_inputs(model_cfg, [model_cfg.elements[0]], np.zeros((1, 3)))
     example = cast_inputs(jax.tree.map(lambda a: np.asarray(a)[None], example), _float_dtype(train_cfg))
     with precision(train_cfg):
-        state = restore_state(run_dir, state_shapes(model, train_cfg, example, make_optimizer(train_cfg)))
+        state = restore_state(run_dir, lambda: state_shapes(model, train_cfg, example, make_optimizer(train_cfg)))
     if state is None:
         raise InputError(f"{run_dir} has no checkpoint to load")
     return model_cfg, train_cfg, state.ema_params, int(state.step)
 
 
-def _checkpoint_manager(run_dir: str):
-    import orbax.checkpoint as ocp
-
-    return ocp.CheckpointManager(
-        os.path.abspath(os.path.join(run_dir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
-    )
+def _checkpoint_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
 
 
-def restore_state(run_dir: str, template: TrainState) -> TrainState | None:
-    """The latest checkpoint of a run (None if it has none); ``template`` gives shapes only."""
-    import orbax.checkpoint as ocp
-
-    manager = _checkpoint_manager(run_dir)
-    step = manager.latest_step()
-    if step is None:
-        return None
-    # Restore replicated over this process's devices, whatever topology saved the checkpoint.
-    replicated = parallel.replicated(parallel.device_mesh("data"))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), template)
-    try:
-        return manager.restore(step, args=ocp.args.StandardRestore(target))
-    except Exception as exc:
-        raise InputError(f"cannot restore checkpoint {step} of {run_dir}: {str(exc).splitlines()[0]}") from None
+def restore_state(run_dir: str, template: Callable[[], TrainState]) -> TrainState | None:
+    """The latest checkpoint of a run (None if it has none); ``template()`` gives shapes only
+    and is called only when there is a checkpoint."""
+    return checkpoints.restore_latest(_checkpoint_dir(run_dir), template)
 
 
 def save_state(manager, state: TrainState) -> None:
-    import orbax.checkpoint as ocp
-
-    manager.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
-    manager.wait_until_finished()
+    checkpoints.save(manager, state, int(state.step))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -494,14 +454,14 @@ def train(
     train_data, valid_data = splits["train"], splits["valid"]
     if len(train_data) == 0:
         raise InputError("the training split is empty")
-    parallel = DataParallel()
-    if train_cfg.batch_size % parallel.n_devices:
-        raise InputError(f"batch size {train_cfg.batch_size} is not divisible by {parallel.n_devices} devices")
+    devices = parallel.FirstAxisSharding("data")
+    if train_cfg.batch_size % devices.n_devices:
+        raise InputError(f"batch size {train_cfg.batch_size} is not divisible by {devices.n_devices} devices")
 
     optimizer = make_optimizer(train_cfg)
     with precision(train_cfg):
         example = cast_inputs(train_data.inputs, dtype)
-        state = restore_state(run_dir, state_shapes(model, train_cfg, example, optimizer))
+        state = restore_state(run_dir, lambda: state_shapes(model, train_cfg, example, optimizer))
         if state is None:
             if init_from is None:
                 state = init_state(model, train_cfg, example, optimizer, train_data)
@@ -512,7 +472,7 @@ def train(
                                      "fine-tuning needs the same model")
                 state = init_state(model, train_cfg, example, optimizer, params=params)
                 # A resumed run restarts from this copy, whatever happens to the source run later.
-                save_state(_checkpoint_manager(run_dir), state)
+                save_state(checkpoints.manager(_checkpoint_dir(run_dir)), state)
                 record["init_from"] = {"run_dir": init_from, "step": source_step, "parameters": "ema"}
             ranges = distance_ranges(train_data, model_cfg.elements)
             if init_from is not None:
@@ -524,8 +484,8 @@ def train(
             with open(config_path + ".tmp", "w") as f:
                 json.dump(record, f, indent=2)
             os.replace(config_path + ".tmp", config_path)
-        state = parallel.replicate(state)
-        return _loop(run_dir, model, train_cfg, optimizer, parallel, state, train_data, valid_data,
+        state = devices.replicate(state)
+        return _loop(run_dir, model, train_cfg, optimizer, devices, state, train_data, valid_data,
                      max_steps, time_budget, progress)
 
 
@@ -575,13 +535,13 @@ def make_evaluator(model: PhiSNet, cfg: TrainConfig, batch_size: int):
     return evaluate
 
 
-def _loop(run_dir, model, cfg, optimizer, parallel, state, train_data, valid_data, max_steps, time_budget, progress):
+def _loop(run_dir, model, cfg, optimizer, devices, state, train_data, valid_data, max_steps, time_budget, progress):
     from tqdm import tqdm
 
     dtype = _float_dtype(cfg)
     step_fn = jax.jit(make_train_step(model, cfg, optimizer), donate_argnums=(0,))
     evaluate = make_evaluator(model, cfg, cfg.batch_size)
-    manager = _checkpoint_manager(run_dir)
+    manager = checkpoints.manager(_checkpoint_dir(run_dir))
     log_path = os.path.join(run_dir, "log.jsonl")
     start_step = int(state.step)
     t0 = time.perf_counter()
@@ -604,7 +564,7 @@ def _loop(run_dir, model, cfg, optimizer, parallel, state, train_data, valid_dat
                     break
                 rows = batch_rows(step, len(train_data), cfg.batch_size, cfg.seed)
                 batch = train_data.take(rows)
-                inputs, fock, overlap, labels = parallel.put_batch(
+                inputs, fock, overlap, labels = devices.put_split(
                     (cast_inputs(batch.inputs, dtype), batch.fock.astype(dtype), batch.overlap.astype(dtype),
                      batch_labels(batch, model.config, cfg, dtype)))
                 state, metrics = step_fn(state, inputs, fock, overlap, labels)

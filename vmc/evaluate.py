@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phisnet_jax.errors import InputError
-from vmc import hamiltonian, mcmc, train
+from vmc import mcmc, train
 from vmc.references import exact_energy
 
 # Blocking stops while at least this many blocks are left (fewer give a noisy error of the
@@ -76,20 +76,18 @@ def evaluate(run_dir: str, n_steps: int = 200, n_walkers: int | None = None,
         raise InputError("evaluation needs at least 2 steps")
     started = time.perf_counter()
     with train.precision(cfg):
-        problem = train.problem_for(dataclasses.replace(config, vmc=dataclasses.replace(cfg, n_walkers=n_walkers)))
+        problem = train.problem_for(config)
         params, step = _load_params(run_dir, problem)
-        parallel = train.WalkerParallel()
-        if n_walkers % parallel.n_devices:
-            raise InputError(f"{n_walkers} walkers do not divide over {parallel.n_devices} devices")
+        devices = train.WalkerParallel()
+        if n_walkers % devices.n_devices:
+            raise InputError(f"{n_walkers} walkers do not divide over {devices.n_devices} devices")
         key_walkers, key = jax.random.split(jax.random.PRNGKey(seed))
-        sampler = mcmc.init_state(problem.log_psi, params, problem.init_walkers(key_walkers),
+        sampler = mcmc.init_state(problem.log_psi, params, problem.init_walkers(key_walkers, n_walkers),
                                   cfg.initial_step_size)
-        state = parallel.place(train.TrainState(jnp.asarray(step), params, None, sampler, key))
+        state = devices.place(train.TrainState(jnp.asarray(step), params, None, sampler, key))
         sample = problem.sample
-        local_energy = jax.jit(hamiltonian.make_batched_local_energy(
-            problem.log_psi, jnp.asarray(problem.system.positions, sampler.walkers.dtype),
-            jnp.asarray(problem.system.charges, sampler.walkers.dtype), cfg.laplacian))
-        state = train._burn_in(sample, state.params, state, burn_in_sweeps)
+        local_energy = jax.jit(problem.local_energy)
+        state = train.burn_in(sample, state.params, state, burn_in_sweeps)
         means, variances, acceptances, n_nonfinite = [], [], [], 0
         key = state.key
         sampler = state.sampler

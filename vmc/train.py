@@ -41,10 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from phisnet_jax import parallel
+from phisnet_jax import checkpoints, parallel
 from phisnet_jax.errors import InputError
 from phisnet_jax.orbital_features import FeatureSlots
 from vmc import ansatz, hamiltonian, loss, mcmc, optimizers, orbitals, systems
+from vmc.references import exact_energy
 
 OPTIMIZERS = ("kfac", "adam")
 # A step where more than this fraction of local energies is not finite is treated as diverged.
@@ -216,27 +217,17 @@ def _float_dtype(cfg: VMCConfig):
     return jnp.float64 if cfg.float64 else jnp.float32
 
 
-class WalkerParallel:
+class WalkerParallel(parallel.FirstAxisSharding):
     """Walkers split over all devices along axis 0; everything else replicated."""
 
     def __init__(self):
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        self.mesh = parallel.device_mesh("walkers")
-        self.walkers = NamedSharding(self.mesh, PartitionSpec("walkers"))
-        self.replicated = parallel.replicated(self.mesh)
-
-    @property
-    def n_devices(self) -> int:
-        return self.mesh.size
+        super().__init__("walkers")
 
     def place(self, state: TrainState) -> TrainState:
-        """The state with walkers sharded and everything else replicated."""
-        shard = functools.partial(parallel.split_first_axis, self.walkers)
-        sampler = state.sampler.replace(walkers=shard(state.sampler.walkers),
-                                        log_psi=shard(state.sampler.log_psi))
-        rest = jax.device_put(state.replace(sampler=None), self.replicated)
-        return rest.replace(sampler=sampler.replace(step_size=jax.device_put(sampler.step_size, self.replicated)))
+        """The state with walkers (and their log|psi|) sharded and everything else replicated."""
+        walkers, log_psi = self.put_split((state.sampler.walkers, state.sampler.log_psi))
+        rest = self.replicate(state.replace(sampler=state.sampler.replace(walkers=None, log_psi=None)))
+        return rest.replace(sampler=rest.sampler.replace(walkers=walkers, log_psi=log_psi))
 
 
 @dataclasses.dataclass(eq=False)
@@ -263,11 +254,12 @@ class Problem:
         params = ansatz.init_params(key, self.config.ansatz, self.inputs)
         return jax.tree.map(lambda x: x.astype(_float_dtype(self.config.vmc)), params)
 
-    def init_walkers(self, key):
+    def init_walkers(self, key, n_walkers: int | None = None):
+        """Starting walkers (n_walkers, n_electrons, 3) bohr; default: the run's number."""
         cfg = self.config.vmc
         return mcmc.init_walkers(
             key, self.system.positions, self.system.charges, self.system.n_up, self.system.n_down,
-            cfg.n_walkers, width=cfg.walker_init_width, dtype=_float_dtype(cfg),
+            n_walkers or cfg.n_walkers, width=cfg.walker_init_width, dtype=_float_dtype(cfg),
         )
 
     def hartree_fock_log_psi(self):
@@ -303,14 +295,19 @@ class Problem:
 
         return pretrain_loss
 
+    @functools.cached_property
+    def local_energy(self):
+        """``fn(params, walkers (W, n_el, 3)) -> (W,)`` local energies, hartree."""
+        dtype = _float_dtype(self.config.vmc)
+        return hamiltonian.make_batched_local_energy(
+            self.log_psi, jnp.asarray(self.system.positions, dtype),
+            jnp.asarray(self.system.charges, dtype), self.config.vmc.laplacian,
+        )
+
     def energy_loss(self, for_kfac: bool):
         cfg = self.config
-        local_energy = hamiltonian.make_batched_local_energy(
-            self.log_psi, jnp.asarray(self.system.positions, _float_dtype(cfg.vmc)),
-            jnp.asarray(self.system.charges, _float_dtype(cfg.vmc)), cfg.vmc.laplacian,
-        )
         batched = optimizers.make_kfac_log_psi(cfg.ansatz, self.inputs) if for_kfac else None
-        return loss.make_energy_loss(self.log_psi, local_energy, cfg.vmc.clip_scale,
+        return loss.make_energy_loss(self.log_psi, self.local_energy, cfg.vmc.clip_scale,
                                      register_with_kfac=for_kfac, batched_log_psi=batched)
 
     @functools.cached_property
@@ -351,16 +348,11 @@ class Problem:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_problem(config: RunConfig, float64: bool) -> Problem:
-    del float64  # part of the key only: functions traced in one precision are not reused in the other
-    return Problem.build(config)
-
-
 def problem_for(config: RunConfig) -> Problem:
     """The :class:`Problem` of ``config``, reused within a process so that repeated runs and
     evaluations of one configuration (resumes, tests, notebooks) do not trace and compile
-    again. Call inside :func:`precision`."""
-    return _cached_problem(config, config.vmc.float64)
+    again. Call inside :func:`precision` (the precision is part of ``config``)."""
+    return Problem.build(config)
 
 
 def make_sampler(log_psi, n_steps: int):
@@ -384,58 +376,25 @@ def make_sampler(log_psi, n_steps: int):
 # Checkpoints and logs.
 
 
-def _checkpoint_manager(run_dir: str, phase: str):
-    import orbax.checkpoint as ocp
-
-    return ocp.CheckpointManager(
-        os.path.abspath(os.path.join(run_dir, "checkpoints", phase)),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
-    )
+def _checkpoint_dir(run_dir: str, phase: str) -> str:
+    return os.path.join(run_dir, "checkpoints", phase)
 
 
-def restore(run_dir: str, phase: str, template: TrainState) -> TrainState | None:
+def restore(run_dir: str, phase: str, template) -> TrainState | None:
     """The latest checkpoint of a phase, replicated on this process's devices (None if there
-    is none); ``template`` gives shapes and dtypes only."""
-    import orbax.checkpoint as ocp
-
-    if not os.path.isdir(os.path.join(run_dir, "checkpoints", phase)):
-        return None
-    manager = _checkpoint_manager(run_dir, phase)
-    step = manager.latest_step()
-    if step is None:
-        return None
-    replicated = parallel.replicated(parallel.device_mesh("walkers"))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), template)
-    try:
-        return manager.restore(step, args=ocp.args.StandardRestore(target))
-    except Exception as exc:
-        raise InputError(
-            f"cannot restore {phase} checkpoint {step} of {run_dir}: {str(exc).splitlines()[0]}"
-        ) from None
+    is none); ``template()`` gives shapes and dtypes, and is called only if there is one."""
+    return checkpoints.restore_latest(_checkpoint_dir(run_dir, phase), template)
 
 
 def restore_params(run_dir: str, phase: str, template):
     """The parameters alone from the latest checkpoint of a phase (whatever optimiser state
     it holds); ``template`` gives their structure, shapes and dtypes."""
-    import orbax.checkpoint as ocp
-
-    manager = _checkpoint_manager(run_dir, phase)
-    step = manager.latest_step()
+    saved = checkpoints.restore_raw(_checkpoint_dir(run_dir, phase))["params"]
     try:
-        saved = manager.restore(step, args=ocp.args.StandardRestore())["params"]
         return jax.tree.map(lambda t, x: jnp.asarray(x, t.dtype).reshape(t.shape), template, saved)
-    except Exception as exc:
-        raise InputError(
-            f"cannot read the parameters of {phase} checkpoint {step} of {run_dir}: "
-            f"{str(exc).splitlines()[0]}"
-        ) from None
-
-
-def _save(manager, state: TrainState) -> None:
-    import orbax.checkpoint as ocp
-
-    manager.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
-    manager.wait_until_finished()
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"the {phase} checkpoint of {run_dir} does not fit this model: "
+                         f"{str(exc).splitlines()[0]}") from None
 
 
 def _truncate_log(path: str, phase: str, step: int) -> None:
@@ -524,7 +483,9 @@ def _fresh_pretrain_state(problem: Problem, transform) -> TrainState:
     return TrainState(jnp.asarray(0, jnp.int32), params, transform.init(params), sampler, key_run)
 
 
-def _burn_in(sample, params, state: TrainState, n_sweeps: int) -> TrainState:
+def burn_in(sample, params, state: TrainState, n_sweeps: int) -> TrainState:
+    """``n_sweeps`` calls of ``sample`` (from :func:`make_sampler`) under fixed ``params``,
+    taking keys from and advancing ``state.key``; parameters and optimiser state unchanged."""
     key = state.key
     sampler = state.sampler
     for _ in range(n_sweeps):
@@ -541,7 +502,7 @@ class _Phase:
 
         self.run_dir, self.phase, self.total = run_dir, phase, total
         self.time_budget, self.started = time_budget, started
-        self.manager = _checkpoint_manager(run_dir, phase)
+        self.manager = checkpoints.manager(_checkpoint_dir(run_dir, phase))
         self.log = open(os.path.join(run_dir, "log.jsonl"), "a")
         self.bar = tqdm(total=total, desc=phase, unit="step", file=sys.stderr,
                         disable=None if progress else True, dynamic_ncols=True)
@@ -555,7 +516,7 @@ class _Phase:
 
     def save(self, state: TrainState) -> None:
         if int(state.step) != (self.manager.latest_step() or -1):
-            _save(self.manager, state)
+            checkpoints.save(self.manager, state, int(state.step))
 
     def close(self):
         self.bar.close()
@@ -599,20 +560,20 @@ def _deleted(tree) -> bool:
     return any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(tree))
 
 
-def pretrain(run_dir: str, problem: Problem, parallel: WalkerParallel, time_budget, started, progress) -> tuple[Any, TrainState | None, str]:
+def pretrain(run_dir: str, problem: Problem, devices: WalkerParallel, time_budget, started, progress) -> tuple[Any, TrainState | None, str]:
     """Supervised pretraining to the HF orbitals (resumable). Returns the parameters, the final
     pretraining state (walkers on the HF density) and why it stopped."""
     cfg = problem.config.vmc
     fresh = functools.partial(_fresh_pretrain_state, problem, problem.pretrain_transform)
-    state = restore(run_dir, "pretrain", jax.eval_shape(fresh))
+    state = restore(run_dir, "pretrain", lambda: jax.eval_shape(fresh))
     hf_sample = problem.sample_hartree_fock
     if state is None:
         state = fresh()
-        state = parallel.place(state)
-        state = _burn_in(hf_sample, None, state, cfg.burn_in_sweeps)
+        state = devices.place(state)
+        state = burn_in(hf_sample, None, state, cfg.burn_in_sweeps)
     else:
         _truncate_log(os.path.join(run_dir, "log.jsonl"), "pretrain", int(state.step))
-        state = parallel.place(state)
+        state = devices.place(state)
     if int(state.step) >= cfg.pretrain_steps:
         return state.params, state, "max_steps"
     update = problem.pretrain_update
@@ -640,7 +601,7 @@ def _fresh_vmc_state(problem: Problem, optimizer: optimizers.Optimizer, params, 
     return TrainState(jnp.asarray(0, jnp.int32), params, optimizer.init(params, key_opt, walkers), sampler, key_run)
 
 
-def run_vmc(run_dir: str, problem: Problem, parallel: WalkerParallel, start: TrainState | None,
+def run_vmc(run_dir: str, problem: Problem, devices: WalkerParallel, start: TrainState | None,
             max_steps: int, time_budget, started, progress) -> tuple[TrainState, str]:
     """VMC steps up to ``max_steps`` in all (resumable). ``start`` is the pretraining state
     (parameters and HF walkers), None when a VMC checkpoint exists."""
@@ -653,17 +614,17 @@ def run_vmc(run_dir: str, problem: Problem, parallel: WalkerParallel, start: Tra
         walkers = problem.init_walkers(jax.random.PRNGKey(0))
         return _fresh_vmc_state(problem, optimizer, params, walkers, jax.random.PRNGKey(0))
 
-    state = restore(run_dir, "vmc", jax.eval_shape(template))
+    state = restore(run_dir, "vmc", lambda: jax.eval_shape(template))
     if state is None:
         if start is None:
             raise InputError(f"{run_dir} has no pretraining state to start VMC from")
         key_start, key_burn = jax.random.split(start.key)
         state = _fresh_vmc_state(problem, optimizer, start.params, start.sampler.walkers, key_start)
-        state = parallel.place(state.replace(key=key_burn))
-        state = _burn_in(sample, state.params, state, cfg.burn_in_sweeps)
+        state = devices.place(state.replace(key=key_burn))
+        state = burn_in(sample, state.params, state, cfg.burn_in_sweeps)
     else:
         _truncate_log(os.path.join(run_dir, "log.jsonl"), "vmc", int(state.step))
-        state = parallel.place(state)
+        state = devices.place(state)
     all_finite = jax.jit(_all_finite)
 
     def step_fn(state: TrainState):
@@ -706,9 +667,9 @@ def train(run_dir: str, config: RunConfig, max_steps: int, time_budget: float | 
     started = time.perf_counter()
     with precision(config.vmc):
         problem = problem_for(config)  # validates the system and runs HF before anything is written
-        parallel = WalkerParallel()
-        if config.vmc.n_walkers % parallel.n_devices:
-            raise InputError(f"{config.vmc.n_walkers} walkers do not divide over {parallel.n_devices} devices")
+        devices = WalkerParallel()
+        if config.vmc.n_walkers % devices.n_devices:
+            raise InputError(f"{config.vmc.n_walkers} walkers do not divide over {devices.n_devices} devices")
         os.makedirs(run_dir, exist_ok=True)
         if not os.path.exists(config_path):
             with open(config_path + ".tmp", "w") as f:
@@ -718,15 +679,13 @@ def train(run_dir: str, config: RunConfig, max_steps: int, time_budget: float | 
         start = None
         pretrain_stopped = "max_steps"
         if not has_vmc:
-            _, start, pretrain_stopped = pretrain(run_dir, problem, parallel, time_budget, started, progress)
+            _, start, pretrain_stopped = pretrain(run_dir, problem, devices, time_budget, started, progress)
         if pretrain_stopped != "max_steps":
             state, stopped = start, pretrain_stopped
             vmc_steps = 0
         else:
-            state, stopped = run_vmc(run_dir, problem, parallel, start, max_steps, time_budget, started, progress)
+            state, stopped = run_vmc(run_dir, problem, devices, start, max_steps, time_budget, started, progress)
             vmc_steps = int(state.step)
-        from vmc.references import exact_energy
-
         plot_energy(run_dir, exact_energy(problem.system))
     energies = [e["energy"] for e in read_log(run_dir, "vmc")]
     tail = energies[-max(1, len(energies) // 10):] if energies else []
@@ -738,6 +697,4 @@ def train(run_dir: str, config: RunConfig, max_steps: int, time_budget: float | 
 
 def restore_step(run_dir: str, phase: str) -> int | None:
     """The step of the latest checkpoint of a phase, None if there is none."""
-    if not os.path.isdir(os.path.join(run_dir, "checkpoints", phase)):
-        return None
-    return _checkpoint_manager(run_dir, phase).latest_step()
+    return checkpoints.latest_step(_checkpoint_dir(run_dir, phase))
