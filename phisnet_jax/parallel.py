@@ -22,15 +22,17 @@ class FirstAxisSharding:
     def n_devices(self) -> int:
         return self.mesh.size
 
-    def put_split(self, tree):
-        """Global arrays sharded along axis 0 from the full arrays every process holds: each
-        process contributes its own contiguous slice."""
+    def put_split(self, tree, axis: int = 0):
+        """Global arrays sharded along ``axis`` (default 0) from the full arrays every process
+        holds: each process contributes its own contiguous slice."""
         n_processes, process = jax.process_count(), jax.process_index()
+        sharding = self.split if axis == 0 else NamedSharding(
+            self.mesh, PartitionSpec(*([None] * axis), self.mesh.axis_names[0]))
 
         def put(x):
             x = np.asarray(x)
-            local = np.array_split(x, n_processes)[process] if n_processes > 1 else x
-            return jax.make_array_from_process_local_data(self.split, local, x.shape)
+            local = np.array_split(x, n_processes, axis=axis)[process] if n_processes > 1 else x
+            return jax.make_array_from_process_local_data(sharding, local, x.shape)
 
         return jax.tree.map(put, tree)
 

@@ -27,6 +27,12 @@ Walkers whose local energy is not finite (NaN or +-inf) are left out of the mean
 the median, and the gradient, and are counted in the statistics; deciding what to do about
 them (stop, warn, resample) is the caller's business. Averaging NaN in would silently turn the
 whole step into NaN.
+
+Several geometries in one step (shared training): when the local energies and log|psi| come
+as (n_geometries, n_walkers) arrays, every statistic (median, clipping window, mean, centring)
+is taken per geometry along the last axis, the loss is the mean of the per-geometry energies
+and its gradient the mean of the per-geometry VMC gradients. Centring on the overall mean
+would be wrong: geometries differ in energy by far more than the spread within one.
 """
 
 from __future__ import annotations
@@ -51,13 +57,16 @@ DEFAULT_CLIP_SCALE = 5.0
 class EnergyStats:
     """Per-step statistics of the local energies (the loss's auxiliary output).
 
+    Every field has the leading shape of the local energies without their walker axis:
+    scalars for one system, (n_geometries,) for a batch of geometries.
+
     Attributes:
-        energy: scalar hartree, mean local energy over the finite walkers (unclipped).
-        variance: scalar hartree^2, variance of the finite local energies (unclipped).
-        clipped_fraction: scalar, fraction of the finite walkers whose local energy was
-            clipped for the gradient.
-        n_nonfinite: scalar int32, walkers whose local energy was NaN or infinite.
-        local_energies: (n_walkers,) hartree, as computed (non-finite values included).
+        energy: hartree, mean local energy over the finite walkers (unclipped).
+        variance: hartree^2, variance of the finite local energies (unclipped).
+        clipped_fraction: fraction of the finite walkers whose local energy was clipped for
+            the gradient.
+        n_nonfinite: int32, walkers whose local energy was NaN or infinite.
+        local_energies: (..., n_walkers) hartree, as computed (non-finite values included).
     """
 
     energy: jax.Array
@@ -70,8 +79,9 @@ class EnergyStats:
 def clip_local_energies(
     local_energies: jax.Array, finite: jax.Array, clip_scale: float | None
 ) -> jax.Array:
-    """Local energies (n_walkers,) clipped to median +- clip_scale x mean |E_L - median|,
-    with median and deviation taken over the ``finite`` walkers (bool mask, (n_walkers,)).
+    """Local energies (..., n_walkers) clipped to median +- clip_scale x mean |E_L - median|,
+    with median and deviation taken along the walker axis over the ``finite`` walkers (bool
+    mask of the same shape), separately for every leading index.
 
     ``clip_scale`` None or <= 0 switches clipping off. Entries outside ``finite`` are returned
     as they are; callers mask them.
@@ -79,16 +89,17 @@ def clip_local_energies(
     if clip_scale is None or clip_scale <= 0:
         return local_energies
     masked = jnp.where(finite, local_energies, jnp.nan)
-    median = jnp.nanmedian(masked)
-    deviation = jnp.nanmean(jnp.abs(masked - median))
+    median = jnp.nanmedian(masked, axis=-1, keepdims=True)
+    deviation = jnp.nanmean(jnp.abs(masked - median), axis=-1, keepdims=True)
     clipped = jnp.clip(local_energies, median - clip_scale * deviation,
                        median + clip_scale * deviation)
     return jnp.where(finite, clipped, local_energies)
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array, count: jax.Array) -> jax.Array:
+    """Mean along the walker (last) axis over ``mask``; ``count`` the mask's sum there."""
     # where() before the sum, not a multiplication by the mask: 0 * NaN would still be NaN.
-    return jnp.sum(jnp.where(mask, values, 0.0)) / count
+    return jnp.sum(jnp.where(mask, values, 0.0), axis=-1) / count
 
 
 def make_energy_loss(
@@ -101,22 +112,26 @@ def make_energy_loss(
     """The VMC energy loss.
 
     Args:
-        log_psi: ``log_psi(params, electrons: (n_electrons, 3) bohr) -> log|psi|`` (scalar).
+        log_psi: ``log_psi(params, electrons: (n_electrons, 3) bohr) -> log|psi|`` (scalar);
+            used only for the default ``batched_log_psi``.
         local_energy_batched: ``fn(params, walkers: (n_walkers, n_electrons, 3) bohr) ->
             (n_walkers,)`` hartree, e.g. :func:`vmc.hamiltonian.make_batched_local_energy`.
+            For several geometries per step, ``fn(params, batch) -> (n_geometries,
+            n_walkers)`` with any pytree ``batch`` (then pass ``batched_log_psi`` too).
         clip_scale: local energies are clipped at median +- clip_scale x mean absolute
             deviation for the gradient; None or 0 for no clipping.
         register_with_kfac: register log|psi| (n_walkers, 1) with kfac-jax as the mean of a
             normal predictive distribution inside the tangent (needed for KFAC, harmless
             elsewhere: outside kfac-jax's tracer the tag is an identity).
-        batched_log_psi: ``fn(params, walkers) -> (n_walkers,)`` log|psi|, used for the
-            tangent; default ``vmap(log_psi)``. It must compute the same values; KFAC needs a
-            version in which every layer sees a per-walker input (see
-            :func:`vmc.optimizers.make_kfac_log_psi`).
+        batched_log_psi: ``fn(params, walkers) -> (n_walkers,)`` (or ``fn(params, batch) ->
+            (n_geometries, n_walkers)``) log|psi|, used for the tangent; default
+            ``vmap(log_psi)``. It must compute the same values; KFAC needs a version in which
+            every layer sees a per-walker input (see :func:`vmc.optimizers.make_kfac_log_psi`).
 
     Returns:
         ``loss(params, walkers: (n_walkers, n_electrons, 3) bohr) -> (energy, EnergyStats)``:
-        energy is the mean local energy (hartree) and the derivative with respect to
+        energy is the mean local energy (hartree; for a batch of geometries the mean of their
+        energies, with per-geometry values in the stats) and the derivative with respect to
         ``params`` is the clipped VMC gradient. Use with ``jax.grad(..., has_aux=True)``. The
         walkers are data: the tangent ignores any derivative with respect to them.
     """
@@ -127,19 +142,19 @@ def make_energy_loss(
     def loss(params, walkers):
         local_energies = local_energy_batched(params, walkers)
         finite = jnp.isfinite(local_energies)
-        count = jnp.maximum(jnp.sum(finite), 1).astype(local_energies.dtype)
+        count = _finite_count(finite, local_energies.dtype)
         energy = _masked_mean(local_energies, finite, count)
-        variance = _masked_mean((local_energies - energy) ** 2, finite, count)
+        variance = _masked_mean((local_energies - energy[..., None]) ** 2, finite, count)
         clipped = clip_local_energies(local_energies, finite, clip_scale)
-        n_clipped = jnp.sum(finite & (clipped != local_energies))
+        n_clipped = jnp.sum(finite & (clipped != local_energies), axis=-1)
         stats = EnergyStats(
             energy=energy,
             variance=variance,
             clipped_fraction=n_clipped.astype(local_energies.dtype) / count,
-            n_nonfinite=jnp.sum(~finite).astype(jnp.int32),
+            n_nonfinite=jnp.sum(~finite, axis=-1).astype(jnp.int32),
             local_energies=local_energies,
         )
-        return energy, stats
+        return jnp.mean(energy), stats
 
     @loss.defjvp
     def loss_jvp(primals, tangents):
@@ -148,12 +163,13 @@ def make_energy_loss(
         energy, stats = loss(params, walkers)
         local_energies = stats.local_energies
         finite = jnp.isfinite(local_energies)
-        count = jnp.maximum(jnp.sum(finite), 1).astype(local_energies.dtype)
+        count = _finite_count(finite, local_energies.dtype)
         clipped = clip_local_energies(local_energies, finite, clip_scale)
         # Centring on the mean of the clipped energies (not the unclipped mean) keeps the
         # baseline exactly the mean of what multiplies grad log|psi|, so the estimator's
         # control variate cancels exactly.
-        centred = jnp.where(finite, clipped - _masked_mean(clipped, finite, count), 0.0)
+        baseline = _masked_mean(clipped, finite, count)[..., None]
+        centred = jnp.where(finite, clipped - baseline, 0.0)
         centred = jax.lax.stop_gradient(centred)
 
         log_psi_values, log_psi_tangent = jax.jvp(
@@ -162,14 +178,19 @@ def make_energy_loss(
         if register_with_kfac:
             import kfac_jax
 
-            kfac_jax.register_normal_predictive_distribution(log_psi_values[:, None])
+            kfac_jax.register_normal_predictive_distribution(log_psi_values.reshape(-1, 1))
         # A walker without a finite energy may also have a non-finite tangent: mask it out
         # rather than multiply it by zero.
         log_psi_tangent = jnp.where(finite, log_psi_tangent, 0.0)
-        energy_tangent = 2.0 * jnp.sum(centred * log_psi_tangent) / count
+        energy_tangent = 2.0 * jnp.mean(jnp.sum(centred * log_psi_tangent, axis=-1) / count)
         return (energy, stats), (energy_tangent, _zero_tangents(stats))
 
     return loss
+
+
+def _finite_count(finite: jax.Array, dtype) -> jax.Array:
+    """Finite walkers per geometry (at least 1, so an all-NaN geometry gives no 0/0)."""
+    return jnp.maximum(jnp.sum(finite, axis=-1), 1).astype(dtype)
 
 
 def _zero_tangents(tree):

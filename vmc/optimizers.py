@@ -146,9 +146,14 @@ def make_kfac_log_psi(config, inputs) -> Callable[[Params, jax.Array], jax.Array
     return batched_log_psi
 
 
-def make_kfac(loss: EnergyLoss, config: KFACConfig = KFACConfig()) -> Optimizer:
+def make_kfac(loss: EnergyLoss, config: KFACConfig = KFACConfig(),
+              batch_size: Callable[[Any], int] | None = None) -> Optimizer:
     """KFAC on ``loss`` (from :func:`vmc.loss.make_energy_loss` with KFAC registration on and
     ``batched_log_psi`` from :func:`make_kfac_log_psi`).
+
+    ``batch_size(batch) -> int`` is the number of walkers in a batch, the count of the
+    registered log|psi| values; the default, axis 0 of the batch's first leaf, suits a walker
+    array (n_walkers, n_electrons, 3). A batch of several geometries passes its own.
 
     kfac-jax finds the network's dense layers by matching patterns in the traced tangent of the
     loss and gives every other parameter a generic (full-matrix) block; the loss is the normal
@@ -177,6 +182,7 @@ def make_kfac(loss: EnergyLoss, config: KFACConfig = KFACConfig()) -> Optimizer:
         num_burnin_steps=0,
         multi_device=False,
         include_norms_in_stats=True,
+        **({} if batch_size is None else {"batch_size_extractor": batch_size}),
     )
 
     def init(params, key, walkers):

@@ -146,7 +146,15 @@ PRESET_NAMES = ("paper", "small", "tiny")
 
 
 def preset_config(name: str, system: SystemConfig, **vmc_settings) -> RunConfig:
-    """A named configuration for ``system``; ``vmc_settings`` override :class:`VMCConfig` fields.
+    """A named configuration for ``system``; ``vmc_settings`` override :class:`VMCConfig` fields
+    (presets: :func:`preset_settings`)."""
+    network, sampling, kfac = preset_settings(name, **vmc_settings)
+    return RunConfig(system=system, ansatz=network, vmc=sampling, kfac=kfac)
+
+
+def preset_settings(name: str, **vmc_settings) -> tuple[ansatz.AnsatzConfig, VMCConfig, optimizers.KFACConfig]:
+    """The network, sampling and KFAC settings of a named preset; ``vmc_settings`` override
+    :class:`VMCConfig` fields.
 
     - ``paper``: the reference network and recipe (2048 walkers, 40 Metropolis steps per
       update, KFAC damping decaying from 1 to 2e-3 over ~5000-step time constants: made for
@@ -170,8 +178,7 @@ def preset_config(name: str, system: SystemConfig, **vmc_settings) -> RunConfig:
         kfac = {}
     else:
         raise InputError(f"unknown preset {name!r}; expected one of {PRESET_NAMES}")
-    return RunConfig(system=system, ansatz=network, vmc=VMCConfig(**{**sampling, **vmc_settings}),
-                     kfac=optimizers.KFACConfig(**kfac))
+    return network, VMCConfig(**{**sampling, **vmc_settings}), optimizers.KFACConfig(**kfac)
 
 
 def load_run_config(run_dir: str) -> RunConfig:
@@ -213,7 +220,7 @@ def precision(cfg: VMCConfig):
     return jax.enable_x64(True) if cfg.float64 else contextlib.nullcontext()
 
 
-def _float_dtype(cfg: VMCConfig):
+def float_dtype(cfg: VMCConfig):
     return jnp.float64 if cfg.float64 else jnp.float32
 
 
@@ -247,19 +254,19 @@ class Problem:
         system = systems.load(s.spec, charge=s.charge, spin=s.spin)
         hf = orbitals.hartree_fock(system, basis=s.basis, localization=s.localization)
         inputs = ansatz.inputs_from_hartree_fock(hf, config.ansatz)
-        inputs = jax.tree.map(lambda x: x.astype(_float_dtype(config.vmc)) if jnp.issubdtype(x.dtype, jnp.floating) else x, inputs)
+        inputs = jax.tree.map(lambda x: x.astype(float_dtype(config.vmc)) if jnp.issubdtype(x.dtype, jnp.floating) else x, inputs)
         return cls(config, system, hf, inputs, ansatz.make_log_psi(config.ansatz, inputs).log_psi)
 
     def init_params(self, key):
         params = ansatz.init_params(key, self.config.ansatz, self.inputs)
-        return jax.tree.map(lambda x: x.astype(_float_dtype(self.config.vmc)), params)
+        return jax.tree.map(lambda x: x.astype(float_dtype(self.config.vmc)), params)
 
     def init_walkers(self, key, n_walkers: int | None = None):
         """Starting walkers (n_walkers, n_electrons, 3) bohr; default: the run's number."""
         cfg = self.config.vmc
         return mcmc.init_walkers(
             key, self.system.positions, self.system.charges, self.system.n_up, self.system.n_down,
-            n_walkers or cfg.n_walkers, width=cfg.walker_init_width, dtype=_float_dtype(cfg),
+            n_walkers or cfg.n_walkers, width=cfg.walker_init_width, dtype=float_dtype(cfg),
         )
 
     def hartree_fock_log_psi(self):
@@ -298,7 +305,7 @@ class Problem:
     @functools.cached_property
     def local_energy(self):
         """``fn(params, walkers (W, n_el, 3)) -> (W,)`` local energies, hartree."""
-        dtype = _float_dtype(self.config.vmc)
+        dtype = float_dtype(self.config.vmc)
         return hamiltonian.make_batched_local_energy(
             self.log_psi, jnp.asarray(self.system.positions, dtype),
             jnp.asarray(self.system.charges, dtype), self.config.vmc.laplacian,
@@ -397,7 +404,7 @@ def restore_params(run_dir: str, phase: str, template):
                          f"{str(exc).splitlines()[0]}") from None
 
 
-def _truncate_log(path: str, phase: str, step: int) -> None:
+def truncate_log(path: str, phase: str, step: int) -> None:
     """Drop log lines of ``phase`` after ``step`` (written after the checkpoint resumed from),
     and every line of later phases, so a resumed run's log has no duplicates."""
     if not os.path.exists(path):
@@ -470,7 +477,7 @@ class TrainResult:
     seconds: float
 
 
-def _all_finite(tree) -> jax.Array:
+def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
@@ -494,7 +501,11 @@ def burn_in(sample, params, state: TrainState, n_sweeps: int) -> TrainState:
     return state.replace(sampler=sampler, key=key)
 
 
-class _Phase:
+# Scalar log entries shown next to the progress bar.
+PROGRESS_KEYS = ("loss", "energy", "mean_energy", "acceptance")
+
+
+class Phase:
     """Shared bookkeeping of a training phase: log file, progress bar, checkpoints, budget."""
 
     def __init__(self, run_dir, phase, total, time_budget, started, progress):
@@ -523,7 +534,7 @@ class _Phase:
         self.log.close()
 
 
-def _run_phase(phase: _Phase, state: TrainState, step_fn, checkpoint_every: int):
+def run_phase(phase: Phase, state: TrainState, step_fn, checkpoint_every: int):
     """Run ``step_fn(state) -> (state, log entry)`` until the phase's step total or the time
     budget; checkpoint periodically and on the way out (also on Ctrl-C and divergence, with the
     last good state). Returns (state, why it stopped)."""
@@ -537,7 +548,8 @@ def _run_phase(phase: _Phase, state: TrainState, step_fn, checkpoint_every: int)
             state, entry = step_fn(state)
             phase.record(entry)
             phase.bar.update(1)
-            phase.bar.set_postfix({k: f"{entry[k]:.5g}" for k in ("loss", "energy", "acceptance") if k in entry})
+            phase.bar.set_postfix({k: f"{entry[k]:.5g}" for k in PROGRESS_KEYS
+                                   if isinstance(entry.get(k), (int, float))})
             if int(state.step) % checkpoint_every == 0:
                 phase.save(state)
     except TrainingDiverged as exc:
@@ -545,7 +557,7 @@ def _run_phase(phase: _Phase, state: TrainState, step_fn, checkpoint_every: int)
         raise TrainingDiverged(f"{exc}; the last checkpoint ({phase.phase} step "
                                f"{phase.manager.latest_step()}) is kept") from None
     except KeyboardInterrupt:
-        if not _deleted(state):
+        if not is_deleted(state):
             phase.save(state)
         raise
     else:
@@ -555,7 +567,7 @@ def _run_phase(phase: _Phase, state: TrainState, step_fn, checkpoint_every: int)
     return state, stopped
 
 
-def _deleted(tree) -> bool:
+def is_deleted(tree) -> bool:
     """Whether any array of ``tree`` was donated to a computation (and is gone)."""
     return any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(tree))
 
@@ -572,7 +584,7 @@ def pretrain(run_dir: str, problem: Problem, devices: WalkerParallel, time_budge
         state = devices.place(state)
         state = burn_in(hf_sample, None, state, cfg.burn_in_sweeps)
     else:
-        _truncate_log(os.path.join(run_dir, "log.jsonl"), "pretrain", int(state.step))
+        truncate_log(os.path.join(run_dir, "log.jsonl"), "pretrain", int(state.step))
         state = devices.place(state)
     if int(state.step) >= cfg.pretrain_steps:
         return state.params, state, "max_steps"
@@ -590,8 +602,8 @@ def pretrain(run_dir: str, problem: Problem, devices: WalkerParallel, time_budge
         return new, {"step": int(new.step), "loss": value, "acceptance": float(acceptance),
                      "seconds": time.perf_counter() - t}
 
-    phase = _Phase(run_dir, "pretrain", cfg.pretrain_steps, time_budget, started, progress)
-    state, stopped = _run_phase(phase, state, step_fn, cfg.checkpoint_every)
+    phase = Phase(run_dir, "pretrain", cfg.pretrain_steps, time_budget, started, progress)
+    state, stopped = run_phase(phase, state, step_fn, cfg.checkpoint_every)
     return state.params, state, stopped
 
 
@@ -623,9 +635,9 @@ def run_vmc(run_dir: str, problem: Problem, devices: WalkerParallel, start: Trai
         state = devices.place(state.replace(key=key_burn))
         state = burn_in(sample, state.params, state, cfg.burn_in_sweeps)
     else:
-        _truncate_log(os.path.join(run_dir, "log.jsonl"), "vmc", int(state.step))
+        truncate_log(os.path.join(run_dir, "log.jsonl"), "vmc", int(state.step))
         state = devices.place(state)
-    all_finite = jax.jit(_all_finite)
+    all_finite = jax.jit(all_finite)
 
     def step_fn(state: TrainState):
         t = time.perf_counter()
@@ -650,8 +662,8 @@ def run_vmc(run_dir: str, problem: Problem, devices: WalkerParallel, start: Trai
         entry["seconds"] = time.perf_counter() - t
         return new, entry
 
-    phase = _Phase(run_dir, "vmc", max_steps, time_budget, started, progress)
-    return _run_phase(phase, state, step_fn, cfg.checkpoint_every)
+    phase = Phase(run_dir, "vmc", max_steps, time_budget, started, progress)
+    return run_phase(phase, state, step_fn, cfg.checkpoint_every)
 
 
 def train(run_dir: str, config: RunConfig, max_steps: int, time_budget: float | None = None,
