@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 
 import click
@@ -16,23 +17,23 @@ from phisnet_jax.cli import _apply_overrides, _parse_settings, run_cli
 from phisnet_jax.errors import InputError
 
 
-SECTIONS = ("vmc", "ansatz", "kfac", "adam", "system")
-
-
 def apply_settings(config, settings: tuple[str, ...]):
-    """``config`` (a :class:`vmc.train.RunConfig`) with ``--set`` overrides applied. Keys are
-    ``section.field`` (sections: vmc, ansatz, kfac, adam, system) or a bare field name that
-    only one section has."""
+    """``config`` (a :class:`vmc.train.RunConfig` or :class:`vmc.shared.SharedRunConfig`) with
+    ``--set`` overrides applied. Keys are ``section.field`` (sections: the config's parts, e.g.
+    vmc, ansatz, kfac, adam, system / systems, schedule) or a bare field name that only one
+    section has."""
+    sections = tuple(f.name for f in dataclasses.fields(config)
+                     if dataclasses.is_dataclass(getattr(config, f.name)))
     overrides: dict[str, dict[str, str]] = {}
     for key, value in _parse_settings(settings).items():
         if "." in key:
             section, field = key.split(".", 1)
-            if section not in SECTIONS:
-                raise InputError(f"unknown settings section {section!r} in {key!r}; expected one of {SECTIONS}")
+            if section not in sections:
+                raise InputError(f"unknown settings section {section!r} in {key!r}; expected one of {sections}")
             candidates = [section]
         else:
             field = key
-            candidates = SECTIONS
+            candidates = sections
         owners = [s for s in candidates
                   if field in {f.name for f in dataclasses.fields(getattr(config, s))} and field != "slots"]
         if not owners:
@@ -107,18 +108,166 @@ def train(system, run_dir, preset, charge, spin, basis, optimizer, walkers, pret
                    f"({result.stopped_because}); energy of the last 10 % of steps {energy}")
 
 
+def _report_shared(result, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(result)))
+        return
+    click.echo(f"pretrained {result.pretrain_steps} steps; VMC at step {result.steps} ({result.stopped_because})")
+    for name, energy in result.energies.items():
+        click.echo(f"  {name}: {energy:.5f} Ha (mean of the last visits; {result.visits[name]} visits)")
+
+
+def _run_shared(run_dir, config, steps, time_budget, as_json):
+    from vmc import shared
+    from vmc import train as training
+
+    try:
+        result = shared.train_shared(run_dir, config, max_steps=steps, time_budget=time_budget)
+    except training.TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    _report_shared(result, as_json)
+
+
+def _sampling(walkers, pretrain_steps, **fixed) -> dict:
+    settings = dict(fixed)
+    if walkers is not None:
+        settings["n_walkers"] = walkers
+    if pretrain_steps is not None:
+        settings["pretrain_steps"] = pretrain_steps
+    return settings
+
+
+@vmc.command()
+@click.argument("systems", required=False)
+@click.option("--run-dir", required=True, help="Run directory (created, or resumed if it exists).")
+@click.option("--preset", type=click.Choice(["paper", "small", "tiny"]), default="small", show_default=True,
+              help="Network and sampling size (see vmc.train.preset_settings).")
+@click.option("--seed", "set_seed", default=0, show_default=True,
+              help="Seed of the rotations and distortions of generated geometries.")
+@click.option("--basis", default="sto-6g", show_default=True, help="Minimal basis of the HF orbitals.")
+@click.option("--optimizer", type=click.Choice(["kfac", "adam"]), default="kfac", show_default=True)
+@click.option("--walkers", type=int, help="Walkers per geometry [default: the preset's].")
+@click.option("--geometries-per-step", type=int, default=1, show_default=True,
+              help="Geometries of one composition batched into one optimisation step.")
+@click.option("--schedule", type=click.Choice(["spread", "round_robin"]), default="spread", show_default=True,
+              help="Which geometries a step takes (spread: round-robin first, then the largest energy spread).")
+@click.option("--pretrain-steps", type=int, help="Supervised steps towards the HF orbitals [default: the preset's].")
+@click.option("--steps", type=int, required=True, help="Stop at this total number of VMC optimisation steps.")
+@click.option("--time-budget", type=float, help="Stop after this many seconds (pretraining included).")
+@click.option("--float64", is_flag=True, help="Run in double precision.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Override any setting, e.g. --set kfac.learning_rate=0.05.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def pretrain(systems, run_dir, preset, set_seed, basis, optimizer, walkers, geometries_per_step, schedule,
+             pretrain_steps, steps, time_budget, float64, settings, as_json):
+    """Train a base model: one wavefunction over a set of molecules and geometries (HF
+    pretraining, then shared VMC), or resume --run-dir.
+
+    SYSTEMS is an XYZ system-set file, 'hchains:6@1.4,1.6,1.8' (hydrogen chains: lengths @
+    spacings in bohr) or 'molecules:CH4,H2Ox5' (compounds, randomly rotated and distorted
+    geometries); see docs/system_sets.md.
+    """
+    from vmc import shared
+
+    if systems is None:
+        if settings:
+            raise InputError("--set needs SYSTEMS (a resumed run keeps its configuration)")
+        config = shared.load_config(run_dir)
+    else:
+        config = shared.preset_config(
+            preset, shared.SystemSetConfig(systems, seed=set_seed, basis=basis),
+            shared.ScheduleConfig(geometries_per_step, schedule),
+            **_sampling(walkers, pretrain_steps, optimizer=optimizer, float64=float64))
+        config = apply_settings(config, settings)
+    _run_shared(run_dir, config, steps, time_budget, as_json)
+
+
+@vmc.command()
+@click.argument("base_run")
+@click.argument("systems", required=False)
+@click.option("--run-dir", required=True, help="Run directory of the fine-tuned model (created, or resumed).")
+@click.option("--seed", "set_seed", default=0, show_default=True,
+              help="Seed of the rotations and distortions of generated geometries.")
+@click.option("--walkers", type=int, help="Walkers per geometry [default: the base run's].")
+@click.option("--geometries-per-step", type=int, default=1, show_default=True,
+              help="Geometries of one composition batched into one optimisation step.")
+@click.option("--schedule", type=click.Choice(["spread", "round_robin"]), default="spread", show_default=True)
+@click.option("--pretrain-steps", type=int, default=0, show_default=True,
+              help="Supervised steps towards the HF orbitals before VMC (fine-tuning usually needs none).")
+@click.option("--steps", type=int, required=True, help="Stop at this total number of VMC optimisation steps.")
+@click.option("--time-budget", type=float, help="Stop after this many seconds.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Override a setting of the fine-tuning run, e.g. --set kfac.damping=1e-3.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def finetune(base_run, systems, run_dir, set_seed, walkers, geometries_per_step, schedule, pretrain_steps,
+             steps, time_budget, settings, as_json):
+    """Fine-tune the model of BASE_RUN (any vmc train / pretrain / finetune run directory;
+    every weight is reused) on SYSTEMS, or resume --run-dir (then SYSTEMS is left out).
+
+    The network, sampling and optimiser settings are the base run's unless overridden.
+    """
+    from vmc import shared
+    from vmc import train as training
+
+    config_exists = os.path.exists(os.path.join(run_dir, "config.json"))
+    if systems is None:
+        if not config_exists:
+            raise InputError(f"SYSTEMS is needed to start fine-tuning in {run_dir}")
+        if settings:
+            raise InputError("--set needs SYSTEMS (a resumed run keeps its configuration)")
+        config = shared.load_config(run_dir)
+    else:
+        if shared.is_shared_run(base_run):
+            base = shared.load_config(base_run)
+            basis, localization = base.systems.basis, base.systems.localization
+        else:
+            base = training.load_run_config(base_run)
+            basis, localization = base.system.basis, base.system.localization
+        sampling = dataclasses.replace(base.vmc, **_sampling(walkers, pretrain_steps))
+        config = shared.SharedRunConfig(
+            systems=shared.SystemSetConfig(systems, seed=set_seed, basis=basis, localization=localization),
+            ansatz=base.ansatz, vmc=sampling, kfac=base.kfac, adam=base.adam,
+            schedule=shared.ScheduleConfig(geometries_per_step, schedule),
+            init_from=os.path.abspath(base_run))
+        config = apply_settings(config, settings)
+    _run_shared(run_dir, config, steps, time_budget, as_json)
+
+
 @vmc.command()
 @click.argument("run_dir")
+@click.option("--systems", "systems_spec",
+              help="Evaluate on these systems instead of the run's own (zero-shot); same forms as SYSTEMS of pretrain.")
+@click.option("--seed-systems", default=0, show_default=True, help="Seed of generated geometries of --systems.")
 @click.option("--steps", default=200, show_default=True, help="MCMC calls with a local-energy evaluation.")
 @click.option("--walkers", type=int, help="Number of walkers [default: the run's].")
 @click.option("--burn-in", "burn_in", type=int, help="MCMC calls before sampling [default: the run's].")
 @click.option("--seed", default=1, show_default=True, help="Seed of the fresh walkers.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def evaluate(run_dir, steps, walkers, burn_in, seed, as_json):
-    """Energy of the latest checkpoint in RUN_DIR from fresh MCMC, with a blocking error bar."""
+def evaluate(run_dir, systems_spec, seed_systems, steps, walkers, burn_in, seed, as_json):
+    """Energy of the latest checkpoint in RUN_DIR from fresh MCMC, with a blocking error bar:
+    of its system, of every system of a shared run, or of --systems (zero-shot)."""
     from vmc import evaluate as evaluation
+    from vmc import shared
     from vmc import train as training
 
+    if systems_spec is not None or shared.is_shared_run(run_dir):
+        try:
+            origin, results = shared.evaluate_run(run_dir, systems_spec, seed_systems, n_steps=steps,
+                                                  n_walkers=walkers, burn_in_sweeps=burn_in, seed=seed)
+        except training.TrainingDiverged as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
+        if as_json:
+            click.echo(json.dumps({"parameters": origin, "systems": [dataclasses.asdict(r) for r in results]}))
+            return
+        click.echo(f"parameters of {origin}; {steps} steps per system")
+        for r in results:
+            line = f"  {r.name}: E = {r.energy:.6f} +- {r.error:.6f} Ha (variance {r.variance:.4f} Ha^2)"
+            if r.reference is not None:
+                line += f"; exact {r.reference:.6f} Ha, error {1000 * (r.energy - r.reference):.2f} mHa"
+            click.echo(line)
+        return
     try:
         result = evaluation.evaluate(run_dir, n_steps=steps, n_walkers=walkers, burn_in_sweeps=burn_in, seed=seed)
     except training.TrainingDiverged as exc:

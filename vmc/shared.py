@@ -256,7 +256,7 @@ class SharedProblem:
         :func:`vmc.train.precision`)."""
         s = config.systems
         if system_set is None:
-            system_set = system_sets.load_system_set(s.spec, seed=s.seed)
+            system_set = load_systems(s.spec, seed=s.seed)
         groups = geometries.build_groups(system_set, config.ansatz, s.basis, s.localization,
                                          train.float_dtype(config.vmc), progress)
         return cls(config, list(system_set), groups)
@@ -425,6 +425,7 @@ def _fresh_state(problem: SharedProblem, params, opt_state, key, hartree_fock: b
 
 
 def _initial_params(problem: SharedProblem, key):
+    """Fresh parameters, or the base model's for a fine-tuning run."""
     cfg = problem.config
     if cfg.init_from is None:
         return _init_params(key, cfg.ansatz, cfg.vmc)
@@ -440,14 +441,16 @@ def pretrain(run_dir: str, problem: SharedProblem, devices: WalkerParallel, time
     cfg = problem.config.vmc
     transform = problem.pretrain_transform
 
-    def fresh():
+    def fresh(initial_params):
         key_params, key = jax.random.split(jax.random.PRNGKey(cfg.seed))
-        params = _initial_params(problem, key_params)
+        params = initial_params(key_params)
         return _fresh_state(problem, params, transform.init(params), key, hartree_fock=True)
 
-    state = train.restore(run_dir, "pretrain", lambda: jax.eval_shape(fresh))
+    # The template needs shapes only: no base model is read for it.
+    template = functools.partial(fresh, lambda k: _init_params(k, problem.config.ansatz, cfg))
+    state = train.restore(run_dir, "pretrain", lambda: jax.eval_shape(template))
     if state is None:
-        state = devices.place(fresh())
+        state = devices.place(fresh(functools.partial(_initial_params, problem)))
         state = _burn_in_all(problem, state, state.params, cfg.burn_in_sweeps, hartree_fock=True)
     else:
         train.truncate_log(os.path.join(run_dir, "log.jsonl"), "pretrain", int(state.step))
@@ -587,13 +590,29 @@ class SharedResult:
     seconds: float
 
 
+def load_systems(spec: str, seed: int = 0) -> list:
+    """A system set from a specification (:func:`vmc.system_sets.load_system_set`), or a
+    one-system set from a system name or single-molecule XYZ (:func:`vmc.systems.load`)."""
+    from vmc import systems as system_module
+
+    try:
+        return system_sets.load_system_set(spec, seed=seed)
+    except InputError as exc:
+        if not str(exc).startswith("unknown system set"):
+            raise
+        try:
+            return [system_module.load(spec)]
+        except InputError:
+            raise exc from None
+
+
 def run_systems(run_dir: str, config: SharedRunConfig) -> list:
     """The system set of a run: read from its ``systems.xyz`` if there is one, else built
     from ``config.systems`` (validated, nothing written)."""
     path = os.path.join(run_dir, SYSTEMS_FILE)
     if os.path.exists(path):
         return system_sets.read_system_set(path)
-    return system_sets.load_system_set(config.systems.spec, seed=config.systems.seed)
+    return load_systems(config.systems.spec, seed=config.systems.seed)
 
 
 def _write_json(path: str, record: dict) -> None:
@@ -682,3 +701,107 @@ def plot_energies(run_dir: str, max_lines: int = 12) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(run_dir, "energy.png"), dpi=100)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation, also zero-shot (a model on systems it was not trained on).
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemEvaluation:
+    """One system's energy from fresh walkers (hartree), with a blocking error bar;
+    ``reference`` is the exact energy where :mod:`vmc.references` knows it."""
+
+    name: str
+    energy: float
+    error: float
+    variance: float
+    n_nonfinite: int
+    acceptance: float
+    reference: float | None
+
+
+def evaluate_model(network: ansatz.AnsatzConfig, params, vmc_config: train.VMCConfig, system_set,
+                   n_steps: int = 200, n_walkers: int | None = None, burn_in_sweeps: int | None = None,
+                   seed: int = 1, basis: str = orbitals.DEFAULT_BASIS, localization: str | None = "boys",
+                   progress: bool = True) -> list[SystemEvaluation]:
+    """Energies of the wavefunction ``params`` on every system of ``system_set``: fresh
+    walkers per system, ``burn_in_sweeps`` MCMC calls, then ``n_steps`` calls each followed
+    by a local-energy evaluation (all geometries of a composition at once). Sampling settings
+    default to ``vmc_config``'s."""
+    import sys
+
+    from tqdm import tqdm
+
+    from vmc.evaluate import blocking_error
+    from vmc.references import exact_energy
+
+    if n_steps < 2:
+        raise InputError("evaluation needs at least 2 steps")
+    cfg = dataclasses.replace(vmc_config, n_walkers=n_walkers or vmc_config.n_walkers,
+                              burn_in_sweeps=vmc_config.burn_in_sweeps if burn_in_sweeps is None else burn_in_sweeps)
+    config = SharedRunConfig(SystemSetConfig("evaluation", basis=basis, localization=localization),
+                             ansatz=network, vmc=cfg)
+    results: dict[int, SystemEvaluation] = {}
+    with train.precision(cfg):
+        problem = problem_for(config, system_set)
+        devices = WalkerParallel()
+        if cfg.n_walkers % devices.n_devices:
+            raise InputError(f"{cfg.n_walkers} walkers do not divide over {devices.n_devices} devices")
+        params = devices.replicate(params)
+        key = jax.random.PRNGKey(seed)
+        bar = tqdm(total=len(problem.groups) * (cfg.burn_in_sweeps + n_steps), desc="evaluate",
+                   unit="call", file=sys.stderr, disable=None if progress else True, dynamic_ncols=True)
+        for group in problem.groups:
+            key, key_walkers = jax.random.split(key)
+            sampler = problem.init_sampler(group, params, problem.init_walkers(key_walkers, group))
+            sampler = devices.put_split(sampler.replace(step_size=None), axis=1).replace(
+                step_size=sampler.step_size)
+            sample, rows = problem.sampler(group), _rows(np.arange(group.size))
+            means, variances, acceptances = [], [], []
+            n_nonfinite = np.zeros(group.size, int)
+            for call in range(cfg.burn_in_sweeps + n_steps):
+                key, key_sample = jax.random.split(key)
+                sampler, acceptance, _ = sample(params, sampler, rows, key_sample)
+                bar.update(1)
+                if call < cfg.burn_in_sweeps:
+                    continue
+                energies = np.asarray(problem.local_energy(params, GeometryBatch(sampler.walkers, group.geometries)),
+                                      np.float64)
+                finite = np.isfinite(energies)
+                n_nonfinite += (~finite).sum(axis=1)
+                means.append(np.where(finite, energies, 0).sum(1) / np.maximum(finite.sum(1), 1))
+                variances.append([e[f].var() if f.any() else np.nan for e, f in zip(energies, finite)])
+                acceptances.append(np.asarray(acceptance))
+            means, variances = np.asarray(means), np.asarray(variances)
+            for row, member in enumerate(group.members):
+                system = group.systems[row]
+                results[member] = SystemEvaluation(
+                    name=system.name, energy=float(means[:, row].mean()),
+                    error=blocking_error(means[:, row]), variance=float(np.nanmean(variances[:, row])),
+                    n_nonfinite=int(n_nonfinite[row]), acceptance=float(np.mean(np.asarray(acceptances)[:, row])),
+                    reference=exact_energy(system))
+        bar.close()
+    return [results[i] for i in range(len(system_set))]
+
+
+def evaluate_run(run_dir: str, systems_spec: str | None = None, seed_systems: int = 0, **options
+                 ) -> tuple[str, list[SystemEvaluation]]:
+    """Evaluate the latest parameters of any VMC run directory on its own systems, or on the
+    systems of ``systems_spec`` (zero-shot). Returns (where the parameters come from,
+    per-system results); ``options`` go to :func:`evaluate_model`."""
+    from vmc import systems as system_module
+
+    network, params, origin = load_model(run_dir)
+    if is_shared_run(run_dir):
+        cfg = load_config(run_dir)
+        own = run_systems(run_dir, cfg)
+        basis, localization = cfg.systems.basis, cfg.systems.localization
+    else:
+        cfg = train.load_run_config(run_dir)
+        s = cfg.system
+        own = [system_module.load(s.spec, charge=s.charge, spin=s.spin)]
+        basis, localization = s.basis, s.localization
+    system_set = own if systems_spec is None else load_systems(systems_spec, seed=seed_systems)
+    return origin, evaluate_model(network, params, cfg.vmc, system_set, basis=basis,
+                                  localization=localization, **options)
