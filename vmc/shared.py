@@ -163,8 +163,10 @@ def load_model(run_dir: str) -> tuple[ansatz.AnsatzConfig, Any, str]:
     raise InputError(f"{run_dir} has no checkpoint to start from")
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def _init_params(key, network: ansatz.AnsatzConfig, vmc_cfg: train.VMCConfig):
-    """Parameters of ``network`` (their shapes do not depend on the molecule: H2 serves)."""
+    """Parameters of ``network`` (their shapes do not depend on the molecule: H2 serves).
+    Compiled: flax's initialisation run eagerly, operation by operation, is far slower."""
     from vmc import systems
 
     dtype = train.float_dtype(vmc_cfg)
@@ -303,12 +305,21 @@ class SharedProblem:
         return self._samplers[cache_key]
 
     def init_sampler(self, group: GeometryGroup, params, walkers, hartree_fock: bool = False) -> mcmc.MCMCState:
-        """The stacked sampler state of every geometry of ``group`` for ``walkers``."""
-        log_psi = (geometries.make_hartree_fock_log_psi(group.ao_values, group.n_up)
-                   if hartree_fock else self.functions.log_psi)
-        step_size = self.config.vmc.initial_step_size
-        return jax.vmap(lambda g, w: mcmc.init_state(log_psi, (params, g), w, step_size))(
-            group.geometries, walkers)
+        """The stacked sampler state of every geometry of ``group`` for ``walkers`` (size, W,
+        n_el, 3); jit-compiled per group."""
+        cache_key = (id(group), hartree_fock, "init")
+        if cache_key not in self._samplers:
+            log_psi = (geometries.make_hartree_fock_log_psi(group.ao_values, group.n_up)
+                       if hartree_fock else self.functions.log_psi)
+            step_size = self.config.vmc.initial_step_size
+
+            @jax.jit
+            def init(params, walkers):
+                return jax.vmap(lambda g, w: mcmc.init_state(log_psi, (params, g), w, step_size))(
+                    group.geometries, walkers)
+
+            self._samplers[cache_key] = init
+        return self._samplers[cache_key](params, walkers)
 
     @functools.cached_property
     def optimizer(self) -> optimizers.Optimizer:

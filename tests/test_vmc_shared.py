@@ -1,0 +1,208 @@
+"""Shared training over system sets: geometries batched as arguments (against the one-system
+functions), the schedule, exact resume, fine-tuning from a base model, per-system and zero-shot
+evaluation, and the ``vmc pretrain / finetune / evaluate --systems`` command line.
+
+One tiny configuration on one small set (H2 at 1.0 and 3.0 bohr, and H3: two compositions, so
+a step batches two geometries and one KFAC state serves both compositions) is trained once per
+module; its functions are compiled once (:func:`vmc.shared.problem_for` keeps them)."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vmc import ansatz, cli, geometries, hamiltonian, loss, mcmc, shared, system_sets, systems, train
+
+NAMES = ["H2_a", "H2_b", "H3"]
+SET = [dataclasses.replace(s, name=n) for s, n in zip(
+    [systems.hydrogen_chain(2, 1.0), systems.hydrogen_chain(2, 3.0), systems.hydrogen_chain(3, 1.6)], NAMES)]
+
+
+def write_set(path):
+    system_sets.write_system_set(str(path), SET)
+    return str(path)
+
+
+def tiny_config(set_file, **vmc_changes) -> shared.SharedRunConfig:
+    settings = dict(float64=True, checkpoint_every=3, n_walkers=16, pretrain_steps=4, laplacian="hessian")
+    settings.update(vmc_changes)
+    return shared.preset_config("tiny", shared.SystemSetConfig(set_file), shared.ScheduleConfig(2), **settings)
+
+
+def log_lines(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def without_timings(entries):
+    return [{k: v for k, v in e.items() if k != "seconds"} for e in entries]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same 6-step shared run straight through, and stopped after 3 steps and resumed."""
+    base = tmp_path_factory.mktemp("shared")
+    config = tiny_config(write_set(base / "set.xyz"))
+    straight, resumed = str(base / "straight"), str(base / "resumed")
+    result = shared.train_shared(straight, config, max_steps=6, progress=False)
+    shared.train_shared(resumed, config, max_steps=3, progress=False)
+    shared.train_shared(resumed, config, max_steps=6, progress=False)
+    return config, result, straight, resumed
+
+
+def test_batched_geometries_give_the_mean_of_one_system_losses():
+    """Value and gradient of the loss over two geometries in one batch equal the mean of the
+    one-system losses built from the single-molecule functions (independent code path)."""
+    with jax.enable_x64(True):
+        network = ansatz.small_config(n_determinants=1, embedding_layers=1, gnn_iterations=1)
+        pair = SET[:2]
+        group = geometries.build_groups(pair, network, dtype=jnp.float64, progress=False)[0]
+        fns = geometries.functions(network, "folx")
+        walkers = jnp.stack([mcmc.init_walkers(jax.random.PRNGKey(i), s.positions, s.charges, 1, 1, 8,
+                                               dtype=jnp.float64) for i, s in enumerate(pair)])
+        params = shared._init_params(jax.random.PRNGKey(3), network, train.VMCConfig(float64=True))
+        batch = geometries.GeometryBatch(walkers, group.geometries)
+        grouped = loss.make_energy_loss(None, fns.local_energy, 5.0, register_with_kfac=False,
+                                        batched_log_psi=fns.kfac_log_psi)
+        (value, stats), grads = jax.jit(jax.value_and_grad(grouped, has_aux=True))(params, batch)
+        values, all_grads = [], []
+        for g, system in enumerate(pair):
+            inputs = jax.tree.map(lambda x: x[g], group.geometries.inputs)
+            log_psi = ansatz.make_log_psi(network, inputs).log_psi
+            local_energy = hamiltonian.make_batched_local_energy(
+                log_psi, jnp.asarray(system.positions), jnp.asarray(system.charges))
+            single = loss.make_energy_loss(log_psi, local_energy, 5.0, register_with_kfac=False)
+            (v, s), gr = jax.jit(jax.value_and_grad(single, has_aux=True))(params, walkers[g])
+            np.testing.assert_allclose(stats.energy[g], v, rtol=1e-12)
+            np.testing.assert_allclose(stats.variance[g], s.variance, rtol=1e-10)
+            values.append(v)
+            all_grads.append(gr)
+        np.testing.assert_allclose(value, np.mean(values), rtol=1e-12)
+        expected = jax.tree.map(lambda a, b: (a + b) / 2, *all_grads)
+        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+        # The per-walker (KFAC) form of log|psi| is the plain batched one.
+        np.testing.assert_allclose(fns.kfac_log_psi(params, batch),
+                                   geometries.over_batch(fns.log_psi)(params, batch), rtol=1e-12)
+
+
+class _Group:
+    def __init__(self, members):
+        self.members = tuple(members)
+
+
+def test_schedule_round_robin_then_largest_spread():
+    groups = [_Group([0, 2, 3]), _Group([1])]
+    inf = np.inf
+    # First pass: the least-visited (then first) geometry leads; its group fills the batch.
+    g, rows = shared.choose_geometries(np.full(4, inf), np.zeros(4, int), groups, 2, by_spread=True)
+    assert g == 0 and rows.tolist() == [0, 1]
+    g, rows = shared.choose_geometries(np.full(4, inf), np.array([1, 0, 1, 0]), groups, 2, by_spread=True)
+    assert g == 1 and rows.tolist() == [0]  # a group smaller than the batch gives what it has
+    g, rows = shared.choose_geometries(np.full(4, inf), np.array([1, 1, 1, 0]), groups, 2, by_spread=True)
+    assert g == 0 and rows.tolist() == [2, 0]
+    # Everything visited: the largest spread leads, then its group by spread.
+    spread = np.array([0.1, 0.9, 0.5, 0.3])
+    g, rows = shared.choose_geometries(spread, np.ones(4, int), groups, 2, by_spread=True)
+    assert g == 1 and rows.tolist() == [0]
+    spread = np.array([0.1, 0.2, 0.5, 0.3])
+    g, rows = shared.choose_geometries(spread, np.ones(4, int), groups, 2, by_spread=True)
+    assert g == 0 and rows.tolist() == [1, 2]
+    # Round-robin ignores the spread.
+    g, rows = shared.choose_geometries(spread, np.array([2, 1, 2, 2]), groups, 2, by_spread=False)
+    assert g == 1
+
+
+def test_shared_run_directory_schedule_and_resume(runs):
+    config, result, straight, resumed = runs
+    assert result.pretrain_steps == 4 and result.steps == 6 and result.stopped_because == "max_steps"
+    assert shared.load_config(straight) == config
+    assert [s.name for s in system_sets.read_system_set(os.path.join(straight, "systems.xyz"))] == NAMES
+    assert os.path.isfile(os.path.join(straight, "energy.png"))
+    entries = log_lines(straight)
+    pretraining = [e for e in entries if e["phase"] == "pretrain"]
+    assert [e["systems"] for e in pretraining[:2]] == [["H2_a", "H2_b"], ["H3"]]
+    vmc_entries = [e for e in entries if e["phase"] == "vmc"]
+    # Round-robin over the compositions first; two geometries of H2 in one step.
+    assert vmc_entries[0]["systems"] == ["H2_a", "H2_b"] and vmc_entries[1]["systems"] == ["H3"]
+    for e in vmc_entries:
+        assert len(e["energy"]) == len(e["systems"]) == len(e["step_size"])
+        assert all(np.isfinite(e["energy"])) and e["n_nonfinite"] == 0
+    assert sum(result.visits.values()) == sum(len(e["systems"]) for e in vmc_entries)
+    # Resuming from the step-3 checkpoint continues exactly.
+    assert without_timings(log_lines(resumed)) == without_timings(entries)
+
+
+def test_evaluation_per_system_keeps_systems_apart(runs):
+    """Every system of the set is evaluated separately: the same systems in reverse order give
+    the same energies (within error bars) under their names."""
+    config, _, straight, _ = runs
+    network, params, _ = shared.load_model(straight)
+    pair = SET[:2]
+    options = dict(n_steps=50, n_walkers=64, progress=False)
+    forward = shared.evaluate_model(network, params, config.vmc, pair, **options)
+    backward = shared.evaluate_model(network, params, config.vmc, pair[::-1], seed=2, **options)
+    assert [r.name for r in forward] == ["H2_a", "H2_b"]
+    assert [r.name for r in backward] == ["H2_b", "H2_a"]
+    for a, b in zip(forward, backward[::-1]):
+        assert a.n_nonfinite == 0 and 0 < a.error < 0.1
+        assert abs(a.energy - b.energy) < 4 * np.hypot(a.error, b.error)
+    # 1.0 and 3.0 bohr differ by ~0.1 Ha: a swap of the two would show.
+    assert abs(forward[0].energy - forward[1].energy) > 4 * np.hypot(forward[0].error, forward[1].error)
+
+
+def run_vmc_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_cli_pretrain_resume_finetune_and_zero_shot(runs, tmp_path, capsys):
+    config, _, straight, _ = runs
+    run_dir = str(tmp_path / "base")
+    args = ["pretrain", config.systems.spec, "--run-dir", run_dir, "--preset", "tiny", "--float64",
+            "--geometries-per-step", "2", "--walkers", "16", "--pretrain-steps", "4",
+            "--set", "checkpoint_every=3", "--set", "laplacian=hessian", "--steps", "3", "--json"]
+    code, out, _ = run_vmc_cli(args, capsys)
+    assert code == 0 and json.loads(out)["steps"] == 3
+    assert shared.load_config(run_dir) == config
+    code, out, _ = run_vmc_cli(["pretrain", "--run-dir", run_dir, "--steps", "6", "--json"], capsys)
+    assert code == 0 and json.loads(out)["steps"] == 6
+    assert without_timings(log_lines(run_dir)) == without_timings(log_lines(straight))
+    code, out, _ = run_vmc_cli(["evaluate", run_dir, "--systems", "H2", "--steps", "10", "--json"], capsys)
+    record = json.loads(out)
+    assert code == 0 and record["parameters"] == "vmc step 6"
+    assert record["systems"][0]["reference"] == pytest.approx(-1.1744757)
+    # Fine-tuning starts from every weight of the base model, without HF pretraining.
+    finetuned = str(tmp_path / "finetuned")
+    code, out, _ = run_vmc_cli(["finetune", run_dir, "H2", "--run-dir", finetuned, "--steps", "0", "--json"], capsys)
+    assert code == 0 and json.loads(out)["pretrain_steps"] == 0
+    assert shared.load_config(finetuned).init_from == os.path.abspath(run_dir)
+    _, base_params, _ = shared.load_model(run_dir)
+    _, params, origin = shared.load_model(finetuned)
+    assert origin == "vmc step 0"
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base_params)):
+        np.testing.assert_array_equal(a, b)
+    code, out, _ = run_vmc_cli(["finetune", run_dir, "--run-dir", finetuned, "--steps", "2", "--json"], capsys)
+    assert code == 0 and json.loads(out)["steps"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["pretrain", "hchains:x@1", "--steps", "3"], "hydrogen chain length"),
+    (["pretrain", "nonsense", "--steps", "3"], "unknown system set"),
+    (["pretrain", "H2", "--steps", "3", "--geometries-per-step", "0"], "geometries_per_step"),
+    (["pretrain", "H2", "--steps", "3", "--set", "schedule.schedule=random"], "unknown schedule"),
+    (["finetune", "missing_base", "H2", "--steps", "3"], "not a VMC run directory"),
+    (["finetune", "missing_base", "--steps", "3"], "SYSTEMS is needed"),
+])
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
+    run_dir = tmp_path / "run"
+    code, _, err = run_vmc_cli(args + ["--run-dir", str(run_dir)], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert not run_dir.exists()
