@@ -637,7 +637,7 @@ def run_vmc(run_dir: str, problem: Problem, devices: WalkerParallel, start: Trai
     else:
         truncate_log(os.path.join(run_dir, "log.jsonl"), "vmc", int(state.step))
         state = devices.place(state)
-    all_finite = jax.jit(all_finite)
+    params_finite = jax.jit(all_finite)
 
     def step_fn(state: TrainState):
         t = time.perf_counter()
@@ -650,7 +650,7 @@ def run_vmc(run_dir: str, problem: Problem, devices: WalkerParallel, start: Trai
         energy, n_nonfinite = float(stats["energy"]), int(stats["n_nonfinite"])
         if not np.isfinite(energy) or n_nonfinite > MAX_NONFINITE_FRACTION * cfg.n_walkers:
             raise TrainingDiverged(f"{n_nonfinite} of {cfg.n_walkers} local energies not finite at VMC step {step}")
-        if not bool(all_finite(params)):
+        if not bool(params_finite(params)):
             raise TrainingDiverged(f"non-finite parameters after VMC step {step}")
         new = TrainState(state.step + 1, params, opt_state, sampler, key)
         entry = {"step": step + 1, "energy": energy, "variance": float(stats["variance"]),

@@ -1,0 +1,152 @@
+"""Experiment: a base model pretrained over a set of systems, fine-tuned on a new (larger)
+system, against training the same network from scratch on it.
+
+1. Base model: ``vmc pretrain`` on --base (HF pretraining, then shared VMC), resumable.
+2. Fine-tuned: every weight of the base reused, VMC on --target (no HF pretraining).
+3. From scratch: the same network and settings on --target, HF pretraining then VMC.
+Both target runs are evaluated with fresh walkers (blocking error bars) at every step count of
+--eval-at (0: the zero-shot base model, and the scratch model after HF pretraining only).
+Writes experiments/results/finetuning_<name>_<platform>.json and a PNG of energy vs steps;
+with --reference, a pyscf CCSD(T) energy of the target in a large basis is added.
+
+    .venv/bin/python experiments/finetuning.py --name h6_to_h10 --base hchains:6@1.6,1.8,2.0,2.2 \
+        --target H10 --base-steps 2000 --eval-at 0 100 250 500 1000 --reference cc-pvtz
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from machine import machine_info  # noqa: E402
+from vmc import shared, train  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def ccsd_t_energy(system, basis: str) -> float:
+    """pyscf CCSD(T) total energy of ``system`` in ``basis``, hartree."""
+    from pyscf import cc, scf
+
+    mol = system.to_pyscf(basis)
+    mf = (scf.RHF(mol) if system.spin == 0 else scf.ROHF(mol)).run(conv_tol=1e-10)
+    solver = cc.CCSD(mf).run(conv_tol=1e-8)
+    return float(solver.e_tot + solver.ccsd_t())
+
+
+def curve(run_dir, config, eval_at, args):
+    """[(steps, energy, error)] of the target, training ``run_dir`` up to each step count."""
+    points = []
+    for steps in eval_at:
+        shared.train_shared(run_dir, config, max_steps=steps, progress=False)
+        _, results = shared.evaluate_run(run_dir, n_steps=args.eval_steps, n_walkers=args.eval_walkers,
+                                         progress=False)
+        r = results[0]
+        points.append({"steps": steps, "energy": r.energy, "error": r.error, "variance": r.variance})
+        print(f"  {os.path.basename(run_dir)} step {steps}: {r.energy:.5f} +- {r.error:.5f}", flush=True)
+    return points
+
+
+def plot(path, record):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in record["curves"].items():
+        steps = np.array([p["steps"] for p in points], float)
+        energy = np.array([p["energy"] for p in points])
+        error = np.array([p["error"] for p in points])
+        ax.errorbar(np.maximum(steps, 1), energy, error, marker="o", capsize=3, label=label)
+    if record.get("reference"):
+        ax.axhline(record["reference"]["energy"], color="k", ls="--", lw=1,
+                   label=f"CCSD(T)/{record['reference']['basis']}")
+    ax.set_xscale("log")
+    ax.set_xlabel("VMC steps on the target (0 plotted at 1)")
+    ax.set_ylabel(f"energy of {record['target']} (hartree)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", required=True, help="Name of the result files.")
+    parser.add_argument("--base", required=True, help="System set of the base model.")
+    parser.add_argument("--target", required=True, help="System (or set) to fine-tune on.")
+    parser.add_argument("--preset", default="small", choices=train.PRESET_NAMES)
+    parser.add_argument("--walkers", type=int, help="Walkers per geometry [the preset's].")
+    parser.add_argument("--geometries-per-step", type=int, default=1)
+    parser.add_argument("--base-steps", type=int, default=1000)
+    parser.add_argument("--eval-at", type=int, nargs="+", default=[0, 50, 100, 200])
+    parser.add_argument("--eval-steps", type=int, default=200)
+    parser.add_argument("--eval-walkers", type=int)
+    parser.add_argument("--reference", metavar="BASIS", help="Add a CCSD(T) reference in this basis.")
+    parser.add_argument("--runs", default="runs/finetuning")
+    parser.add_argument("--results", default=RESULTS, help="Where the JSON and PNG go.")
+    parser.add_argument("--fresh", action="store_true", help="Delete earlier runs of this name first.")
+    args = parser.parse_args()
+
+    root = os.path.join(args.runs, args.name)
+    if args.fresh:
+        shutil.rmtree(root, ignore_errors=True)
+    sampling = {} if args.walkers is None else {"n_walkers": args.walkers}
+    schedule = shared.ScheduleConfig(args.geometries_per_step)
+    base_config = shared.preset_config(args.preset, shared.SystemSetConfig(args.base), schedule, **sampling)
+    started = time.perf_counter()
+    base_dir = os.path.join(root, "base")
+    print(f"base model on {args.base}: {args.base_steps} steps", flush=True)
+    base = shared.train_shared(base_dir, base_config, max_steps=args.base_steps)
+    base_seconds = time.perf_counter() - started
+
+    target = shared.SystemSetConfig(args.target)
+    finetune_config = dataclasses.replace(
+        base_config, systems=target, vmc=dataclasses.replace(base_config.vmc, pretrain_steps=0),
+        init_from=os.path.abspath(base_dir))
+    scratch_config = dataclasses.replace(base_config, systems=target)
+    eval_at = sorted(set(args.eval_at))
+    curves, seconds = {}, {}
+    for label, config in (("fine-tuned", finetune_config), ("from scratch", scratch_config)):
+        t = time.perf_counter()
+        curves[label] = curve(os.path.join(root, label.replace(" ", "_").replace("-", "_")), config, eval_at, args)
+        seconds[label] = time.perf_counter() - t
+
+    record = {
+        "experiment": "fine-tuning a base model vs training from scratch",
+        "command": " ".join(sys.argv),
+        "base": {"systems": args.base, "steps": base.steps, "pretrain_steps": base.pretrain_steps,
+                 "final_energies": base.energies, "seconds": base_seconds},
+        "target": args.target,
+        "config": base_config.to_record(),
+        "eval": {"steps": args.eval_steps, "walkers": args.eval_walkers or base_config.vmc.n_walkers},
+        "curves": curves,
+        "seconds": seconds,
+        "machine": machine_info(),
+    }
+    if args.reference:
+        system = shared.load_systems(args.target)[0]
+        record["reference"] = {"method": "CCSD(T)", "basis": args.reference,
+                               "energy": ccsd_t_energy(system, args.reference)}
+    platform = jax.devices()[0].platform
+    os.makedirs(args.results, exist_ok=True)
+    stem = os.path.join(args.results, f"finetuning_{args.name}_{platform}")
+    with open(stem + ".json", "w") as f:
+        json.dump(record, f, indent=2)
+    plot(stem + ".png", record)
+    print(f"wrote {stem}.json")
+    for label, points in curves.items():
+        print(f"{label:>13}: " + "  ".join(f"{p['steps']}: {p['energy']:.4f}({1e4 * p['error']:.0f})" for p in points))
+
+
+if __name__ == "__main__":
+    main()
