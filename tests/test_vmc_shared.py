@@ -199,6 +199,7 @@ def test_cli_pretrain_resume_finetune_and_zero_shot(runs, tmp_path, capsys):
     (["pretrain", "H2", "--steps", "3", "--set", "schedule.schedule=random"], "unknown schedule"),
     (["finetune", "missing_base", "H2", "--steps", "3"], "not a VMC run directory"),
     (["finetune", "missing_base", "--steps", "3"], "SYSTEMS is needed"),
+    (["pretrain", "H2", "--steps", "3", "--orbitals", "missing_phisnet_run"], "not a training run directory"),
 ])
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
     run_dir = tmp_path / "run"

@@ -146,6 +146,8 @@ def _sampling(walkers, pretrain_steps, **fixed) -> dict:
 @click.option("--seed", "set_seed", default=0, show_default=True,
               help="Seed of the rotations and distortions of generated geometries.")
 @click.option("--basis", default="sto-6g", show_default=True, help="Minimal basis of the HF orbitals.")
+@click.option("--orbitals", "orbitals_from", metavar="PHISNET_RUN",
+              help="Take the orbitals from this trained PhiSNet model instead of Hartree-Fock.")
 @click.option("--optimizer", type=click.Choice(["kfac", "adam"]), default="kfac", show_default=True)
 @click.option("--walkers", type=int, help="Walkers per geometry [default: the preset's].")
 @click.option("--geometries-per-step", type=int, default=1, show_default=True,
@@ -159,8 +161,8 @@ def _sampling(walkers, pretrain_steps, **fixed) -> dict:
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Override any setting, e.g. --set kfac.learning_rate=0.05.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def pretrain(systems, run_dir, preset, set_seed, basis, optimizer, walkers, geometries_per_step, schedule,
-             pretrain_steps, steps, time_budget, float64, settings, as_json):
+def pretrain(systems, run_dir, preset, set_seed, basis, orbitals_from, optimizer, walkers, geometries_per_step,
+             schedule, pretrain_steps, steps, time_budget, float64, settings, as_json):
     """Train a base model: one wavefunction over a set of molecules and geometries (HF
     pretraining, then shared VMC), or resume --run-dir.
 
@@ -176,7 +178,8 @@ def pretrain(systems, run_dir, preset, set_seed, basis, optimizer, walkers, geom
         config = shared.load_config(run_dir)
     else:
         config = shared.preset_config(
-            preset, shared.SystemSetConfig(systems, seed=set_seed, basis=basis),
+            preset, shared.SystemSetConfig(systems, seed=set_seed, basis=basis,
+                                           orbitals=orbitals_from and os.path.abspath(orbitals_from)),
             shared.ScheduleConfig(geometries_per_step, schedule),
             **_sampling(walkers, pretrain_steps, optimizer=optimizer, float64=float64))
         config = apply_settings(config, settings)
@@ -189,6 +192,8 @@ def pretrain(systems, run_dir, preset, set_seed, basis, optimizer, walkers, geom
 @click.option("--run-dir", required=True, help="Run directory of the fine-tuned model (created, or resumed).")
 @click.option("--seed", "set_seed", default=0, show_default=True,
               help="Seed of the rotations and distortions of generated geometries.")
+@click.option("--orbitals", "orbitals_from", metavar="PHISNET_RUN",
+              help="Take the orbitals from this trained PhiSNet model instead of Hartree-Fock.")
 @click.option("--walkers", type=int, help="Walkers per geometry [default: the base run's].")
 @click.option("--geometries-per-step", type=int, default=1, show_default=True,
               help="Geometries of one composition batched into one optimisation step.")
@@ -200,8 +205,8 @@ def pretrain(systems, run_dir, preset, set_seed, basis, optimizer, walkers, geom
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Override a setting of the fine-tuning run, e.g. --set kfac.damping=1e-3.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def finetune(base_run, systems, run_dir, set_seed, walkers, geometries_per_step, schedule, pretrain_steps,
-             steps, time_budget, settings, as_json):
+def finetune(base_run, systems, run_dir, set_seed, orbitals_from, walkers, geometries_per_step, schedule,
+             pretrain_steps, steps, time_budget, settings, as_json):
     """Fine-tune the model of BASE_RUN (any vmc train / pretrain / finetune run directory;
     every weight is reused) on SYSTEMS, or resume --run-dir (then SYSTEMS is left out).
 
@@ -226,7 +231,8 @@ def finetune(base_run, systems, run_dir, set_seed, walkers, geometries_per_step,
             basis, localization = base.system.basis, base.system.localization
         sampling = dataclasses.replace(base.vmc, **_sampling(walkers, pretrain_steps))
         config = shared.SharedRunConfig(
-            systems=shared.SystemSetConfig(systems, seed=set_seed, basis=basis, localization=localization),
+            systems=shared.SystemSetConfig(systems, seed=set_seed, basis=basis, localization=localization,
+                                           orbitals=orbitals_from and os.path.abspath(orbitals_from)),
             ansatz=base.ansatz, vmc=sampling, kfac=base.kfac, adam=base.adam,
             schedule=shared.ScheduleConfig(geometries_per_step, schedule),
             init_from=os.path.abspath(base_run))

@@ -83,7 +83,8 @@ class GeometryGroup:
     Attributes:
       members: indices of the group's systems in the system set, in set order.
       systems: the systems themselves.
-      hartree_fock: their Hartree-Fock orbitals.
+      hartree_fock: their occupied orbitals (Hartree-Fock, or from another source such as a
+        PhiSNet prediction): the pretraining targets, and the source of the orbital features.
       geometries: :class:`Geometry` stacked over the members (leading axis ``size``).
       ao_values: ``fn(atom_positions (n_atoms, 3), points (P, 3)) -> (P, n_ao)``, the AOs of
         the composition's basis (the same shells for every member).
@@ -137,17 +138,21 @@ def build_groups(
     localization: str | None = "boys",
     dtype=jnp.float32,
     progress: bool = True,
+    orbital_source: Callable[[System], orbitals.HartreeFockOrbitals] | None = None,
 ) -> list[GeometryGroup]:
-    """Run Hartree-Fock on every system and group the systems by :func:`composition`, groups
-    in the order of their first member. Raises InputError for a system HF or the ansatz
-    cannot take."""
+    """Occupied orbitals of every system (Hartree-Fock, or ``orbital_source(system)``, e.g.
+    :func:`vmc.orbitals.predicted_orbitals`) and the systems grouped by :func:`composition`,
+    groups in the order of their first member. Raises InputError for a system the orbital
+    source or the ansatz cannot take."""
     from tqdm import tqdm
 
+    if orbital_source is None:
+        orbital_source = functools.partial(orbitals.hartree_fock, basis=basis, localization=localization)
     by_key: dict[tuple, list[int]] = {}
     solved = []
-    for index, system in enumerate(tqdm(system_set, desc="Hartree-Fock", unit="system",
+    for index, system in enumerate(tqdm(system_set, desc="orbitals", unit="system",
                                         file=sys.stderr, disable=None if progress else True)):
-        solved.append(orbitals.hartree_fock(system, basis=basis, localization=localization))
+        solved.append(orbital_source(system))
         by_key.setdefault(composition(system), []).append(index)
     groups = []
     for members in by_key.values():

@@ -171,7 +171,7 @@ class HartreeFockOrbitals:
       basis_name: the pyscf basis-set name.
       atomic_numbers: (n_atoms,); atom_positions: (n_atoms, 3) bohr.
       energy: Hartree-Fock total energy, hartree.
-      method: "RHF" or "ROHF".
+      method: "RHF" or "ROHF"; "PhiSNet" (or another label) for orbitals of a given Fock matrix.
       localization: "boys" or None (canonical orbitals).
     """
 
@@ -367,6 +367,81 @@ def _hartree_fock(system, mol, basis, localization, conv_tol) -> HartreeFockOrbi
         method="RHF" if system.spin == 0 else "ROHF",
         localization=localization,
     )
+
+
+def orbitals_from_fock(
+    system: System,
+    fock: np.ndarray,
+    overlap: np.ndarray,
+    fock_basis: str,
+    basis: str = DEFAULT_BASIS,
+    localization: str | None = "boys",
+    energy: float = float("nan"),
+    method: str = "predicted",
+) -> HartreeFockOrbitals:
+    """Occupied closed-shell orbitals of a Fock matrix given in any AO basis (e.g. predicted by
+    PhiSNet), expressed in the minimal ``basis`` the orbital featurizer takes.
+
+    1. Roothaan equations F C = S C eps in ``fock_basis``; the n_electrons / 2 lowest orbitals
+       are occupied.
+    2. Localised (Boys), ordered and sign-fixed there, with this F and S, as for HF.
+    3. Each orbital projected onto ``basis`` by least squares (C_min = S_mm^-1 S_mb C), the set
+       made orthonormal again by Loewdin's symmetric orthonormalisation (the smallest change of
+       every orbital), signs fixed again. Orbital energies are those of step 2.
+
+    Args:
+        fock, overlap: (M, M) in ``fock_basis``, pyscf AO order.
+        energy: total energy to record (hartree), e.g. the model's prediction.
+    """
+    from pyscf import gto
+    from scipy.linalg import eigh, solve
+
+    if system.spin != 0:
+        raise InputError("orbitals from a Fock matrix need a closed-shell system (spin 0)")
+    big = system.to_pyscf(fock_basis)
+    fock = np.asarray(fock, np.float64)
+    overlap = np.asarray(overlap, np.float64)
+    if fock.shape != (big.nao, big.nao) or overlap.shape != fock.shape:
+        raise InputError(f"the Fock and overlap matrices must be {big.nao} x {big.nao} in "
+                         f"{fock_basis} for {system.name or 'this system'}, got {fock.shape}")
+    _, vectors = eigh(fock, overlap)
+    occupied = vectors[:, : system.n_electrons // 2]
+    if localization == "boys":
+        occupied = boys_localize(big, occupied)
+    elif localization is not None:
+        raise InputError(f"unknown localisation {localization!r}; expected one of {LOCALIZATIONS}")
+    occupied, energies = _finish(big, occupied, fock, overlap, AOLayout.from_mole(big))
+    small = system.to_pyscf(basis)
+    small_overlap = small.intor_symmetric("int1e_ovlp")
+    projected = solve(small_overlap, gto.intor_cross("int1e_ovlp", small, big) @ occupied, assume_a="pos")
+    metric_values, metric_vectors = eigh(projected.T @ small_overlap @ projected)
+    coefficients = fix_signs(projected @ (metric_vectors / np.sqrt(metric_values)) @ metric_vectors.T)
+    for array in (coefficients, energies):
+        array.setflags(write=False)
+    return HartreeFockOrbitals(
+        coefficients=(coefficients, coefficients),
+        orbital_energies=(energies, energies),
+        layout=AOLayout.from_mole(small),
+        basis=GaussianBasis.from_mole(small),
+        basis_name=basis,
+        atomic_numbers=system.atomic_numbers,
+        atom_positions=system.positions,
+        energy=float(energy),
+        method=method,
+        localization=localization,
+    )
+
+
+def predicted_orbitals(system: System, trained, basis: str = DEFAULT_BASIS,
+                       localization: str | None = "boys") -> HartreeFockOrbitals:
+    """Occupied orbitals of ``system`` from a trained PhiSNet model (``phisnet_jax.evaluate.
+    TrainedModel``) instead of an SCF: predicted F and S -> :func:`orbitals_from_fock`."""
+    from phisnet_jax.prediction import predict
+
+    prediction = predict(trained, system.to_molecule())
+    return orbitals_from_fock(system, prediction.fock, prediction.overlap, trained.config.basis,
+                              basis, localization, energy=np.nan if prediction.energy is None
+                              else prediction.energy, method="PhiSNet")
 
 
 def make_orbital_values(orbitals: HartreeFockOrbitals) -> Callable:

@@ -55,12 +55,25 @@ class SystemSetConfig:
       seed: seed of the random rotations and distortions of generated geometries.
       basis: minimal basis of the HF orbitals (pyscf name).
       localization: "boys" or None (canonical orbitals).
+      orbitals: None for Hartree-Fock orbitals, or the run directory of a trained PhiSNet model
+        whose predicted orbitals replace the SCF (:func:`vmc.orbitals.predicted_orbitals`).
     """
 
     spec: str
     seed: int = 0
     basis: str = orbitals.DEFAULT_BASIS
     localization: str | None = "boys"
+    orbitals: str | None = None
+
+    def orbital_source(self):
+        """``fn(system) -> orbitals`` for :func:`vmc.geometries.build_groups`; None for HF."""
+        if self.orbitals is None:
+            return None
+        from phisnet_jax.evaluate import load_trained_model
+
+        trained = load_trained_model(self.orbitals)
+        return functools.partial(orbitals.predicted_orbitals, trained=trained, basis=self.basis,
+                                 localization=self.localization)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +273,7 @@ class SharedProblem:
         if system_set is None:
             system_set = load_systems(s.spec, seed=s.seed)
         groups = geometries.build_groups(system_set, config.ansatz, s.basis, s.localization,
-                                         train.float_dtype(config.vmc), progress)
+                                         train.float_dtype(config.vmc), progress, s.orbital_source())
         return cls(config, list(system_set), groups)
 
     @property
@@ -735,11 +748,12 @@ class SystemEvaluation:
 def evaluate_model(network: ansatz.AnsatzConfig, params, vmc_config: train.VMCConfig, system_set,
                    n_steps: int = 200, n_walkers: int | None = None, burn_in_sweeps: int | None = None,
                    seed: int = 1, basis: str = orbitals.DEFAULT_BASIS, localization: str | None = "boys",
-                   progress: bool = True) -> list[SystemEvaluation]:
+                   orbitals_from: str | None = None, progress: bool = True) -> list[SystemEvaluation]:
     """Energies of the wavefunction ``params`` on every system of ``system_set``: fresh
     walkers per system, ``burn_in_sweeps`` MCMC calls, then ``n_steps`` calls each followed
     by a local-energy evaluation (all geometries of a composition at once). Sampling settings
-    default to ``vmc_config``'s."""
+    default to ``vmc_config``'s; ``orbitals_from`` is a PhiSNet run whose predicted orbitals
+    replace HF (:class:`SystemSetConfig`)."""
     import sys
 
     from tqdm import tqdm
@@ -751,7 +765,8 @@ def evaluate_model(network: ansatz.AnsatzConfig, params, vmc_config: train.VMCCo
         raise InputError("evaluation needs at least 2 steps")
     cfg = dataclasses.replace(vmc_config, n_walkers=n_walkers or vmc_config.n_walkers,
                               burn_in_sweeps=vmc_config.burn_in_sweeps if burn_in_sweeps is None else burn_in_sweeps)
-    config = SharedRunConfig(SystemSetConfig("evaluation", basis=basis, localization=localization),
+    config = SharedRunConfig(SystemSetConfig("evaluation", basis=basis, localization=localization,
+                                             orbitals=orbitals_from),
                              ansatz=network, vmc=cfg)
     results: dict[int, SystemEvaluation] = {}
     with train.precision(cfg):
@@ -807,12 +822,12 @@ def evaluate_run(run_dir: str, systems_spec: str | None = None, seed_systems: in
     if is_shared_run(run_dir):
         cfg = load_config(run_dir)
         own = run_systems(run_dir, cfg)
-        basis, localization = cfg.systems.basis, cfg.systems.localization
+        basis, localization, orbitals_from = cfg.systems.basis, cfg.systems.localization, cfg.systems.orbitals
     else:
         cfg = train.load_run_config(run_dir)
         s = cfg.system
         own = [system_module.load(s.spec, charge=s.charge, spin=s.spin)]
-        basis, localization = s.basis, s.localization
+        basis, localization, orbitals_from = s.basis, s.localization, None
     system_set = own if systems_spec is None else load_systems(systems_spec, seed=seed_systems)
-    return origin, evaluate_model(network, params, cfg.vmc, system_set, basis=basis,
-                                  localization=localization, **options)
+    return origin, evaluate_model(network, params, cfg.vmc, system_set, basis=basis, localization=localization,
+                                  orbitals_from=orbitals_from, **options)
