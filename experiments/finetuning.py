@@ -32,6 +32,19 @@ from vmc import shared, train  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
+def command_line(argv) -> str:
+    """The command that made a result, without the output locations (--runs, --results)."""
+    kept, skip = [os.path.join("experiments", os.path.basename(argv[0]))], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+        elif arg in ("--runs", "--results"):
+            skip = True
+        else:
+            kept.append(arg)
+    return "python " + " ".join(kept)
+
+
 def ccsd_t_energy(system, basis: str) -> float:
     """pyscf CCSD(T) total energy of ``system`` in ``basis``, hartree."""
     from pyscf import cc, scf
@@ -62,14 +75,27 @@ def plot(path, record):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, points in record["curves"].items():
-        steps = np.array([p["steps"] for p in points], float)
+    # The axis covers the trained points (step > 0) and the reference; starting points far
+    # above (a zero-shot model, say) are written at the top edge instead.
+    trained = [p["energy"] for points in record["curves"].values() for p in points if p["steps"] > 0]
+    if record.get("reference"):
+        trained.append(record["reference"]["energy"])
+    low, high = min(trained), max(trained)
+    margin = 0.15 * (high - low) + 1e-3
+    top = high + margin
+    for k, (label, points) in enumerate(record["curves"].items()):
+        steps = np.maximum(np.array([p["steps"] for p in points], float), 1)
         energy = np.array([p["energy"] for p in points])
-        error = np.array([p["error"] for p in points])
-        ax.errorbar(np.maximum(steps, 1), energy, error, marker="o", capsize=3, label=label)
+        off_scale = energy > top
+        error = np.where(off_scale, 0.0, [p["error"] for p in points])
+        line = ax.errorbar(steps, np.minimum(energy, top), error, marker="o", capsize=3, label=label)
+        for x, e in zip(steps[off_scale], energy[off_scale]):
+            ax.annotate(f"{label} {e:.3f} (off scale)", (x, top), xytext=(6, -12 * (k + 1)),
+                        textcoords="offset points", fontsize="small", color=line.lines[0].get_color())
     if record.get("reference"):
         ax.axhline(record["reference"]["energy"], color="k", ls="--", lw=1,
                    label=f"CCSD(T)/{record['reference']['basis']}")
+    ax.set_ylim(low - margin, top + 0.02 * margin)
     ax.set_xscale("log")
     ax.set_xlabel("VMC steps on the target (0 plotted at 1)")
     ax.set_ylabel(f"energy of {record['target']} (hartree)")
@@ -77,6 +103,12 @@ def plot(path, record):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def replot(json_path: str) -> None:
+    """Redraw the PNG of a result JSON."""
+    with open(json_path) as f:
+        plot(json_path[: -len(".json")] + ".png", json.load(f))
 
 
 def main():
@@ -123,7 +155,7 @@ def main():
 
     record = {
         "experiment": "fine-tuning a base model vs training from scratch",
-        "command": " ".join(sys.argv),
+        "command": command_line(sys.argv),
         "base": {"systems": args.base, "steps": base.steps, "pretrain_steps": base.pretrain_steps,
                  "final_energies": base.energies, "seconds": base_seconds},
         "target": args.target,
