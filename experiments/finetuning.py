@@ -55,16 +55,20 @@ def ccsd_t_energy(system, basis: str) -> float:
     return float(solver.e_tot + solver.ccsd_t())
 
 
-def curve(run_dir, config, eval_at, args):
-    """[(steps, energy, error)] of the target, training ``run_dir`` up to each step count."""
+def curve(run_dir, config, eval_at, eval_steps, eval_walkers=None):
+    """Training ``run_dir`` up to each step count of ``eval_at`` and evaluating it there: a list
+    of {steps, energy, error, variance, systems} with the mean over the run's systems (and its
+    error) and each system's own energy and error."""
     points = []
     for steps in eval_at:
         shared.train_shared(run_dir, config, max_steps=steps, progress=False)
-        _, results = shared.evaluate_run(run_dir, n_steps=args.eval_steps, n_walkers=args.eval_walkers,
-                                         progress=False)
-        r = results[0]
-        points.append({"steps": steps, "energy": r.energy, "error": r.error, "variance": r.variance})
-        print(f"  {os.path.basename(run_dir)} step {steps}: {r.energy:.5f} +- {r.error:.5f}", flush=True)
+        _, results = shared.evaluate_run(run_dir, n_steps=eval_steps, n_walkers=eval_walkers, progress=False)
+        energy = float(np.mean([r.energy for r in results]))
+        error = float(np.sqrt(np.sum([r.error**2 for r in results])) / len(results))
+        points.append({"steps": steps, "energy": energy, "error": error,
+                       "variance": float(np.mean([r.variance for r in results])),
+                       "systems": {r.name: {"energy": r.energy, "error": r.error} for r in results}})
+        print(f"  {os.path.basename(run_dir)} step {steps}: {energy:.5f} +- {error:.5f}", flush=True)
     return points
 
 
@@ -150,7 +154,8 @@ def main():
     curves, seconds = {}, {}
     for label, config in (("fine-tuned", finetune_config), ("from scratch", scratch_config)):
         t = time.perf_counter()
-        curves[label] = curve(os.path.join(root, label.replace(" ", "_").replace("-", "_")), config, eval_at, args)
+        run_dir = os.path.join(root, label.replace(" ", "_").replace("-", "_"))
+        curves[label] = curve(run_dir, config, eval_at, args.eval_steps, args.eval_walkers)
         seconds[label] = time.perf_counter() - t
 
     record = {
