@@ -511,10 +511,11 @@ def pretrain(run_dir: str, problem: SharedProblem, devices: WalkerParallel, time
 def _fresh_vmc_state(problem: SharedProblem, params, samplers, key) -> SharedState:
     """VMC state from ``params`` and walkers ``samplers`` (log|psi| recomputed for the network)."""
     key_opt, key_run = jax.random.split(key)
-    group = problem.groups[0]
-    samplers = tuple(problem.init_sampler(group, params, s.walkers) for group, s in zip(problem.groups, samplers))
-    rows = _rows(np.arange(min(problem.config.schedule.geometries_per_step, group.size)))
-    example = GeometryBatch(samplers[0].walkers[rows], group.select(rows))
+    samplers = tuple(problem.init_sampler(g, params, s.walkers) for g, s in zip(problem.groups, samplers))
+    # KFAC is initialised on a batch shaped like the first group's steps.
+    first = problem.groups[0]
+    rows = _rows(np.arange(min(problem.config.schedule.geometries_per_step, first.size)))
+    example = GeometryBatch(samplers[0].walkers[rows], first.select(rows))
     opt_state = problem.optimizer.init(params, key_opt, example)
     n = len(problem.system_set)
     return SharedState(jnp.asarray(0, jnp.int32), params, opt_state, samplers,
