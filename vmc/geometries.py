@@ -18,17 +18,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vmc import ansatz, hamiltonian, orbitals
 from vmc.systems import System
 
-Params = Any
 
 
 @flax.struct.dataclass
