@@ -28,7 +28,6 @@ from vmc import ansatz, hamiltonian, orbitals
 from vmc.systems import System
 
 
-
 @flax.struct.dataclass
 class Geometry:
     """The geometry-specific arrays of one system (a leading (G,) axis on every leaf when
