@@ -56,6 +56,7 @@ def main():
     parser.add_argument("--preset", default="small", choices=train.PRESET_NAMES)
     parser.add_argument("--eval-at", type=int, nargs="+", default=[0, 100, 300])
     parser.add_argument("--eval-steps", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of parameters, walkers and sampling.")
     parser.add_argument("--reference", metavar="BASIS", help="Add CCSD(T) references in this basis.")
     parser.add_argument("--runs", default="runs/predicted_orbitals")
     parser.add_argument("--results", default=RESULTS)
@@ -69,7 +70,8 @@ def main():
     eval_at = sorted(set(args.eval_at))
     curves, seconds = {}, {}
     for label, source in (("Hartree-Fock orbitals", None), ("PhiSNet orbitals", os.path.abspath(args.phisnet))):
-        config = shared.preset_config(args.preset, shared.SystemSetConfig(args.systems, orbitals=source))
+        config = shared.preset_config(args.preset, shared.SystemSetConfig(args.systems, orbitals=source),
+                                      seed=args.seed)
         t = time.perf_counter()
         curves[label] = curve(os.path.join(root, "phisnet" if source else "hf"), config, eval_at, args.eval_steps)
         seconds[label] = time.perf_counter() - t
