@@ -207,3 +207,10 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, messag
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
     assert not run_dir.exists()
+
+
+def test_every_vmc_subcommand_has_help(capsys):
+    assert {"train", "evaluate", "pretrain", "finetune"} <= set(cli.vmc.commands)
+    for name in cli.vmc.commands:
+        code, out, _ = run_vmc_cli([name, "--help"], capsys)
+        assert code == 0 and out.startswith("Usage: ") and f" {name} [OPTIONS]" in out
