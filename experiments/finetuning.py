@@ -109,6 +109,20 @@ def plot(path, record):
     plt.close(fig)
 
 
+def write_result(results_dir: str, name: str, record: dict) -> None:
+    """``<name>_<platform>.json`` and its PNG in ``results_dir``; the curves printed."""
+    os.makedirs(results_dir, exist_ok=True)
+    stem = os.path.join(results_dir, f"{name}_{jax.devices()[0].platform}")
+    with open(stem + ".json", "w") as f:
+        json.dump(record, f, indent=2)
+    plot(stem + ".png", record)
+    print(f"wrote {stem}.json")
+    width = max(len(label) for label in record["curves"])
+    for label, points in record["curves"].items():
+        print(f"{label:>{width}}: " + "  ".join(f"{p['steps']}: {p['energy']:.4f}({1e4 * p['error']:.0f})"
+                                               for p in points))
+
+
 def replot(json_path: str) -> None:
     """Redraw the PNG of a result JSON."""
     with open(json_path) as f:
@@ -174,15 +188,7 @@ def main():
         system = shared.load_systems(args.target)[0]
         record["reference"] = {"method": "CCSD(T)", "basis": args.reference,
                                "energy": ccsd_t_energy(system, args.reference)}
-    platform = jax.devices()[0].platform
-    os.makedirs(args.results, exist_ok=True)
-    stem = os.path.join(args.results, f"finetuning_{args.name}_{platform}")
-    with open(stem + ".json", "w") as f:
-        json.dump(record, f, indent=2)
-    plot(stem + ".png", record)
-    print(f"wrote {stem}.json")
-    for label, points in curves.items():
-        print(f"{label:>13}: " + "  ".join(f"{p['steps']}: {p['energy']:.4f}({1e4 * p['error']:.0f})" for p in points))
+    write_result(args.results, f"finetuning_{args.name}", record)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ measure of how far the inputs differ. Writes experiments/results/predicted_orbit
 """
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -22,10 +21,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from finetuning import ccsd_t_energy, command_line, curve, plot  # noqa: E402
+from finetuning import ccsd_t_energy, command_line, curve, write_result  # noqa: E402
 from machine import machine_info  # noqa: E402
 from phisnet_jax.evaluate import load_trained_model  # noqa: E402
 from vmc import orbitals, shared, train  # noqa: E402
@@ -88,14 +86,7 @@ def main():
         energies = [ccsd_t_energy(s, args.reference) for s in system_set]
         record["reference"] = {"method": "CCSD(T)", "basis": args.reference, "energy": float(np.mean(energies)),
                                "systems": {s.name: e for s, e in zip(system_set, energies)}}
-    os.makedirs(args.results, exist_ok=True)
-    stem = os.path.join(args.results, f"predicted_orbitals_{args.name}_{jax.devices()[0].platform}")
-    with open(stem + ".json", "w") as f:
-        json.dump(record, f, indent=2)
-    plot(stem + ".png", record)
-    print(f"wrote {stem}.json")
-    for label, points in curves.items():
-        print(f"{label:>22}: " + "  ".join(f"{p['steps']}: {p['energy']:.4f}({1e4 * p['error']:.0f})" for p in points))
+    write_result(args.results, f"predicted_orbitals_{args.name}", record)
 
 
 if __name__ == "__main__":

@@ -49,3 +49,25 @@ def scf_fock(molecule: molecules.Molecule, level: LevelOfTheory):
 @pytest.fixture(scope="session")
 def hf_tight():
     return lambda basis: LevelOfTheory(method="hf", basis=basis, conv_tol=1e-12, conv_tol_grad=1e-8)
+
+
+def log_lines(run_dir):
+    """The JSON lines of a VMC run directory's log.jsonl."""
+    import json
+
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def without_timings(entries):
+    return [{k: v for k, v in e.items() if k != "seconds"} for e in entries]
+
+
+def run_vmc_cli(args, capsys):
+    """(exit code, stdout, stderr) of the ``vmc`` command line run in-process."""
+    from vmc import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import log_lines, run_vmc_cli, without_timings
 
 from vmc import ansatz, cli, geometries, hamiltonian, loss, mcmc, shared, system_sets, systems, train
 
@@ -31,15 +32,6 @@ def tiny_config(set_file, **vmc_changes) -> shared.SharedRunConfig:
     settings = dict(float64=True, checkpoint_every=3, n_walkers=16, pretrain_steps=4, laplacian="hessian")
     settings.update(vmc_changes)
     return shared.preset_config("tiny", shared.SystemSetConfig(set_file), shared.ScheduleConfig(2), **settings)
-
-
-def log_lines(run_dir):
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def without_timings(entries):
-    return [{k: v for k, v in e.items() if k != "seconds"} for e in entries]
 
 
 @pytest.fixture(scope="module")
@@ -153,13 +145,6 @@ def test_evaluation_per_system_keeps_systems_apart(runs):
         assert abs(a.energy - b.energy) < 4 * np.hypot(a.error, b.error)
     # 1.0 and 3.0 bohr differ by ~0.1 Ha: a swap of the two would show.
     assert abs(forward[0].energy - forward[1].energy) > 4 * np.hypot(forward[0].error, forward[1].error)
-
-
-def run_vmc_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(args)
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def test_cli_pretrain_resume_finetune_and_zero_shot(runs, tmp_path, capsys):

@@ -14,21 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import log_lines, run_vmc_cli, without_timings
 
-from vmc import cli, evaluate, mcmc, train
+from vmc import evaluate, mcmc, train
 
 
 def tiny_config(**vmc_changes) -> train.RunConfig:
     return train.preset_config("tiny", train.SystemConfig("H2"), float64=True, checkpoint_every=2, **vmc_changes)
-
-
-def log_lines(run_dir):
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def without_timings(entries):
-    return [{k: v for k, v in e.items() if k != "seconds"} for e in entries]
 
 
 def final_params(run_dir):
@@ -167,13 +159,6 @@ def test_evaluate_gives_energy_with_error_bar(runs):
     # A variational estimate: not below the exact energy by more than 4 error bars.
     assert result.energy > result.reference - 4 * result.error
     assert 0.2 < result.acceptance < 0.9
-
-
-def run_vmc_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(args)
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def test_cli_train_resume_and_evaluate(runs, tmp_path, capsys):

@@ -38,7 +38,6 @@ import numpy as np
 import optax
 
 from phisnet_jax.errors import InputError
-from phisnet_jax.orbital_features import FeatureSlots
 from vmc import ansatz, geometries, loss, mcmc, optimizers, orbitals, system_sets, train
 from vmc.geometries import GeometryBatch, GeometryGroup
 
@@ -114,17 +113,8 @@ class SharedRunConfig:
 
     @classmethod
     def from_record(cls, record: dict) -> "SharedRunConfig":
-        ansatz_record = dict(record["ansatz"])
-        ansatz_record["slots"] = FeatureSlots(tuple(ansatz_record["slots"]["channels"]))
-        return cls(
-            systems=SystemSetConfig(**record["systems"]),
-            ansatz=ansatz.AnsatzConfig(**ansatz_record),
-            vmc=train.VMCConfig(**record["vmc"]),
-            kfac=optimizers.KFACConfig(**record["kfac"]),
-            adam=optimizers.AdamConfig(**record["adam"]),
-            schedule=ScheduleConfig(**record["schedule"]),
-            init_from=record.get("init_from"),
-        )
+        return cls(systems=SystemSetConfig(**record["systems"]), **train.model_sections(record),
+                   schedule=ScheduleConfig(**record["schedule"]), init_from=record.get("init_from"))
 
 
 def preset_config(name: str, systems: SystemSetConfig, schedule: ScheduleConfig = ScheduleConfig(),
@@ -146,25 +136,14 @@ def is_shared_run(run_dir: str) -> bool:
 
 
 def load_config(run_dir: str) -> SharedRunConfig:
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        raise InputError(f"{run_dir} is not a VMC run directory (no config.json)")
-    try:
-        with open(path) as f:
-            return SharedRunConfig.from_record(json.load(f))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"corrupt shared-run configuration {path}: {exc}") from None
+    return train.read_config(run_dir, SharedRunConfig.from_record)
 
 
 def load_model(run_dir: str) -> tuple[ansatz.AnsatzConfig, Any, str]:
     """(network config, parameters, phase and step they come from) of any VMC run directory,
     single-system or shared: the latest VMC checkpoint, else the latest pretraining one."""
-    if is_shared_run(run_dir):
-        cfg = load_config(run_dir)
-        network, vmc_cfg = cfg.ansatz, cfg.vmc
-    else:
-        cfg = train.load_run_config(run_dir)
-        network, vmc_cfg = cfg.ansatz, cfg.vmc
+    cfg = load_config(run_dir) if is_shared_run(run_dir) else train.load_run_config(run_dir)
+    network, vmc_cfg = cfg.ansatz, cfg.vmc
     for phase in ("vmc", "pretrain"):
         step = train.restore_step(run_dir, phase)
         if step is None:

@@ -131,15 +131,20 @@ class RunConfig:
 
     @classmethod
     def from_record(cls, record: dict) -> "RunConfig":
-        ansatz_record = dict(record["ansatz"])
-        ansatz_record["slots"] = FeatureSlots(tuple(ansatz_record["slots"]["channels"]))
-        return cls(
-            system=SystemConfig(**record["system"]),
-            ansatz=ansatz.AnsatzConfig(**ansatz_record),
-            vmc=VMCConfig(**record["vmc"]),
-            kfac=optimizers.KFACConfig(**record["kfac"]),
-            adam=optimizers.AdamConfig(**record["adam"]),
-        )
+        return cls(system=SystemConfig(**record["system"]), **model_sections(record))
+
+
+def model_sections(record: dict) -> dict:
+    """The network, sampling and optimiser sections of a stored run configuration (shared by
+    one-system and shared runs), as their dataclasses."""
+    ansatz_record = dict(record["ansatz"])
+    ansatz_record["slots"] = FeatureSlots(tuple(ansatz_record["slots"]["channels"]))
+    return dict(
+        ansatz=ansatz.AnsatzConfig(**ansatz_record),
+        vmc=VMCConfig(**record["vmc"]),
+        kfac=optimizers.KFACConfig(**record["kfac"]),
+        adam=optimizers.AdamConfig(**record["adam"]),
+    )
 
 
 PRESET_NAMES = ("paper", "small", "tiny")
@@ -182,12 +187,18 @@ def preset_settings(name: str, **vmc_settings) -> tuple[ansatz.AnsatzConfig, VMC
 
 
 def load_run_config(run_dir: str) -> RunConfig:
+    return read_config(run_dir, RunConfig.from_record)
+
+
+def read_config(run_dir: str, from_record):
+    """``from_record`` of the run directory's config.json; InputError if it is missing or
+    does not parse."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         raise InputError(f"{run_dir} is not a VMC run directory (no config.json)")
     try:
         with open(path) as f:
-            return RunConfig.from_record(json.load(f))
+            return from_record(json.load(f))
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"corrupt run configuration {path}: {exc}") from None
 
