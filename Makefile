@@ -16,7 +16,10 @@ venv: $(STAMP)
 
 # Main job on a small built-in default (about 17 minutes on 2 CPU cores): 80 thermally
 # distorted water geometries labelled at PBE/def2-SVP (the paper's level of theory), a small
-# PhiSNet trained on 50 of them for 4 minutes, and its accuracy on the 20 held-out ones; then a
+# PhiSNet trained on 50 of them for 4 minutes, its accuracy on the 20 held-out ones, the observables
+# it predicts for two geometries (orbital energies, density, gap, Mulliken charges, dipole, cube
+# files of the density, HOMO and LUMO) and pyscf SCF iterations from its predicted density against
+# pyscf's own guesses on 5 held-out geometries; then a
 # small neural wavefunction for H2 pretrained to Hartree-Fock and optimised by VMC with KFAC for
 # 800 steps (about 2 minutes), and its energy with a blocking error bar next to the exact one;
 # last, a base wavefunction shared by H4 chains at three spacings (300 steps, 3 geometries per
@@ -31,6 +34,9 @@ run: $(STAMP)
 	$(BIN)/phisnet train $(DEMO)/water.h5 --run-dir $(DEMO)/phisnet --preset small \
 		--train 50 --valid 10 --batch-size 10 --set validate_every=50 --time-budget 240
 	$(BIN)/phisnet evaluate $(DEMO)/phisnet --split test
+	$(BIN)/phisnet predict $(DEMO)/phisnet --dataset $(DEMO)/water.h5 --molecule water --index 0 --index 1 \
+		-o $(DEMO)/prediction.npz --cube $(DEMO)/cubes
+	$(BIN)/phisnet scf-guess $(DEMO)/phisnet --split test -n 5
 	$(BIN)/vmc train H2 --run-dir $(DEMO)/vmc_h2 --preset small --steps 800
 	$(BIN)/vmc evaluate $(DEMO)/vmc_h2 --steps 300
 	$(BIN)/python experiments/finetuning.py --name demo_h4_to_h6 --base hchains:4@1.6,1.8,2.0 \

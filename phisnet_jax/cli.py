@@ -317,14 +317,20 @@ def evaluate(run_dir, dataset, split, as_json):
 @click.option("--molecule", help="Molecule group in --dataset.")
 @click.option("--index", "indices", type=int, multiple=True, help="Sample row(s) in the group [default: all].")
 @click.option("-o", "--output", required=True, help="Output .npz file.")
+@click.option("--cube", "cube_dir", metavar="DIR",
+              help="Also write the density and the HOMO and LUMO of each geometry as cube files into DIR.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def predict(run_dir, xyz_path, dataset, molecule, indices, output, as_json):
-    """Predict F and S (pyscf AO order) for geometries; writes fock, overlap, positions to .npz."""
-    import numpy as np
+def predict(run_dir, xyz_path, dataset, molecule, indices, output, cube_dir, as_json):
+    """Predict F and S (pyscf AO order) for geometries and everything derived from them.
 
+    The .npz holds, per geometry, F, S, orbital energies and coefficients, density matrix,
+    HOMO-LUMO gap, Mulliken charges and dipole; with a core-Hamiltonian head also H_core, the
+    energy and the forces (see phisnet_jax.prediction.save_predictions).
+    """
     from phisnet_jax import molecules as mols
-    from phisnet_jax.evaluate import load_trained_model, predict_matrices
-    from phisnet_jax.model import MoleculeInputs, make_inputs
+    from phisnet_jax import observables
+    from phisnet_jax import prediction as predictions
+    from phisnet_jax.evaluate import distance_warnings, load_trained_model
     from phisnet_jax.train import load_run_config
 
     if bool(xyz_path) == bool(dataset):
@@ -348,9 +354,10 @@ def predict(run_dir, xyz_path, dataset, molecule, indices, output, as_json):
         mols.validate(g)
         if [int(z) for z in g.atomic_numbers] != [int(z) for z in geometries[0].atomic_numbers]:
             raise InputError("all geometries must have the same atoms in the same order")
+        if g.n_electrons % 2:
+            raise InputError(f"{g.n_electrons} electrons: only closed-shell molecules can be predicted")
     model_cfg.element_basis.index_of(geometries[0].atomic_numbers)  # elements the model knows
     trained = load_trained_model(run_dir)
-    from phisnet_jax.evaluate import distance_warnings
 
     n_outside = 0
     for k, g in enumerate(geometries):
@@ -359,19 +366,32 @@ def predict(run_dir, xyz_path, dataset, molecule, indices, output, as_json):
         if problems:
             print(f"warning: geometry {k} is outside the training data: {problems[0]}"
                   f"{f' (and {len(problems) - 1} more pairs)' if len(problems) > 1 else ''}", file=sys.stderr)
-    per = [make_inputs(trained.config, g.atomic_numbers, g.positions) for g in geometries]
-    stacked = MoleculeInputs(**{k: np.stack([getattr(p, k) for p in per]) for k in vars(per[0])})
-    fock, overlap = predict_matrices(trained, stacked)
-    tmp = output + ".tmp.npz"
-    np.savez(tmp, fock=fock, overlap=overlap, atomic_numbers=geometries[0].atomic_numbers,
-             positions=np.stack([g.positions for g in geometries]), basis=trained.config.basis,
-             units="hartree, bohr; AOs in pyscf order")
-    os.replace(tmp, output)
-    summary = {"output": output, "geometries": len(geometries), "n_ao": int(fock.shape[-1]),
+    results = [predictions.predict(trained, g) for g in geometries]
+    predictions.save_predictions(output, results)
+    cube_files = []
+    if cube_dir:
+        os.makedirs(cube_dir, exist_ok=True)
+        for k, p in enumerate(results):
+            homo_lumo = [p.n_occupied - 1, p.n_occupied] if p.n_occupied < p.orbital_energies.size else [p.n_occupied - 1]
+            cube_files += observables.write_cube_files(mols.to_pyscf(p.molecule, p.basis), p.density_matrix,
+                                                       p.coefficients, homo_lumo, os.path.join(cube_dir, f"geometry{k}"))
+    summary = {"output": output, "geometries": len(geometries), "n_ao": int(results[0].fock.shape[-1]),
                "basis": trained.config.basis, "model_step": trained.step,
-               "geometries_outside_training_distances": n_outside}
-    click.echo(json.dumps(summary) if as_json else
-               f"wrote {output}: F and S for {len(geometries)} geometries ({fock.shape[-1]} AOs, {trained.config.basis})")
+               "geometries_outside_training_distances": n_outside,
+               "homo_lumo_gap_hartree": [p.homo_lumo_gap for p in results],
+               "dipole_au": [p.dipole.tolist() for p in results],
+               "energy_hartree": [p.energy for p in results] if results[0].energy is not None else None,
+               "cube_files": cube_files}
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    click.echo(f"wrote {output}: {len(geometries)} geometries ({results[0].fock.shape[-1]} AOs, {trained.config.basis})"
+               + (f" and {len(cube_files)} cube files in {cube_dir}" if cube_files else ""))
+    shown = 10
+    for k, p in enumerate(results[:shown]):
+        click.echo(f"  geometry {k}: {predictions.summary_line(p)}")
+    if len(results) > shown:
+        click.echo(f"  ... {len(results) - shown} more in {output}")
 
 
 @phisnet.command("scf-guess")

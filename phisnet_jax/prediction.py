@@ -12,6 +12,7 @@ into pyscf, e.g. ``mf.kernel(dm0=p.density_matrix)``).
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -97,3 +98,37 @@ def predict(trained: TrainedModel, mol_or_molecule) -> Prediction:
             mulliken_charges=as_np(mulliken), dipole=as_np(dip), energy=energy, forces=forces,
         )
 
+
+_PER_GEOMETRY_FIELDS = ("fock", "overlap", "orbital_energies", "coefficients", "density_matrix",
+                        "homo_lumo_gap", "mulliken_charges", "dipole")
+
+
+def save_predictions(path: str, predictions: list[Prediction]) -> None:
+    """Write predictions of geometries of one molecule to an ``.npz`` file, stacked over geometries.
+
+    Arrays (n geometries, M AOs, N atoms): fock, overlap, density_matrix, coefficients (n, M, M);
+    orbital_energies (n, M); homo_lumo_gap (n,); mulliken_charges (n, N); dipole (n, 3);
+    positions (n, N, 3); atomic_numbers (N,); with an H_core head also core_hamiltonian,
+    energy (n,), forces (n, N, 3). Hartree and bohr, AOs in pyscf's order. Written to a
+    temporary name and renamed, so the file is either complete or absent.
+    """
+    fields = list(_PER_GEOMETRY_FIELDS)
+    if all(p.energy is not None for p in predictions):
+        fields += ["core_hamiltonian", "energy", "forces"]
+    arrays = {name: np.stack([np.asarray(getattr(p, name), np.float64) for p in predictions]) for name in fields}
+    tmp = path[: -len(".npz")] + ".tmp.npz"
+    np.savez(tmp, **arrays, atomic_numbers=predictions[0].molecule.atomic_numbers,
+             positions=np.stack([p.molecule.positions for p in predictions]), basis=predictions[0].basis,
+             units="hartree, bohr, e; AOs in pyscf order")
+    os.replace(tmp, path)
+
+
+def summary_line(prediction: Prediction) -> str:
+    """HOMO-LUMO gap, dipole and (if predicted) energy of one prediction, in common units."""
+    from pyscf.data.nist import AU2DEBYE, HARTREE2EV
+
+    text = (f"gap {prediction.homo_lumo_gap * HARTREE2EV:.3f} eV, "
+            f"dipole {np.linalg.norm(prediction.dipole) * AU2DEBYE:.3f} D")
+    if prediction.energy is not None:
+        text += f", energy {prediction.energy:.6f} Ha, max |force| {np.abs(prediction.forces).max():.4f} Ha/bohr"
+    return text

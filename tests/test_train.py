@@ -151,10 +151,16 @@ def test_cli_train_evaluate_predict(tmp_path, water_data):
     metrics = json.loads(out.stdout)
     assert metrics["samples"] == 4 and metrics["split"] == "test" and metrics["fock_mae_uha"] > 0
     (tmp_path / "w.xyz").write_text("3\n\nO 0 0 0\nH 0 0.76 0.58\nH 0 -0.76 0.58\n")
-    out = phisnet("predict", "r", "--xyz", "w.xyz", "-o", "p.npz", cwd=tmp_path)
+    out = phisnet("predict", "r", "--xyz", "w.xyz", "-o", "p.npz", "--cube", "cubes", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     with np.load(tmp_path / "p.npz") as z:
         assert z["fock"].shape == (1, 7, 7) and np.all(np.diag(z["overlap"][0]) == 1.0)
+        assert z["orbital_energies"].shape == (1, 7) and "energy" not in z.files  # no H_core head
+        # The predicted density holds water's 10 electrons, shared out by the Mulliken charges.
+        assert abs(np.trace(z["density_matrix"][0] @ z["overlap"][0]) - 10.0) < 1e-4
+        assert abs(z["mulliken_charges"].sum()) < 1e-4
+    assert sorted(os.listdir(tmp_path / "cubes")) == [
+        "geometry0_density.cube", "geometry0_orbital4.cube", "geometry0_orbital5.cube"]
     (tmp_path / "stretched.xyz").write_text("3\n\nO 0 0 0\nH 0 0 2.5\nH 0 -0.76 0.58\n")
     out = phisnet("predict", "r", "--xyz", "stretched.xyz", "-o", "s.npz", "--json", cwd=tmp_path)
     assert out.returncode == 0 and "outside the training data" in out.stderr, out.stderr
