@@ -407,43 +407,10 @@ def scf_guess(run_dir, dataset, molecule, split, xyz_path, max_geometries, as_js
 
     SCF runs at the run's level of theory; converged energies must agree to 1e-8 hartree.
     """
-    import numpy as np
-
-    from phisnet_jax import molecules as mols
     from phisnet_jax import scf_guess as guesses
-    from phisnet_jax.data import SplitSpec, load_splits
-    from phisnet_jax.dataset import read_file_info
-    from phisnet_jax.evaluate import load_trained_model, predict_matrices
-    from phisnet_jax.model import MoleculeInputs, make_inputs
-    from phisnet_jax.train import load_run_config
 
-    model_cfg, _, data_cfg = load_run_config(run_dir)
-    level = read_file_info(data_cfg.dataset).level
-    if xyz_path:
-        geometries = mols.read_xyz(xyz_path)[:max_geometries]
-    else:
-        path = dataset or data_cfg.dataset
-        name = molecule or data_cfg.molecules[0]
-        spec = SplitSpec(0, 0, data_cfg.split_seed) if split == "all" else SplitSpec(
-            data_cfg.n_train, data_cfg.n_valid, data_cfg.split_seed)
-        parts = load_splits(path, [name], model_cfg, spec)
-        data = parts["test"] if split == "all" else parts[split]
-        if len(data) == 0:
-            raise InputError(f"the {split} split of {name} has no samples")
-        z = np.asarray(model_cfg.elements)[np.asarray(data.inputs.element_index[0])[np.asarray(data.inputs.atom_mask[0])]]
-        geometries = [mols.Molecule(z, np.asarray(data.inputs.positions[i])[: len(z)]) for i in range(min(len(data), max_geometries))]
-    for g in geometries:
-        mols.validate(g, level.basis)
-    model_cfg.element_basis.index_of(geometries[0].atomic_numbers)
-    trained = load_trained_model(run_dir)
-    per = [make_inputs(model_cfg, g.atomic_numbers, g.positions) for g in geometries]
-    stacked = MoleculeInputs(**{k: np.stack([getattr(p, k) for p in per]) for k in vars(per[0])})
-    focks, _ = predict_matrices(trained, stacked)
-    results = []
-    for g, f in zip(geometries, focks):
-        results.append(guesses.run_from_guesses(g, level, f))
-    summary = guesses.summarize(results)
-    summary.update({"run_dir": run_dir, "level_of_theory": f"{level.method}/{level.basis}", "model_step": trained.step})
+    summary = guesses.compare_guesses(run_dir, dataset=dataset, molecule=molecule, split=split,
+                                      xyz_path=xyz_path, max_geometries=max_geometries)
     if as_json:
         click.echo(json.dumps(summary))
     else:

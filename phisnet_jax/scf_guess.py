@@ -14,6 +14,7 @@ import time
 import numpy as np
 import scipy.linalg
 
+from phisnet_jax.errors import InputError
 from phisnet_jax.molecules import Molecule, to_pyscf
 from phisnet_jax.reference import LevelOfTheory, make_scf
 
@@ -74,3 +75,53 @@ def summarize(per_geometry: list[list[GuessResult]], energy_tolerance: float = 1
         "max_energy_spread_hartree": float(spread),
         "energies_agree": bool(spread <= energy_tolerance),
     }
+
+
+def held_out_geometries(run_dir: str, dataset: str | None = None, molecule: str | None = None,
+                        split: str = "test", xyz_path: str | None = None, max_geometries: int = 10):
+    """(geometries, level of theory) for a training run: the first ``max_geometries`` of a split
+    of its dataset (default: the run's dataset and first molecule) or of an XYZ file; the level
+    is the run's dataset's. Raises ``InputError`` for an empty split or unsuitable geometries."""
+    from phisnet_jax import molecules as mols
+    from phisnet_jax.data import SplitSpec, load_splits
+    from phisnet_jax.dataset import read_file_info
+    from phisnet_jax.train import load_run_config
+
+    model_cfg, _, data_cfg = load_run_config(run_dir)
+    level = read_file_info(data_cfg.dataset).level
+    if xyz_path:
+        geometries = mols.read_xyz(xyz_path)[:max_geometries]
+    else:
+        name = molecule or data_cfg.molecules[0]
+        spec = SplitSpec(0, 0, data_cfg.split_seed) if split == "all" else SplitSpec(
+            data_cfg.n_train, data_cfg.n_valid, data_cfg.split_seed)
+        parts = load_splits(dataset or data_cfg.dataset, [name], model_cfg, spec)
+        data = parts["test"] if split == "all" else parts[split]
+        if len(data) == 0:
+            raise InputError(f"the {split} split of {name} has no samples")
+        inputs = data.inputs
+        z = np.asarray(model_cfg.elements)[np.asarray(inputs.element_index[0])[np.asarray(inputs.atom_mask[0])]]
+        geometries = [Molecule(z, np.asarray(inputs.positions[i])[: len(z)]) for i in range(min(len(data), max_geometries))]
+    for g in geometries:
+        mols.validate(g, level.basis)
+    model_cfg.element_basis.index_of(geometries[0].atomic_numbers)
+    return geometries, level
+
+
+def compare_guesses(run_dir: str, guesses=PYSCF_GUESSES, **selection) -> dict:
+    """The ``summarize`` table for a trained model on held-out geometries (``held_out_geometries``
+    selection), with the per-geometry results under ``per_geometry``."""
+    from phisnet_jax.evaluate import load_trained_model, predict_matrices
+    from phisnet_jax.model import MoleculeInputs, make_inputs
+
+    geometries, level = held_out_geometries(run_dir, **selection)
+    trained = load_trained_model(run_dir)
+    per = [make_inputs(trained.config, g.atomic_numbers, g.positions) for g in geometries]
+    stacked = MoleculeInputs(**{k: np.stack([getattr(p, k) for p in per]) for k in vars(per[0])})
+    focks, _ = predict_matrices(trained, stacked)
+    results = [run_from_guesses(g, level, f, guesses) for g, f in zip(geometries, focks)]
+    summary = summarize(results)
+    summary.update({"run_dir": run_dir, "level_of_theory": f"{level.method}/{level.basis}",
+                    "conv_tol": level.conv_tol, "model_step": trained.step,
+                    "per_geometry": [[dataclasses.asdict(r) for r in g] for g in results]})
+    return summary

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
@@ -301,15 +302,16 @@ def cast_inputs(inputs: MoleculeInputs, dtype) -> MoleculeInputs:
 
 
 def init_state(model: PhiSNet, cfg: TrainConfig, example: MoleculeInputs, optimizer,
-               data: HamiltonianData | None = None, params=None) -> TrainState:
+               data: HamiltonianData | None = None, params=None, init: Callable | None = None) -> TrainState:
     """A fresh state (step 0, new optimiser).
 
     With ``data``, on-site scalar offsets of F (and of H_core, if the data has it) start at the
     data's means; with ``params`` (e.g. another run's), those are the starting parameters.
+    ``init``: a jitted ``model.init`` to reuse (default: a new one).
     """
     if params is None:
         single = jax.tree.map(lambda a: a[0], example)
-        params = jax.jit(model.init)(jax.random.PRNGKey(cfg.seed), single)
+        params = (init or jax.jit(model.init))(jax.random.PRNGKey(cfg.seed), single)
     else:
         params = jax.tree.map(lambda x: jnp.asarray(x, _float_dtype(cfg)), params)
     if data is not None:
@@ -414,6 +416,27 @@ class TrainResult:
     seconds: float
 
 
+class TrainingFunctions(NamedTuple):
+    """Everything a training run compiles, for one model and training configuration."""
+
+    model: PhiSNet
+    optimizer: optax.GradientTransformation
+    init: Callable  # jitted model.init
+    step: Callable  # jitted (state, inputs, fock, overlap, labels) -> (state, metrics); donates state
+    evaluate: Callable  # make_evaluator(model, cfg, cfg.batch_size)
+
+
+@functools.lru_cache(maxsize=4)
+def training_functions(model_cfg: PhiSNetConfig, train_cfg: TrainConfig) -> TrainingFunctions:
+    """The model, optimiser and jitted functions of a configuration, built once per process so
+    that resumed, extended and repeated runs (notebooks, tests) reuse their compiled code."""
+    model = make_phisnet(model_cfg)
+    optimizer = make_optimizer(train_cfg)
+    return TrainingFunctions(model, optimizer, jax.jit(model.init),
+                             jax.jit(make_train_step(model, train_cfg, optimizer), donate_argnums=(0,)),
+                             make_evaluator(model, train_cfg, train_cfg.batch_size))
+
+
 def train(
     run_dir: str,
     model_cfg: PhiSNetConfig,
@@ -446,7 +469,8 @@ def train(
                 f"{run_dir} holds a run with another configuration; use a new run directory"
             )
         init_from = stored_origin
-    model = make_phisnet(model_cfg)
+    functions = training_functions(model_cfg, train_cfg)
+    model, optimizer = functions.model, functions.optimizer
     dtype = _float_dtype(train_cfg)
     splits = load_splits(data_cfg.dataset, list(data_cfg.molecules), model_cfg,
                          SplitSpec(data_cfg.n_train, data_cfg.n_valid, data_cfg.split_seed),
@@ -458,19 +482,18 @@ def train(
     if train_cfg.batch_size % devices.n_devices:
         raise InputError(f"batch size {train_cfg.batch_size} is not divisible by {devices.n_devices} devices")
 
-    optimizer = make_optimizer(train_cfg)
     with precision(train_cfg):
         example = cast_inputs(train_data.inputs, dtype)
         state = restore_state(run_dir, lambda: state_shapes(model, train_cfg, example, optimizer))
         if state is None:
             if init_from is None:
-                state = init_state(model, train_cfg, example, optimizer, train_data)
+                state = init_state(model, train_cfg, example, optimizer, train_data, init=functions.init)
             else:
                 source_cfg, _, params, source_step = load_ema_parameters(init_from)
                 if source_cfg != model_cfg:
                     raise InputError(f"the model configuration differs from that of {init_from}; "
                                      "fine-tuning needs the same model")
-                state = init_state(model, train_cfg, example, optimizer, params=params)
+                state = init_state(model, train_cfg, example, optimizer, params=params, init=functions.init)
                 # A resumed run restarts from this copy, whatever happens to the source run later.
                 save_state(checkpoints.manager(_checkpoint_dir(run_dir)), state)
                 record["init_from"] = {"run_dir": init_from, "step": source_step, "parameters": "ema"}
@@ -485,7 +508,7 @@ def train(
                 json.dump(record, f, indent=2)
             os.replace(config_path + ".tmp", config_path)
         state = devices.replicate(state)
-        return _loop(run_dir, model, train_cfg, optimizer, devices, state, train_data, valid_data,
+        return _loop(run_dir, functions, train_cfg, devices, state, train_data, valid_data,
                      max_steps, time_budget, progress)
 
 
@@ -535,12 +558,12 @@ def make_evaluator(model: PhiSNet, cfg: TrainConfig, batch_size: int):
     return evaluate
 
 
-def _loop(run_dir, model, cfg, optimizer, devices, state, train_data, valid_data, max_steps, time_budget, progress):
+def _loop(run_dir, functions: TrainingFunctions, cfg, devices, state, train_data, valid_data, max_steps,
+          time_budget, progress):
     from tqdm import tqdm
 
     dtype = _float_dtype(cfg)
-    step_fn = jax.jit(make_train_step(model, cfg, optimizer), donate_argnums=(0,))
-    evaluate = make_evaluator(model, cfg, cfg.batch_size)
+    model, step_fn, evaluate = functions.model, functions.step, functions.evaluate
     manager = checkpoints.manager(_checkpoint_dir(run_dir))
     log_path = os.path.join(run_dir, "log.jsonl")
     start_step = int(state.step)

@@ -63,11 +63,23 @@ def without_timings(entries):
     return [{k: v for k, v in e.items() if k != "seconds"} for e in entries]
 
 
+def _run_cli(main, args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
 def run_vmc_cli(args, capsys):
     """(exit code, stdout, stderr) of the ``vmc`` command line run in-process."""
     from vmc import cli
 
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(args)
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
+    return _run_cli(cli.main, args, capsys)
+
+
+def run_phisnet_cli(args, capsys):
+    """(exit code, stdout, stderr) of the ``phisnet`` command line run in-process (the
+    subprocess entry point ``python -m phisnet_jax`` is exercised by tests/test_generate.py)."""
+    from phisnet_jax import cli
+
+    return _run_cli(cli.main, args, capsys)

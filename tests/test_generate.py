@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from phisnet_jax import dataset, sampling
+from phisnet_jax.generate import SAMPLE_FILE
 from phisnet_jax.reference import LevelOfTheory, compute_labels
 
 PHISNET = [sys.executable, "-m", "phisnet_jax"]
@@ -29,8 +30,8 @@ def digest(path):
 
 
 def staged_samples(staging):
-    return [p for p in os.listdir(staging) if p.startswith("sample_") and p.endswith(".npz")] \
-        if os.path.isdir(staging) else []
+    """Completed staged samples; a kill during a write can leave ``sample_<i>.npz.tmp.npz``."""
+    return [p for p in os.listdir(staging) if SAMPLE_FILE.fullmatch(p)] if os.path.isdir(staging) else []
 
 
 def test_kill_minus_9_then_resume(tmp_path):

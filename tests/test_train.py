@@ -15,10 +15,11 @@ from phisnet_jax.generate import GenerationRequest, generate
 from phisnet_jax.model import PhiSNetConfig
 from phisnet_jax.reference import LevelOfTheory
 from phisnet_jax.sampling import thermal_ensemble
-from conftest import start_geometry
+from conftest import run_phisnet_cli, start_geometry
 
+# The CLI's "tiny" preset on water in STO-3G.
 TINY = PhiSNetConfig(basis="sto-3g", elements=(1, 8), features=8, max_order=2, num_modules=1,
-                     num_radial=8, overlap_features=4)
+                     num_radial=16, overlap_features=4)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,10 @@ def data_config(path):
 
 
 def run(run_dir, path, steps, **overrides):
-    cfg = training.TrainConfig(batch_size=4, validate_every=4, log_every=1, learning_rate=3e-3, **overrides)
+    """Train TINY on the first 8 samples for ``steps`` steps, in float64 unless overridden
+    (one configuration throughout, so one compiled step serves every test)."""
+    settings = dict(batch_size=4, validate_every=4, log_every=1, learning_rate=3e-3, float64=True)
+    cfg = training.TrainConfig(**{**settings, **overrides})
     return training.train(str(run_dir), TINY, cfg, data_config(path), max_steps=steps, progress=False)
 
 
@@ -91,30 +95,28 @@ def test_other_configuration_in_run_dir_is_rejected(tmp_path, water_data):
 
 
 TWO_DEVICE_STEP = r"""
-import os, sys, json
-import jax, numpy as np
-from phisnet_jax import train as training
-from phisnet_jax.model import PhiSNetConfig
-cfg = PhiSNetConfig(basis="sto-3g", elements=(1, 8), features=8, max_order=2, num_modules=1,
-                    num_radial=8, overlap_features=4)
-tcfg = training.TrainConfig(batch_size=4, validate_every=100, float64=True)
-training.train(sys.argv[1], cfg, tcfg, training.DataConfig(sys.argv[2], ("water",), 8, 4),
-               max_steps=1, progress=False)
-print(json.dumps({"devices": len(jax.devices())}))
+import json, sys
+import jax
+sys.path.insert(0, sys.argv[3])
+from test_train import run
+assert jax.device_count() == 2
+run(sys.argv[1], sys.argv[2], 1)
 """
 
 
 def test_two_devices_give_the_same_step_as_one(tmp_path, water_data):
-    params = []
-    for devices in (1, 2):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-        out = subprocess.run([sys.executable, "-c", TWO_DEVICE_STEP, str(tmp_path / f"d{devices}"), water_data],
-                             env=env, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr
-        assert json.loads(out.stdout.strip().splitlines()[-1])["devices"] == devices
-        with jax.enable_x64(True):
-            params.append(jax.tree.leaves(load_trained_model(str(tmp_path / f"d{devices}")).params))
-    for x, y in zip(*params):
+    """One float64 step with the batch split over two (forced CPU) devices, in a subprocess,
+    against the same step on this process's single device (compiled already by the tests above,
+    so only the two-device program is new)."""
+    run(tmp_path / "one", water_data, 1)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = subprocess.run([sys.executable, "-c", TWO_DEVICE_STEP, str(tmp_path / "two"), water_data,
+                          os.path.dirname(__file__)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with jax.enable_x64(True):
+        one, two = (jax.tree.leaves(load_trained_model(str(tmp_path / d)).params) for d in ("one", "two"))
+    assert len(one) == len(two)
+    for x, y in zip(one, two):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12, atol=1e-14)
 
 
@@ -133,26 +135,28 @@ def test_orbital_metrics_against_direct_solution():
     assert abs(cosine - 1.0) < 1e-10
 
 
-def phisnet(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "phisnet_jax", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+def test_cli_train_evaluate_predict(tmp_path, water_data, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
 
+    def phisnet(*args):
+        return run_phisnet_cli(list(args), capsys)
 
-def test_cli_train_evaluate_predict(tmp_path, water_data):
-    common = ["--run-dir", "r", "--train", "8", "--valid", "4", "--preset", "tiny", "--batch-size", "4"]
-    out = phisnet("train", water_data, *common, "--steps", "4", "--set", "validate_every=2", "--json", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["steps"] == 4
+    # The configuration of run() above, so the compiled training step is reused.
+    common = ["--run-dir", "r", "--train", "8", "--valid", "4", "--preset", "tiny", "--batch-size", "4",
+              "--float64", "--set", "validate_every=4", "--set", "log_every=1", "--set", "learning_rate=3e-3"]
+    code, out, err = phisnet("train", water_data, *common, "--steps", "4", "--json")
+    assert code == 0, err
+    assert json.loads(out)["steps"] == 4
     # Resuming without repeating the dataset uses the stored configuration.
-    out = phisnet("train", "--run-dir", "r", "--steps", "6", "--json", cwd=tmp_path)
-    assert out.returncode == 0 and json.loads(out.stdout)["steps"] == 6, out.stderr
-    out = phisnet("evaluate", "r", "--json", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    metrics = json.loads(out.stdout)
+    code, out, err = phisnet("train", "--run-dir", "r", "--steps", "6", "--json")
+    assert code == 0 and json.loads(out)["steps"] == 6, err
+    code, out, err = phisnet("evaluate", "r", "--json")
+    assert code == 0, err
+    metrics = json.loads(out)
     assert metrics["samples"] == 4 and metrics["split"] == "test" and metrics["fock_mae_uha"] > 0
     (tmp_path / "w.xyz").write_text("3\n\nO 0 0 0\nH 0 0.76 0.58\nH 0 -0.76 0.58\n")
-    out = phisnet("predict", "r", "--xyz", "w.xyz", "-o", "p.npz", "--cube", "cubes", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
+    code, out, err = phisnet("predict", "r", "--xyz", "w.xyz", "-o", "p.npz", "--cube", "cubes")
+    assert code == 0, err
     with np.load(tmp_path / "p.npz") as z:
         assert z["fock"].shape == (1, 7, 7) and np.all(np.diag(z["overlap"][0]) == 1.0)
         assert z["orbital_energies"].shape == (1, 7) and "energy" not in z.files  # no H_core head
@@ -162,12 +166,12 @@ def test_cli_train_evaluate_predict(tmp_path, water_data):
     assert sorted(os.listdir(tmp_path / "cubes")) == [
         "geometry0_density.cube", "geometry0_orbital4.cube", "geometry0_orbital5.cube"]
     (tmp_path / "stretched.xyz").write_text("3\n\nO 0 0 0\nH 0 0 2.5\nH 0 -0.76 0.58\n")
-    out = phisnet("predict", "r", "--xyz", "stretched.xyz", "-o", "s.npz", "--json", cwd=tmp_path)
-    assert out.returncode == 0 and "outside the training data" in out.stderr, out.stderr
-    assert json.loads(out.stdout)["geometries_outside_training_distances"] == 1
-    out = phisnet("scf-guess", "r", "--split", "valid", "-n", "2", "--json", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
+    code, out, err = phisnet("predict", "r", "--xyz", "stretched.xyz", "-o", "s.npz", "--json")
+    assert code == 0 and "outside the training data" in err, err
+    assert json.loads(out)["geometries_outside_training_distances"] == 1
+    code, out, err = phisnet("scf-guess", "r", "--split", "valid", "-n", "2", "--json")
+    assert code == 0, err
+    report = json.loads(out)
     assert report["energies_agree"] and report["geometries"] == 2
     assert set(report["guesses"]) == {"predicted", "minao", "atom", "huckel", "1e"}
     (tmp_path / "hcl.xyz").write_text("2\n\nCl 0 0 0\nH 0 0 1.3\n")
@@ -176,9 +180,9 @@ def test_cli_train_evaluate_predict(tmp_path, water_data):
         (["evaluate", "missing_run"], "not a training run directory"),
         (["train", water_data, *common, "--steps", "1", "--set", "nonsense=1"], "unknown setting"),
     ]:
-        out = phisnet(*args, cwd=tmp_path)
-        assert out.returncode == 2 and message in out.stderr, out.stderr
-        assert len(out.stderr.strip().splitlines()) == 1
+        code, _, err = phisnet(*args)
+        assert code == 2 and message in err, err
+        assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "q.npz").exists()
 
 
