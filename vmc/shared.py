@@ -378,7 +378,7 @@ class _SystemSetKey:
         return isinstance(other, _SystemSetKey) and self.key == other.key
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=8)
 def _problem_for(config: SharedRunConfig, system_set: _SystemSetKey) -> SharedProblem:
     return SharedProblem.build(config, system_set.systems)
 
