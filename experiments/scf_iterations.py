@@ -20,8 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax  # noqa: E402
 
 from machine import machine_info  # noqa: E402
-from phisnet_jax.data import SplitSpec, load_splits  # noqa: E402
-from phisnet_jax.evaluate import accuracy, load_trained_model  # noqa: E402
+from phisnet_jax.evaluate import accuracy, load_trained_model, run_split  # noqa: E402
 from phisnet_jax.scf_guess import compare_guesses  # noqa: E402
 from phisnet_jax.train import load_run_config  # noqa: E402
 
@@ -35,16 +34,14 @@ def main():
     parser.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
 
-    summary = compare_guesses(args.run_dir, split=args.split, max_geometries=args.max_geometries)
-    _, _, data_cfg = load_run_config(args.run_dir)
     trained = load_trained_model(args.run_dir)
-    parts = load_splits(data_cfg.dataset, list(data_cfg.molecules), trained.config,
-                        SplitSpec(data_cfg.n_train, data_cfg.n_valid, data_cfg.split_seed))
+    summary = compare_guesses(args.run_dir, trained=trained, split=args.split, max_geometries=args.max_geometries)
+    _, _, data_cfg = load_run_config(args.run_dir)
     record = {
         "benchmark": "SCF iterations from the predicted density vs pyscf's guesses",
         "command": "python experiments/scf_iterations.py " + " ".join(sys.argv[1:]),
         "machine": machine_info(), "jax": jax.__version__,
-        "model_accuracy_on_split": accuracy(trained, parts[args.split]),
+        "model_accuracy_on_split": accuracy(trained, run_split(trained.config, data_cfg, args.split)),
         **summary,
     }
     os.makedirs(args.results, exist_ok=True)

@@ -286,19 +286,13 @@ def train(dataset, run_dir, molecules_, n_train, n_valid, split_seed, preset, ma
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
 def evaluate(run_dir, dataset, split, as_json):
     """Accuracy of a trained model: MAE of F, S, occupied orbital energies, orbital similarity."""
-    from phisnet_jax.data import SplitSpec, load_splits
-    from phisnet_jax.evaluate import accuracy, load_trained_model
+    from phisnet_jax.evaluate import accuracy, load_trained_model, run_split
     from phisnet_jax.train import load_run_config
 
     trained = load_trained_model(run_dir)
     _, _, data_cfg = load_run_config(run_dir)
     path = dataset or data_cfg.dataset
-    names = list(data_cfg.molecules) if dataset is None else None
-    spec = SplitSpec(0, 0, data_cfg.split_seed) if split == "all" else SplitSpec(
-        data_cfg.n_train, data_cfg.n_valid, data_cfg.split_seed)
-    parts = load_splits(path, names, trained.config, spec)
-    data = parts["test"] if split == "all" else parts[split]
-    metrics = accuracy(trained, data)
+    metrics = accuracy(trained, run_split(trained.config, data_cfg, split, dataset))
     metrics.update({"run_dir": run_dir, "dataset": path, "split": split, "step": trained.step})
     if as_json:
         click.echo(json.dumps(metrics))
@@ -354,8 +348,6 @@ def predict(run_dir, xyz_path, dataset, molecule, indices, output, cube_dir, as_
         mols.validate(g)
         if [int(z) for z in g.atomic_numbers] != [int(z) for z in geometries[0].atomic_numbers]:
             raise InputError("all geometries must have the same atoms in the same order")
-        if g.n_electrons % 2:
-            raise InputError(f"{g.n_electrons} electrons: only closed-shell molecules can be predicted")
     model_cfg.element_basis.index_of(geometries[0].atomic_numbers)  # elements the model knows
     trained = load_trained_model(run_dir)
 

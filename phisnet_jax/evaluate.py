@@ -16,11 +16,11 @@ import jax
 import numpy as np
 import scipy.linalg
 
-from phisnet_jax.data import HamiltonianData
+from phisnet_jax.data import HamiltonianData, SplitSpec, load_splits
 from phisnet_jax.errors import InputError
 from phisnet_jax.model import MoleculeInputs, PhiSNet, PhiSNetConfig, make_phisnet
 from phisnet_jax.train import (
-    TrainConfig, _float_dtype, cast_inputs, load_ema_parameters, make_energy_and_forces, precision,
+    DataConfig, TrainConfig, _float_dtype, cast_inputs, load_ema_parameters, make_energy_and_forces, precision,
 )
 
 HARTREE_TO_MICRO = 1e6
@@ -75,6 +75,19 @@ def load_trained_model(run_dir: str) -> TrainedModel:
     """The EMA parameters of the latest checkpoint of a training run."""
     model_cfg, train_cfg, params, step = load_ema_parameters(run_dir)
     return TrainedModel(model_cfg, train_cfg, make_phisnet(model_cfg), params, step)
+
+
+def run_split(model_cfg: PhiSNetConfig, data_cfg: DataConfig, split: str, dataset: str | None = None,
+              molecules: list[str] | None = None) -> HamiltonianData:
+    """A split ("train", "valid", "test" or "all") of a run's molecules divided as the run divided
+    them; ``dataset`` / ``molecules`` replace the run's dataset / molecules (None: every
+    molecule of ``dataset``)."""
+    if dataset is None:
+        dataset, molecules = data_cfg.dataset, molecules or list(data_cfg.molecules)
+    spec = SplitSpec(0, 0, data_cfg.split_seed) if split == "all" else SplitSpec(
+        data_cfg.n_train, data_cfg.n_valid, data_cfg.split_seed)
+    parts = load_splits(dataset, molecules, model_cfg, spec)
+    return parts["test"] if split == "all" else parts[split]
 
 
 def predict_matrices(trained: TrainedModel, inputs: MoleculeInputs, batch_size: int = 16):

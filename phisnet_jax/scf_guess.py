@@ -83,8 +83,8 @@ def held_out_geometries(run_dir: str, dataset: str | None = None, molecule: str 
     of its dataset (default: the run's dataset and first molecule) or of an XYZ file; the level
     is the run's dataset's. Raises ``InputError`` for an empty split or unsuitable geometries."""
     from phisnet_jax import molecules as mols
-    from phisnet_jax.data import SplitSpec, load_splits
     from phisnet_jax.dataset import read_file_info
+    from phisnet_jax.evaluate import run_split
     from phisnet_jax.train import load_run_config
 
     model_cfg, _, data_cfg = load_run_config(run_dir)
@@ -93,10 +93,7 @@ def held_out_geometries(run_dir: str, dataset: str | None = None, molecule: str 
         geometries = mols.read_xyz(xyz_path)[:max_geometries]
     else:
         name = molecule or data_cfg.molecules[0]
-        spec = SplitSpec(0, 0, data_cfg.split_seed) if split == "all" else SplitSpec(
-            data_cfg.n_train, data_cfg.n_valid, data_cfg.split_seed)
-        parts = load_splits(dataset or data_cfg.dataset, [name], model_cfg, spec)
-        data = parts["test"] if split == "all" else parts[split]
+        data = run_split(model_cfg, data_cfg, split, dataset, [name])
         if len(data) == 0:
             raise InputError(f"the {split} split of {name} has no samples")
         inputs = data.inputs
@@ -108,14 +105,15 @@ def held_out_geometries(run_dir: str, dataset: str | None = None, molecule: str 
     return geometries, level
 
 
-def compare_guesses(run_dir: str, guesses=PYSCF_GUESSES, **selection) -> dict:
+def compare_guesses(run_dir: str, guesses=PYSCF_GUESSES, trained=None, **selection) -> dict:
     """The ``summarize`` table for a trained model on held-out geometries (``held_out_geometries``
-    selection), with the per-geometry results under ``per_geometry``."""
+    selection), with the per-geometry results under ``per_geometry``; ``trained``: the run's
+    model if already loaded."""
     from phisnet_jax.evaluate import load_trained_model, predict_matrices
     from phisnet_jax.model import MoleculeInputs, make_inputs
 
     geometries, level = held_out_geometries(run_dir, **selection)
-    trained = load_trained_model(run_dir)
+    trained = trained or load_trained_model(run_dir)
     per = [make_inputs(trained.config, g.atomic_numbers, g.positions) for g in geometries]
     stacked = MoleculeInputs(**{k: np.stack([getattr(p, k) for p in per]) for k in vars(per[0])})
     focks, _ = predict_matrices(trained, stacked)
