@@ -28,22 +28,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from machine import machine_info  # noqa: E402
+from phisnet_speed import timed  # noqa: E402
 from phisnet_jax import molecules, observables  # noqa: E402
 from phisnet_jax.cli import MODEL_PRESETS  # noqa: E402
 from phisnet_jax.model import MoleculeInputs, PhiSNetConfig, make_inputs, make_phisnet  # noqa: E402
 from phisnet_jax.reference import LevelOfTheory, make_scf  # noqa: E402
 from phisnet_jax.train import cast_inputs  # noqa: E402
-
-
-def seconds_per_call(fn, *args, repeats: int) -> tuple[float, float]:
-    """(compile + first call, mean of ``repeats`` further calls) in seconds."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        jax.block_until_ready(fn(*args))
-    return first, (time.perf_counter() - t0) / repeats
 
 
 def scf_seconds(molecule: molecules.Molecule, level: LevelOfTheory, repeats: int) -> dict:
@@ -81,10 +71,10 @@ def model_seconds(preset: str, molecule: molecules.Molecule, basis: str, batch: 
         return eps, observables.density_matrix(coefficients, n_occupied)
 
     one = jax.jit(predict)
-    first, latency = seconds_per_call(one, params, single, repeats=repeats)
+    first, latency, _ = timed(one, params, single, repeats=repeats)
     stacked = MoleculeInputs(**{k: np.repeat(np.asarray(v)[None], batch, 0) for k, v in vars(single).items()})
     many = jax.jit(jax.vmap(predict, in_axes=(None, 0)))
-    _, batch_time = seconds_per_call(many, params, jax.tree.map(jnp.asarray, stacked), repeats=max(1, repeats // 4))
+    _, batch_time, _ = timed(many, params, jax.tree.map(jnp.asarray, stacked), repeats=max(1, repeats // 4))
     return {
         "config": preset, "parameters": n_params, "n_ao": int(single.ao_mask.shape[0]),
         "input_preparation_ms": 1e3 * prepare, "compile_seconds": first - latency,
