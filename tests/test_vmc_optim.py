@@ -229,6 +229,52 @@ def test_optimizer_lowers_h2_energy(name):
     assert end > -1.2  # no estimate below the exact -1.1745 Ha by more than noise
 
 
+def masked_pair_problem():
+    """A toy log|psi| with a dense layer over (electron, electron) pairs whose output is masked
+    out entirely, as the (atom, atom) pair layers of the ansatz are for a single atom, and a
+    dense layer over electrons that reaches log|psi|."""
+
+    def log_psi(params, r):  # r: (n_electrons, 3) bohr
+        pairs = r[:, None, :] - r[None, :, :]
+        no_pairs = jnp.zeros(pairs.shape[:2] + (1,))
+        masked = jnp.sum(no_pairs * jnp.tanh(pairs @ params["pair"]))
+        return -jnp.sum(jnp.abs(r @ params["orbital"])) + masked
+
+    def local_energy(params, walkers):
+        return jnp.sum(walkers**2, axis=(1, 2)) - jax.vmap(log_psi, (None, 0))(params, walkers)
+
+    params = {"pair": jnp.full((3, 4), 0.3), "orbital": jnp.eye(3)[:, :2]}
+    energy_loss = loss.make_energy_loss(
+        log_psi, local_energy, CLIP_SCALE, batched_log_psi=jax.vmap(log_psi, (None, 0))
+    )
+    walkers = jax.random.normal(jax.random.PRNGKey(0), (16, 3, 3))
+    return energy_loss, params, walkers
+
+
+@pytest.mark.parametrize("block", ["project", "kfac_jax_default"])
+def test_kfac_step_is_finite_when_a_pair_layer_is_masked_out(float64, monkeypatch, block):
+    """kfac-jax's own block for such a layer divides by the number of pairs reaching the loss
+    (zero here) and makes the whole update NaN; the project's block keeps it finite and leaves
+    the masked layer's weights unchanged."""
+    import kfac_jax
+
+    if block == "kfac_jax_default":
+        monkeypatch.setattr(optimizers, "repeated_dense_block",
+                            lambda: kfac_jax.curvature_blocks.RepeatedDenseKroneckerFactored)
+    energy_loss, params, walkers = masked_pair_problem()
+    before = jax.tree_util.tree_map(np.array, params)  # kfac-jax donates params
+    optimizer = optimizers.make_kfac(energy_loss, optimizers.KFACConfig(damping=1e-3))
+    state = optimizer.init(params, jax.random.PRNGKey(1), walkers)
+    new_params, _, stats = optimizer.step(params, state, jax.random.PRNGKey(2), walkers)
+    if block == "kfac_jax_default":
+        assert not np.isfinite(float(stats["update_norm"]))
+        return
+    assert float(stats["update_norm"]) > 0
+    np.testing.assert_array_equal(new_params["pair"], before["pair"])
+    assert np.all(np.isfinite(new_params["orbital"]))
+    assert np.max(np.abs(new_params["orbital"] - before["orbital"])) > 0
+
+
 # --- kfac-jax compatibility layer -------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ why); with the default per-walker vmap, kfac-jax rejects the network's orbital l
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import flax.struct
@@ -146,6 +147,27 @@ def make_kfac_log_psi(config, inputs) -> Callable[[Params, jax.Array], jax.Array
     return batched_log_psi
 
 
+@functools.cache
+def repeated_dense_block() -> type:
+    """kfac-jax's curvature block for dense layers applied over extra axes, safe when no
+    repeat reaches the loss.
+
+    kfac-jax scales such a block's curvature by 1 / (average number of repeats whose output
+    tangent is non-zero). For a single atom the (atom, atom) pair layers never reach log|psi|,
+    that average is 0 and 1/0 made the whole first KFAC update NaN. The block's gradient is
+    exactly zero then, so any finite scale leaves those parameters unchanged; 1 is used.
+    """
+    import kfac_jax
+
+    class RepeatedDenseBlock(kfac_jax.curvature_blocks.RepeatedDenseKroneckerFactored):
+        def state_dependent_scale(self, state):
+            repeats = state.average_repeats.value
+            safe = jnp.where(repeats > 0, repeats, 1.0)
+            return jnp.where(repeats > 0, 1.0 / safe, 1.0)
+
+    return RepeatedDenseBlock
+
+
 def make_kfac(loss: EnergyLoss, config: KFACConfig = KFACConfig(),
               batch_size: Callable[[Any], int] | None = None) -> Optimizer:
     """KFAC on ``loss`` (from :func:`vmc.loss.make_energy_loss` with KFAC registration on and
@@ -158,7 +180,8 @@ def make_kfac(loss: EnergyLoss, config: KFACConfig = KFACConfig(),
     kfac-jax finds the network's dense layers by matching patterns in the traced tangent of the
     loss and gives every other parameter a generic (full-matrix) block; the loss is the normal
     predictive distribution that :mod:`vmc.loss` registers on log|psi|, so the curvature is the
-    Fisher matrix of the wavefunction, estimated from gradients of sampled targets.
+    Fisher matrix of the wavefunction, estimated from gradients of sampled targets. Dense layers
+    applied over extra axes (atom pairs) get :func:`repeated_dense_block`.
     """
     import kfac_jax
 
@@ -182,6 +205,7 @@ def make_kfac(loss: EnergyLoss, config: KFACConfig = KFACConfig(),
         num_burnin_steps=0,
         multi_device=False,
         include_norms_in_stats=True,
+        layer_tag_to_block_ctor={"repeated_dense": repeated_dense_block()},
         **({} if batch_size is None else {"batch_size_extractor": batch_size}),
     )
 
