@@ -34,6 +34,8 @@ PYSCF_REFERENCES = {
     "LiH": ("ccsd(t)", {"Li": "cc-pcvqz", "H": "cc-pvqz"}),
     "Li": ("ccsd(t)", "cc-pcvqz"),
     "Be": ("ccsd(t)", "cc-pcvqz"),
+    "H6": ("ccsd(t)", "cc-pvqz"),
+    "H2O": ("ccsd(t)", {"O": "cc-pcvtz", "H": "cc-pvtz"}),
 }
 
 
@@ -67,8 +69,7 @@ def main():
     args = parser.parse_args()
 
     path = os.path.join(RESULTS, f"vmc_energies_{jax.default_backend()}.json")
-    previous = json.load(open(path)) if os.path.exists(path) else {}
-    records = previous.get("systems", {})
+    records = {}
     for name in args.systems:
         sampling = dict(optimizer=args.optimizer)
         if args.walkers:
@@ -111,10 +112,12 @@ def main():
                         os.path.join(RESULTS, f"vmc_energy_{name}_{jax.default_backend()}.png"))
         print(json.dumps({k: record[k] for k in ("system", "vmc_steps", "energy", "error_bar", "exact")
                           if k in record}), flush=True)
+    # Read the stored results only now, so that runs of other systems in parallel are kept.
+    previous = json.load(open(path)) if os.path.exists(path) else {}
     out = {
         "benchmark": "vmc_energies",
         "machine": machine_info(),
-        "systems": records,
+        "systems": {**previous.get("systems", {}), **records},
     }
     os.makedirs(RESULTS, exist_ok=True)
     with open(path + ".tmp", "w") as f:
