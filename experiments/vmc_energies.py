@@ -65,6 +65,8 @@ def main():
     parser.add_argument("--time-budget", type=float, help="seconds of training per system and call")
     parser.add_argument("--eval-walkers", type=int, default=1024)
     parser.add_argument("--eval-steps", type=int, default=1000)
+    parser.add_argument("--eval-burn-in", type=int, help="MCMC calls before evaluation "
+                        "[default: vmc.evaluate.default_burn_in]")
     parser.add_argument("--runs", default="runs/vmc", help="parent of the run directories")
     args = parser.parse_args()
 
@@ -80,7 +82,8 @@ def main():
         result = train.train(run_dir, config, max_steps=args.steps, time_budget=args.time_budget)
         train_seconds = time.perf_counter() - t0
         log = train.read_log(run_dir, "vmc")
-        evaluation = evaluate.evaluate(run_dir, n_steps=args.eval_steps, n_walkers=args.eval_walkers)
+        evaluation = evaluate.evaluate(run_dir, n_steps=args.eval_steps, n_walkers=args.eval_walkers,
+                                       burn_in_sweeps=args.eval_burn_in)
         system = systems.from_name(name)
         exact = exact_energy(system)
         reference = pyscf_reference(system)

@@ -154,6 +154,7 @@ def test_evaluate_gives_energy_with_error_bar(runs):
     _, _, straight, _ = runs
     result = evaluate.evaluate(straight, n_steps=40, progress=False)
     assert result.checkpoint_step == 6 and result.n_nonfinite == 0
+    assert result.burn_in_sweeps == evaluate.MIN_BURN_IN_SWEEPS  # the tiny preset's 4 is raised
     assert result.reference == pytest.approx(-1.1744757)
     assert 0 < result.error < 0.05 and result.variance > 0
     # A variational estimate: not below the exact energy by more than 4 error bars.
@@ -172,9 +173,10 @@ def test_cli_train_resume_and_evaluate(runs, tmp_path, capsys):
     code, out, _ = run_vmc_cli(["train", "--run-dir", run_dir, "--steps", "6", "--json"], capsys)
     assert code == 0 and json.loads(out)["steps"] == 6
     assert without_timings(log_lines(run_dir)) == without_timings(log_lines(straight))
-    code, out, _ = run_vmc_cli(["evaluate", run_dir, "--steps", "10", "--json"], capsys)
+    code, out, _ = run_vmc_cli(["evaluate", run_dir, "--steps", "10", "--burn-in", "3", "--json"], capsys)
     record = json.loads(out)
     assert code == 0 and record["checkpoint_step"] == 6 and np.isfinite(record["energy"])
+    assert record["burn_in_sweeps"] == 3
     code, out, _ = run_vmc_cli(["evaluate", run_dir, "--steps", "10"], capsys)
     assert code == 0 and "exact -1.174476 Ha" in out
 

@@ -247,7 +247,7 @@ def finetune(base_run, systems, run_dir, set_seed, orbitals_from, walkers, geome
 @click.option("--seed-systems", default=0, show_default=True, help="Seed of generated geometries of --systems.")
 @click.option("--steps", default=200, show_default=True, help="MCMC calls with a local-energy evaluation.")
 @click.option("--walkers", type=int, help="Number of walkers [default: the run's].")
-@click.option("--burn-in", "burn_in", type=int, help="MCMC calls before sampling [default: the run's].")
+@click.option("--burn-in", "burn_in", type=int, help="MCMC calls before sampling [default: the run's, at least 200].")
 @click.option("--seed", default=1, show_default=True, help="Seed of the fresh walkers.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def evaluate(run_dir, systems_spec, seed_systems, steps, walkers, burn_in, seed, as_json):

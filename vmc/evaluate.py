@@ -1,7 +1,7 @@
 """Energy of a trained wavefunction from fresh MCMC samples, with a blocking error bar.
 
 The walkers start from scratch (not from the training walkers), are equilibrated for
-``burn_in_sweeps`` MCMC calls and then sampled for ``n_steps`` calls of the run's
+``burn_in_sweeps`` MCMC calls (at least :data:`MIN_BURN_IN_SWEEPS` by default) and then sampled for ``n_steps`` calls of the run's
 ``mcmc_steps`` Metropolis steps each; the local energy of every walker is evaluated after
 every call. Successive calls are correlated, so the error bar of the mean comes from a
 blocking analysis (Flyvbjerg and Petersen 1989) of the series of per-call mean energies.
@@ -24,6 +24,18 @@ from vmc.references import exact_energy
 # Blocking stops while at least this many blocks are left (fewer give a noisy error of the
 # error); the error bar is the largest standard error over the blocking levels kept.
 MIN_BLOCKS = 16
+
+# Fresh walkers are Gaussians around the nuclei, far from |psi|^2 for the core electrons of
+# heavier atoms, and the small step size those electrons need (0.056 bohr on H2O) makes the rest
+# move slowly. On H2O (small preset) the energy drifts over the first 100 calls, and the training
+# runs' 20-call burn-in left it 17 mHa high; evaluation therefore equilibrates for at least this
+# many calls unless told otherwise.
+MIN_BURN_IN_SWEEPS = 200
+
+
+def default_burn_in(run_burn_in_sweeps: int) -> int:
+    """MCMC calls of burn-in before an evaluation: the run's own, at least MIN_BURN_IN_SWEEPS."""
+    return max(run_burn_in_sweeps, MIN_BURN_IN_SWEEPS)
 
 
 def blocking_error(series: np.ndarray) -> float:
@@ -54,6 +66,7 @@ class Evaluation:
     variance: float
     n_steps: int
     n_walkers: int
+    burn_in_sweeps: int
     n_nonfinite: int
     acceptance: float
     checkpoint_step: int
@@ -64,14 +77,14 @@ class Evaluation:
 def evaluate(run_dir: str, n_steps: int = 200, n_walkers: int | None = None,
              burn_in_sweeps: int | None = None, seed: int = 1, progress: bool = True) -> Evaluation:
     """Evaluate the latest VMC checkpoint of ``run_dir`` (or the pretrained parameters if VMC
-    has not started) with fresh walkers; ``n_walkers`` and ``burn_in_sweeps`` default to the
-    run's own settings."""
+    has not started) with fresh walkers; ``n_walkers`` defaults to the run's own and
+    ``burn_in_sweeps`` to :func:`default_burn_in`."""
     from tqdm import tqdm
 
     config = train.load_run_config(run_dir)
     cfg = config.vmc
     n_walkers = n_walkers or cfg.n_walkers
-    burn_in_sweeps = cfg.burn_in_sweeps if burn_in_sweeps is None else burn_in_sweeps
+    burn_in_sweeps = default_burn_in(cfg.burn_in_sweeps) if burn_in_sweeps is None else burn_in_sweeps
     if n_steps < 2:
         raise InputError("evaluation needs at least 2 steps")
     started = time.perf_counter()
@@ -107,7 +120,7 @@ def evaluate(run_dir: str, n_steps: int = 200, n_walkers: int | None = None,
     means = np.asarray(means)
     return Evaluation(
         energy=float(means.mean()), error=blocking_error(means), variance=float(np.mean(variances)),
-        n_steps=n_steps, n_walkers=n_walkers, n_nonfinite=n_nonfinite,
+        n_steps=n_steps, n_walkers=n_walkers, burn_in_sweeps=burn_in_sweeps, n_nonfinite=n_nonfinite,
         acceptance=float(np.mean(acceptances)), checkpoint_step=step,
         reference=exact_energy(problem.system), seconds=time.perf_counter() - started,
     )
