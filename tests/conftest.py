@@ -4,8 +4,11 @@ JAX's persistent compilation cache is switched on (before jax is imported anywhe
 identical computations compiled again, by another closure or a CLI subprocess, load from disk.
 """
 
+import contextlib
 import functools
 import os
+import subprocess
+import sys
 
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax")
@@ -83,3 +86,36 @@ def run_phisnet_cli(args, capsys):
     from phisnet_jax import cli
 
     return _run_cli(cli.main, args, capsys)
+
+
+class BackgroundRun:
+    """``python -c CODE ARGS...`` on two forced CPU devices, started before the tests that need
+    it so that its compilation (a two-device program is compiled anew) runs on the core this
+    single-process test session leaves idle most of the time."""
+
+    def __init__(self, code: str, *args: str):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+        self.process = subprocess.Popen([sys.executable, "-c", code, *args], env=env, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def wait(self, timeout: float = 600) -> subprocess.CompletedProcess:
+        out, err = self.process.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(self.process.args, self.process.returncode, out, err)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+
+@contextlib.contextmanager
+def background_run_for(request, test_name: str, code: str, *args: str):
+    """A :class:`BackgroundRun` while the module's tests run if ``test_name`` is among the
+    selected tests, else None; stopped (killed if still running) at the end of the module."""
+    selected = any(item.originalname == test_name for item in request.session.items)
+    run = BackgroundRun(code, *args) if selected else None
+    try:
+        yield run
+    finally:
+        if run is not None:
+            run.stop()

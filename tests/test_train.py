@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -15,7 +13,7 @@ from phisnet_jax.generate import GenerationRequest, generate
 from phisnet_jax.model import PhiSNetConfig
 from phisnet_jax.reference import LevelOfTheory
 from phisnet_jax.sampling import thermal_ensemble
-from conftest import run_phisnet_cli, start_geometry
+from conftest import background_run_for, run_phisnet_cli, start_geometry
 
 # The CLI's "tiny" preset on water in STO-3G.
 TINY = PhiSNetConfig(basis="sto-3g", elements=(1, 8), features=8, max_order=2, num_modules=1,
@@ -30,6 +28,26 @@ def water_data(tmp_path_factory):
     request = GenerationRequest(output=path, name="water", source="test", n_samples=16, level=level)
     generate(request, lambda: thermal_ensemble(start_geometry("water"), level, 500.0, seed=1), log=lambda m: None)
     return path
+
+
+TWO_DEVICE_STEP = r"""
+import json, sys
+import jax
+sys.path.insert(0, sys.argv[3])
+from test_train import run
+assert jax.device_count() == 2
+run(sys.argv[1], sys.argv[2], 1)
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_device_step(request, water_data, tmp_path_factory):
+    """One step of ``run`` with the batch split over two forced CPU devices, in a subprocess
+    started with the module (see conftest.BackgroundRun)."""
+    run_dir = str(tmp_path_factory.mktemp("two") / "run")
+    with background_run_for(request, "test_two_devices_give_the_same_step_as_one",
+                            TWO_DEVICE_STEP, run_dir, water_data, os.path.dirname(__file__)) as background:
+        yield run_dir, background
 
 
 def data_config(path):
@@ -94,27 +112,15 @@ def test_other_configuration_in_run_dir_is_rejected(tmp_path, water_data):
                        data_config(water_data), max_steps=2, progress=False)
 
 
-TWO_DEVICE_STEP = r"""
-import json, sys
-import jax
-sys.path.insert(0, sys.argv[3])
-from test_train import run
-assert jax.device_count() == 2
-run(sys.argv[1], sys.argv[2], 1)
-"""
-
-
-def test_two_devices_give_the_same_step_as_one(tmp_path, water_data):
+def test_two_devices_give_the_same_step_as_one(tmp_path, water_data, two_device_step):
     """One float64 step with the batch split over two (forced CPU) devices, in a subprocess,
-    against the same step on this process's single device (compiled already by the tests above,
-    so only the two-device program is new)."""
+    against the same step on this process's single device (compiled already by the tests above)."""
     run(tmp_path / "one", water_data, 1)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    out = subprocess.run([sys.executable, "-c", TWO_DEVICE_STEP, str(tmp_path / "two"), water_data,
-                          os.path.dirname(__file__)], env=env, capture_output=True, text=True, timeout=600)
+    two_dir, background = two_device_step
+    out = background.wait()
     assert out.returncode == 0, out.stderr[-3000:]
     with jax.enable_x64(True):
-        one, two = (jax.tree.leaves(load_trained_model(str(tmp_path / d)).params) for d in ("one", "two"))
+        one, two = (jax.tree.leaves(load_trained_model(d).params) for d in (str(tmp_path / "one"), two_dir))
     assert len(one) == len(two)
     for x, y in zip(one, two):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12, atol=1e-14)

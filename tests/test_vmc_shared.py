@@ -135,7 +135,7 @@ def test_evaluation_per_system_keeps_systems_apart(runs):
     config, _, straight, _ = runs
     network, params, _ = shared.load_model(straight)
     pair = SET[:2]
-    options = dict(n_steps=50, n_walkers=64, progress=False)
+    options = dict(n_steps=50, n_walkers=64, burn_in_sweeps=20, progress=False)
     forward = shared.evaluate_model(network, params, config.vmc, pair, **options)
     backward = shared.evaluate_model(network, params, config.vmc, pair[::-1], seed=2, **options)
     assert [r.name for r in forward] == ["H2_a", "H2_b"]
@@ -159,7 +159,7 @@ def test_cli_pretrain_resume_finetune_and_zero_shot(runs, tmp_path, capsys):
     code, out, _ = run_vmc_cli(["pretrain", "--run-dir", run_dir, "--steps", "6", "--json"], capsys)
     assert code == 0 and json.loads(out)["steps"] == 6
     assert without_timings(log_lines(run_dir)) == without_timings(log_lines(straight))
-    code, out, _ = run_vmc_cli(["evaluate", run_dir, "--systems", "H2", "--steps", "10", "--json"], capsys)
+    code, out, _ = run_vmc_cli(["evaluate", run_dir, "--systems", "H2", "--steps", "10", "--burn-in", "4", "--json"], capsys)
     record = json.loads(out)
     assert code == 0 and record["parameters"] == "vmc step 6"
     assert record["systems"][0]["reference"] == pytest.approx(-1.1744757)

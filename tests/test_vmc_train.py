@@ -6,15 +6,13 @@ traced and compiled once per process (:func:`vmc.train.problem_for` keeps them).
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import log_lines, run_vmc_cli, without_timings
+from conftest import background_run_for, log_lines, run_vmc_cli, without_timings
 
 from vmc import evaluate, mcmc, train
 
@@ -29,6 +27,27 @@ def final_params(run_dir):
         problem = train.problem_for(config)
         template = jax.eval_shape(lambda: problem.init_params(jax.random.PRNGKey(0)))
         return train.restore_params(run_dir, "vmc", template)
+
+
+TWO_DEVICE_RUN = textwrap.dedent("""
+    import json, sys
+    import jax
+    sys.path.insert(0, sys.argv[2])
+    from test_vmc_train import tiny_config
+    from vmc import train
+    assert jax.device_count() == 2
+    train.train(sys.argv[1], tiny_config(), max_steps=3, progress=False)
+""")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_device_run(request, tmp_path_factory):
+    """The first 3 steps of the ``runs`` configuration with the walkers sharded over two forced
+    CPU devices, in a subprocess started with the module (see conftest.BackgroundRun)."""
+    run_dir = str(tmp_path_factory.mktemp("two") / "run")
+    with background_run_for(request, "test_walkers_sharded_over_two_devices_give_the_same_run",
+                            TWO_DEVICE_RUN, run_dir, os.path.dirname(__file__)) as background:
+        yield run_dir, background
 
 
 @pytest.fixture(scope="module")
@@ -204,23 +223,10 @@ def test_cli_evaluate_without_checkpoint(tmp_path, capsys):
     assert code == 2 and "not a VMC run directory" in err
 
 
-TWO_DEVICE_RUN = textwrap.dedent("""
-    import json, sys
-    import jax
-    sys.path.insert(0, sys.argv[2])
-    from test_vmc_train import tiny_config
-    from vmc import train
-    assert jax.device_count() == 2
-    train.train(sys.argv[1], tiny_config(), max_steps=3, progress=False)
-""")
-
-
-def test_walkers_sharded_over_two_devices_give_the_same_run(runs, tmp_path):
+def test_walkers_sharded_over_two_devices_give_the_same_run(runs, two_device_run):
     _, _, straight, _ = runs
-    run_dir = str(tmp_path / "two")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    out = subprocess.run([sys.executable, "-c", TWO_DEVICE_RUN, run_dir, os.path.dirname(__file__)],
-                         env=env, capture_output=True, text=True, timeout=600)
+    run_dir, background = two_device_run
+    out = background.wait()
     assert out.returncode == 0, out.stderr[-3000:]
     one = [e for e in log_lines(straight)][: len(log_lines(run_dir))]
     two = log_lines(run_dir)
