@@ -66,7 +66,7 @@ def main():
     parser.add_argument("--eval-walkers", type=int, default=1024)
     parser.add_argument("--eval-steps", type=int, default=1000)
     parser.add_argument("--eval-burn-in", type=int, help="MCMC calls before evaluation "
-                        "[default: vmc.evaluate.default_burn_in]")
+                        "[default: vmc.evaluate.evaluation_burn_in]")
     parser.add_argument("--runs", default="runs/vmc", help="parent of the run directories")
     args = parser.parse_args()
 

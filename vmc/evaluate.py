@@ -1,8 +1,8 @@
 """Energy of a trained wavefunction from fresh MCMC samples, with a blocking error bar.
 
 The walkers start from scratch (not from the training walkers), are equilibrated for
-``burn_in_sweeps`` MCMC calls (at least :data:`MIN_BURN_IN_SWEEPS` by default) and then sampled for ``n_steps`` calls of the run's
-``mcmc_steps`` Metropolis steps each; the local energy of every walker is evaluated after
+``burn_in_sweeps`` MCMC calls (:func:`evaluation_burn_in`) and then sampled for ``n_steps``
+calls of the run's ``mcmc_steps`` Metropolis steps each; the local energy of every walker is evaluated after
 every call. Successive calls are correlated, so the error bar of the mean comes from a
 blocking analysis (Flyvbjerg and Petersen 1989) of the series of per-call mean energies.
 """
@@ -33,9 +33,10 @@ MIN_BLOCKS = 16
 MIN_BURN_IN_SWEEPS = 200
 
 
-def default_burn_in(run_burn_in_sweeps: int) -> int:
-    """MCMC calls of burn-in before an evaluation: the run's own, at least MIN_BURN_IN_SWEEPS."""
-    return max(run_burn_in_sweeps, MIN_BURN_IN_SWEEPS)
+def evaluation_burn_in(requested: int | None, run_burn_in_sweeps: int) -> int:
+    """MCMC calls of burn-in before an evaluation: ``requested`` if given, else the run's own,
+    at least MIN_BURN_IN_SWEEPS."""
+    return max(run_burn_in_sweeps, MIN_BURN_IN_SWEEPS) if requested is None else requested
 
 
 def blocking_error(series: np.ndarray) -> float:
@@ -77,14 +78,14 @@ class Evaluation:
 def evaluate(run_dir: str, n_steps: int = 200, n_walkers: int | None = None,
              burn_in_sweeps: int | None = None, seed: int = 1, progress: bool = True) -> Evaluation:
     """Evaluate the latest VMC checkpoint of ``run_dir`` (or the pretrained parameters if VMC
-    has not started) with fresh walkers; ``n_walkers`` defaults to the run's own and
-    ``burn_in_sweeps`` to :func:`default_burn_in`."""
+    has not started) with fresh walkers; ``n_walkers`` defaults to the run's own and the
+    burn-in is :func:`evaluation_burn_in`."""
     from tqdm import tqdm
 
     config = train.load_run_config(run_dir)
     cfg = config.vmc
     n_walkers = n_walkers or cfg.n_walkers
-    burn_in_sweeps = default_burn_in(cfg.burn_in_sweeps) if burn_in_sweeps is None else burn_in_sweeps
+    burn_in_sweeps = evaluation_burn_in(burn_in_sweeps, cfg.burn_in_sweeps)
     if n_steps < 2:
         raise InputError("evaluation needs at least 2 steps")
     started = time.perf_counter()

@@ -162,8 +162,7 @@ def repeated_dense_block() -> type:
     class RepeatedDenseBlock(kfac_jax.curvature_blocks.RepeatedDenseKroneckerFactored):
         def state_dependent_scale(self, state):
             repeats = state.average_repeats.value
-            safe = jnp.where(repeats > 0, repeats, 1.0)
-            return jnp.where(repeats > 0, 1.0 / safe, 1.0)
+            return jnp.where(repeats > 0, 1.0 / repeats, 1.0)
 
     return RepeatedDenseBlock
 

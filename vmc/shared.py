@@ -732,20 +732,20 @@ def evaluate_model(network: ansatz.AnsatzConfig, params, vmc_config: train.VMCCo
     """Energies of the wavefunction ``params`` on every system of ``system_set``: fresh
     walkers per system, ``burn_in_sweeps`` MCMC calls, then ``n_steps`` calls each followed
     by a local-energy evaluation (all geometries of a composition at once). Sampling settings
-    default to ``vmc_config``'s, the burn-in to :func:`vmc.evaluate.default_burn_in` of it; ``orbitals_from`` is a PhiSNet run whose predicted orbitals
-    replace HF (:class:`SystemSetConfig`)."""
+    default to ``vmc_config``'s, the burn-in to :func:`vmc.evaluate.evaluation_burn_in`;
+    ``orbitals_from`` is a PhiSNet run whose predicted orbitals replace HF
+    (:class:`SystemSetConfig`)."""
     import sys
 
     from tqdm import tqdm
 
-    from vmc.evaluate import blocking_error, default_burn_in
+    from vmc.evaluate import blocking_error, evaluation_burn_in
     from vmc.references import exact_energy
 
     if n_steps < 2:
         raise InputError("evaluation needs at least 2 steps")
     cfg = dataclasses.replace(vmc_config, n_walkers=n_walkers or vmc_config.n_walkers,
-                              burn_in_sweeps=default_burn_in(vmc_config.burn_in_sweeps) if burn_in_sweeps is None
-                              else burn_in_sweeps)
+                              burn_in_sweeps=evaluation_burn_in(burn_in_sweeps, vmc_config.burn_in_sweeps))
     config = SharedRunConfig(SystemSetConfig("evaluation", basis=basis, localization=localization,
                                              orbitals=orbitals_from),
                              ansatz=network, vmc=cfg)
