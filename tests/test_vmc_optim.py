@@ -171,11 +171,8 @@ def run_vmc(make_optimizer, n_iterations, seed=0):
     """Burn-in, then ``n_iterations`` of (optimiser step, MCMC sweep); returns per-iteration
     (energy, variance) and the energy of the initial parameters over a block of sweeps."""
     system, config, inputs, params, log_psi, local_energy = h2_problem(seed, method="folx")
-    energy_loss = loss.make_energy_loss(
-        log_psi, local_energy, CLIP_SCALE,
-        batched_log_psi=optimizers.make_kfac_log_psi(config, inputs),
-    )
-    optimizer = make_optimizer(energy_loss)
+    energy_loss = loss.make_energy_loss(log_psi, local_energy, CLIP_SCALE)
+    optimizer = make_optimizer(energy_loss, optimizers.make_kfac_log_psi(config, inputs))
     key_walkers, key_burn, key_opt, key_loop = jax.random.split(jax.random.PRNGKey(seed), 4)
     state = mcmc.init_state(log_psi, params, start_walkers(system, N_WALKERS), step_size=0.3)
     mcmc_step = mcmc.make_mcmc_step(log_psi, MCMC_STEPS)
@@ -219,7 +216,8 @@ def test_optimizer_lowers_h2_energy(name):
     if name == "kfac":
         make = optimizers.make_kfac
     else:
-        make = functools.partial(optimizers.make_adam, config=optimizers.AdamConfig(1e-2))
+        def make(energy_loss, curvature_log_psi):
+            return optimizers.make_adam(energy_loss, optimizers.AdamConfig(1e-2))
     initial, history = run_vmc(make, n_iterations=32)
     start, start_error = block_mean_and_error(initial)
     end, end_error = block_mean_and_error(history[-BLOCK:])
@@ -244,11 +242,9 @@ def masked_pair_problem():
         return jnp.sum(walkers**2, axis=(1, 2)) - jax.vmap(log_psi, (None, 0))(params, walkers)
 
     params = {"pair": jnp.full((3, 4), 0.3), "orbital": jnp.eye(3)[:, :2]}
-    energy_loss = loss.make_energy_loss(
-        log_psi, local_energy, CLIP_SCALE, batched_log_psi=jax.vmap(log_psi, (None, 0))
-    )
+    energy_loss = loss.make_energy_loss(log_psi, local_energy, CLIP_SCALE)
     walkers = jax.random.normal(jax.random.PRNGKey(0), (16, 3, 3))
-    return energy_loss, params, walkers
+    return energy_loss, jax.vmap(log_psi, (None, 0)), params, walkers
 
 
 @pytest.mark.parametrize("block", ["project", "kfac_jax_default"])
@@ -261,9 +257,9 @@ def test_kfac_step_is_finite_when_a_pair_layer_is_masked_out(float64, monkeypatc
     if block == "kfac_jax_default":
         monkeypatch.setattr(optimizers, "repeated_dense_block",
                             lambda: kfac_jax.curvature_blocks.RepeatedDenseKroneckerFactored)
-    energy_loss, params, walkers = masked_pair_problem()
+    energy_loss, batched_log_psi, params, walkers = masked_pair_problem()
     before = jax.tree_util.tree_map(np.array, params)  # kfac-jax donates params
-    optimizer = optimizers.make_kfac(energy_loss, optimizers.KFACConfig(damping=1e-3))
+    optimizer = optimizers.make_kfac(energy_loss, batched_log_psi, optimizers.KFACConfig(damping=1e-3))
     state = optimizer.init(params, jax.random.PRNGKey(1), walkers)
     new_params, _, stats = optimizer.step(params, state, jax.random.PRNGKey(2), walkers)
     if block == "kfac_jax_default":
@@ -273,6 +269,25 @@ def test_kfac_step_is_finite_when_a_pair_layer_is_masked_out(float64, monkeypatc
     np.testing.assert_array_equal(new_params["pair"], before["pair"])
     assert np.all(np.isfinite(new_params["orbital"]))
     assert np.max(np.abs(new_params["orbital"] - before["orbital"])) > 0
+
+
+def test_kfac_curvature_comes_from_the_curvature_log_psi(float64):
+    """Registering 2 log|psi| for the curvature multiplies the Fisher matrix by 4, so with
+    negligible damping and no norm constraint the first update is a quarter of the one with
+    log|psi| itself (same sampled targets): the curvature is the given function's, while the
+    gradient stays the loss's."""
+    energy_loss, batched_log_psi, params, walkers = masked_pair_problem()
+    config = optimizers.KFACConfig(damping=1e-8, min_damping=1e-8, norm_constraint=1e8)
+    updates = []
+    for scale in (1.0, 2.0):
+        optimizer = optimizers.make_kfac(
+            energy_loss, lambda p, w, s=scale: s * batched_log_psi(p, w), config)
+        start = jax.tree_util.tree_map(jnp.array, params)  # kfac-jax donates params
+        state = optimizer.init(start, jax.random.PRNGKey(1), walkers)
+        new_params, _, _ = optimizer.step(start, state, jax.random.PRNGKey(2), walkers)
+        updates.append(np.asarray(new_params["orbital"]) - np.asarray(params["orbital"]))
+    assert np.max(np.abs(updates[0])) > 1e-3
+    np.testing.assert_allclose(updates[1], updates[0] / 4, rtol=1e-4, atol=1e-12)
 
 
 # --- kfac-jax compatibility layer -------------------------------------------------------------

@@ -58,8 +58,8 @@ def test_batched_geometries_give_the_mean_of_one_system_losses():
                                                dtype=jnp.float64) for i, s in enumerate(pair)])
         params = shared._init_params(jax.random.PRNGKey(3), network, train.VMCConfig(float64=True))
         batch = geometries.GeometryBatch(walkers, group.geometries)
-        grouped = loss.make_energy_loss(None, fns.local_energy, 5.0, register_with_kfac=False,
-                                        batched_log_psi=fns.kfac_log_psi)
+        grouped = loss.make_energy_loss(None, fns.local_energy, 5.0,
+                                        batched_log_psi=geometries.over_batch(fns.log_psi))
         (value, stats), grads = jax.jit(jax.value_and_grad(grouped, has_aux=True))(params, batch)
         values, all_grads = [], []
         for g, system in enumerate(pair):
@@ -67,7 +67,7 @@ def test_batched_geometries_give_the_mean_of_one_system_losses():
             log_psi = ansatz.make_log_psi(network, inputs).log_psi
             local_energy = hamiltonian.make_batched_local_energy(
                 log_psi, jnp.asarray(system.positions), jnp.asarray(system.charges))
-            single = loss.make_energy_loss(log_psi, local_energy, 5.0, register_with_kfac=False)
+            single = loss.make_energy_loss(log_psi, local_energy, 5.0)
             (v, s), gr = jax.jit(jax.value_and_grad(single, has_aux=True))(params, walkers[g])
             np.testing.assert_allclose(stats.energy[g], v, rtol=1e-12)
             np.testing.assert_allclose(stats.variance[g], s.variance, rtol=1e-10)

@@ -17,11 +17,9 @@ where E_L^clip are the local energies clipped to median +- clip_scale x the mean
 deviation from the median. Clipping applies to the gradient only; the reported energy is the
 unclipped mean. Heavy tails of E_L near nodes and nuclei otherwise make single steps explode.
 
-Defining the derivative as a JVP (rather than a VJP or a hand-made gradient) lets kfac-jax
-trace through it: the tangent contains the network's own forward-mode derivative, where
-kfac-jax's graph matcher finds the dense layers, and it registers log|psi| as the output of a
-normal predictive distribution, whose Fisher matrix E[grad log|psi| grad log|psi|^T] is (up to
-a factor) the one natural-gradient VMC needs.
+The loss carries no KFAC registration: KFAC takes its curvature from a separate log|psi|
+function (:func:`vmc.optimizers.make_kfac`), so the gradient here can use the cheapest batched
+log|psi|.
 
 Walkers whose local energy is not finite (NaN or +-inf) are left out of the mean, the variance,
 the median, and the gradient, and are counted in the statistics; deciding what to do about
@@ -106,7 +104,6 @@ def make_energy_loss(
     log_psi: LogPsi,
     local_energy_batched: BatchedLocalEnergy,
     clip_scale: float | None = DEFAULT_CLIP_SCALE,
-    register_with_kfac: bool = True,
     batched_log_psi: BatchedLocalEnergy | None = None,
 ) -> EnergyLoss:
     """The VMC energy loss.
@@ -120,13 +117,9 @@ def make_energy_loss(
             n_walkers)`` with any pytree ``batch`` (then pass ``batched_log_psi`` too).
         clip_scale: local energies are clipped at median +- clip_scale x mean absolute
             deviation for the gradient; None or 0 for no clipping.
-        register_with_kfac: register log|psi| (n_walkers, 1) with kfac-jax as the mean of a
-            normal predictive distribution inside the tangent (needed for KFAC, harmless
-            elsewhere: outside kfac-jax's tracer the tag is an identity).
         batched_log_psi: ``fn(params, walkers) -> (n_walkers,)`` (or ``fn(params, batch) ->
             (n_geometries, n_walkers)``) log|psi|, used for the tangent; default
-            ``vmap(log_psi)``. It must compute the same values; KFAC needs a version in which
-            every layer sees a per-walker input (see :func:`vmc.optimizers.make_kfac_log_psi`).
+            ``vmap(log_psi)``.
 
     Returns:
         ``loss(params, walkers: (n_walkers, n_electrons, 3) bohr) -> (energy, EnergyStats)``:
@@ -172,13 +165,9 @@ def make_energy_loss(
         centred = jnp.where(finite, clipped - baseline, 0.0)
         centred = jax.lax.stop_gradient(centred)
 
-        log_psi_values, log_psi_tangent = jax.jvp(
+        _, log_psi_tangent = jax.jvp(
             lambda p: batched_log_psi(p, walkers), (params,), (params_tangent,)
         )
-        if register_with_kfac:
-            import kfac_jax
-
-            kfac_jax.register_normal_predictive_distribution(log_psi_values.reshape(-1, 1))
         # A walker without a finite energy may also have a non-finite tangent: mask it out
         # rather than multiply it by zero.
         log_psi_tangent = jnp.where(finite, log_psi_tangent, 0.0)

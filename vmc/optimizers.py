@@ -24,8 +24,9 @@ them (that path is not exercised by the tests). kfac-jax's own pmap path (``mult
 is not used here. Note that importing kfac-jax 0.0.8 switches JAX's ``jax_pmap_shmap_merge``
 flag off for the whole process (legacy pmap), which matters only to code that uses pmap.
 
-For KFAC, build the loss with ``batched_log_psi=make_kfac_log_psi(config, inputs)`` (see there
-why); with the default per-walker vmap, kfac-jax rejects the network's orbital layers.
+KFAC takes the gradient from the loss and the curvature from a second function, the
+per-walker log|psi| of :func:`make_kfac_log_psi` (see there why), so the orbital half of the
+network is evaluated once per walker only where the curvature needs it.
 """
 
 from __future__ import annotations
@@ -121,14 +122,15 @@ def _energy_stats(aux) -> dict:
 def make_kfac_log_psi(config, inputs) -> Callable[[Params, jax.Array], jax.Array]:
     """``fn(params, walkers: (n_walkers, n_electrons, 3) bohr) -> (n_walkers,)`` log|psi| of
     :mod:`vmc.ansatz` with the molecule's inputs copied to every walker; pass it as
-    ``batched_log_psi`` to :func:`vmc.loss.make_energy_loss` for KFAC.
+    ``curvature_log_psi`` to :func:`make_kfac`.
 
     Why: under a plain vmap over walkers the orbital half of the network (GNN and heads), which
     does not depend on the electrons, stays unbatched and is evaluated once. KFAC's dense-layer
     blocks need per-walker layer inputs and output derivatives (their Kronecker factors are
     averages over the batch), so kfac-jax rejects unbatched layers. Copying the inputs batches
-    every layer; the values, and hence the loss and gradient, are unchanged. The price is the
-    orbital half evaluated once per walker in the tangent (the local energy is not affected).
+    every layer; the values are unchanged. The price, the orbital half evaluated (and
+    differentiated) once per walker, is paid in the curvature estimate only: the loss and its
+    gradient keep the plain vmap.
     """
     from vmc import ansatz
 
@@ -167,22 +169,30 @@ def repeated_dense_block() -> type:
     return RepeatedDenseBlock
 
 
-def make_kfac(loss: EnergyLoss, config: KFACConfig = KFACConfig(),
+def make_kfac(loss: EnergyLoss, curvature_log_psi: Callable[[Params, Any], jax.Array],
+              config: KFACConfig = KFACConfig(),
               batch_size: Callable[[Any], int] | None = None) -> Optimizer:
-    """KFAC on ``loss`` (from :func:`vmc.loss.make_energy_loss` with KFAC registration on and
-    ``batched_log_psi`` from :func:`make_kfac_log_psi`).
+    """KFAC on ``loss`` (from :func:`vmc.loss.make_energy_loss`), with the curvature of
+    ``curvature_log_psi(params, batch)`` (:func:`make_kfac_log_psi`; any shape, one value
+    per walker, equal to the log|psi| of the loss).
 
     ``batch_size(batch) -> int`` is the number of walkers in a batch, the count of the
     registered log|psi| values; the default, axis 0 of the batch's first leaf, suits a walker
     array (n_walkers, n_electrons, 3). A batch of several geometries passes its own.
 
-    kfac-jax finds the network's dense layers by matching patterns in the traced tangent of the
-    loss and gives every other parameter a generic (full-matrix) block; the loss is the normal
-    predictive distribution that :mod:`vmc.loss` registers on log|psi|, so the curvature is the
-    Fisher matrix of the wavefunction, estimated from gradients of sampled targets. Dense layers
-    applied over extra axes (atom pairs) get :func:`repeated_dense_block`.
+    The gradient is the loss's. The curvature is the Fisher matrix of the wavefunction,
+    E[grad log|psi| grad log|psi|^T], estimated from gradients of sampled targets: log|psi| is
+    registered as the mean of a normal predictive distribution, kfac-jax finds the dense layers
+    of ``curvature_log_psi`` by matching patterns in its traced graph and gives every other
+    parameter a generic (full-matrix) block. Dense layers applied over extra axes (atom pairs)
+    get :func:`repeated_dense_block`.
     """
     import kfac_jax
+
+    def curvature_value(params, batch):
+        values = curvature_log_psi(params, batch)
+        kfac_jax.register_normal_predictive_distribution(values.reshape(-1, 1))
+        return jnp.mean(values)
 
     kfac_compat.ensure_compatible()
     learning_rate = make_learning_rate_schedule(config.learning_rate, config.learning_rate_decay)
@@ -191,6 +201,7 @@ def make_kfac(loss: EnergyLoss, config: KFACConfig = KFACConfig(),
         value_and_grad_func=jax.value_and_grad(loss, has_aux=True),
         l2_reg=0.0,
         value_func_has_aux=True,
+        value_func_for_estimator=curvature_value,
         learning_rate_schedule=learning_rate,
         # No momentum, as in the reference recipe; kfac-jax wants a schedule or an argument.
         momentum_schedule=lambda t: jnp.zeros([]),

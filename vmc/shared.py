@@ -317,13 +317,11 @@ class SharedProblem:
     def optimizer(self) -> optimizers.Optimizer:
         cfg = self.config
         fns = self.functions
-        if cfg.vmc.optimizer == "kfac":
-            energy_loss = loss.make_energy_loss(None, fns.local_energy, cfg.vmc.clip_scale,
-                                                register_with_kfac=True, batched_log_psi=fns.kfac_log_psi)
-            return optimizers.make_kfac(energy_loss, cfg.kfac, batch_size=geometries.walkers_in)
         energy_loss = loss.make_energy_loss(None, fns.local_energy, cfg.vmc.clip_scale,
-                                            register_with_kfac=False,
                                             batched_log_psi=geometries.over_batch(fns.log_psi))
+        if cfg.vmc.optimizer == "kfac":
+            return optimizers.make_kfac(energy_loss, fns.kfac_log_psi, cfg.kfac,
+                                        batch_size=geometries.walkers_in)
         return optimizers.make_adam(energy_loss, cfg.adam)
 
     @property

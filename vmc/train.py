@@ -322,18 +322,14 @@ class Problem:
             jnp.asarray(self.system.charges, dtype), self.config.vmc.laplacian,
         )
 
-    def energy_loss(self, for_kfac: bool):
-        cfg = self.config
-        batched = optimizers.make_kfac_log_psi(cfg.ansatz, self.inputs) if for_kfac else None
-        return loss.make_energy_loss(self.log_psi, self.local_energy, cfg.vmc.clip_scale,
-                                     register_with_kfac=for_kfac, batched_log_psi=batched)
-
     @functools.cached_property
     def optimizer(self) -> optimizers.Optimizer:
         cfg = self.config
+        energy_loss = loss.make_energy_loss(self.log_psi, self.local_energy, cfg.vmc.clip_scale)
         if cfg.vmc.optimizer == "kfac":
-            return optimizers.make_kfac(self.energy_loss(for_kfac=True), cfg.kfac)
-        return optimizers.make_adam(self.energy_loss(for_kfac=False), cfg.adam)
+            return optimizers.make_kfac(
+                energy_loss, optimizers.make_kfac_log_psi(cfg.ansatz, self.inputs), cfg.kfac)
+        return optimizers.make_adam(energy_loss, cfg.adam)
 
     @functools.cached_property
     def sample(self):
