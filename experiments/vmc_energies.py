@@ -4,7 +4,9 @@ For each system: pretrain to the HF orbitals and optimise by VMC (resumable run 
 under --runs), then evaluate the final parameters with fresh walkers (blocking error bar).
 References: the literature's exact energy where known (vmc.references) and a pyscf calculation
 in a large basis (CCSD, exact for two electrons, or CCSD(T): basis-set-limited estimates).
-Writes experiments/results/vmc_energies_<platform>.json and one energy-curve PNG per system.
+Each run is named <system>_<label> (label: --label, default <preset>_<optimizer>), both as its
+run directory and as its record in experiments/results/vmc_energies_<platform>.json, next to
+its energy-curve PNG vmc_energy_<system>_<label>_<platform>.png.
 
     .venv/bin/python experiments/vmc_energies.py --systems H2 LiH --preset small \
         --steps 20000 --time-budget 1200 --eval-walkers 1024 --eval-steps 1000
@@ -23,7 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax  # noqa: E402
 
 from machine import machine_info  # noqa: E402
-from vmc import evaluate, orbitals, systems, train  # noqa: E402
+from vmc import cli, evaluate, orbitals, systems, train  # noqa: E402
 from vmc.references import EXACT_ENERGIES, exact_energy  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -67,6 +69,9 @@ def main():
     parser.add_argument("--eval-steps", type=int, default=1000)
     parser.add_argument("--eval-burn-in", type=int, help="MCMC calls before evaluation "
                         "[default: vmc.evaluate.evaluation_burn_in]")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, as `vmc train --set` (repeatable)")
+    parser.add_argument("--label", help="run name after the system [default: <preset>_<optimizer>]")
     parser.add_argument("--runs", default="runs/vmc", help="parent of the run directories")
     args = parser.parse_args()
 
@@ -77,7 +82,9 @@ def main():
         if args.walkers:
             sampling["n_walkers"] = args.walkers
         config = train.preset_config(args.preset, train.SystemConfig(name), **sampling)
-        run_dir = os.path.join(args.runs, f"{name}_{args.preset}_{args.optimizer}")
+        config = cli.apply_settings(config, tuple(args.settings))
+        run_name = f"{name}_{args.label or f'{args.preset}_{args.optimizer}'}"
+        run_dir = os.path.join(args.runs, run_name)
         t0 = time.perf_counter()
         result = train.train(run_dir, config, max_steps=args.steps, time_budget=args.time_budget)
         train_seconds = time.perf_counter() - t0
@@ -90,6 +97,7 @@ def main():
         hartree_fock = orbitals.hartree_fock(system, basis=config.system.basis).energy
         record = {
             "system": name,
+            "run": run_name,
             "command": "python experiments/vmc_energies.py " + " ".join(sys.argv[1:]),
             "config": config.to_record(),
             "vmc_steps": result.steps,
@@ -110,9 +118,9 @@ def main():
             record["correlation_energy_recovered"] = (hartree_fock - evaluation.energy) / (hartree_fock - exact)
         if reference is not None:
             record["error_vs_pyscf_reference_mha"] = 1000 * (evaluation.energy - reference["energy"])
-        records[name] = record
+        records[run_name] = record
         shutil.copyfile(os.path.join(run_dir, "energy.png"),
-                        os.path.join(RESULTS, f"vmc_energy_{name}_{jax.default_backend()}.png"))
+                        os.path.join(RESULTS, f"vmc_energy_{run_name}_{jax.default_backend()}.png"))
         print(json.dumps({k: record[k] for k in ("system", "vmc_steps", "energy", "error_bar", "exact")
                           if k in record}), flush=True)
     # Read the stored results only now, so that runs of other systems in parallel are kept.
