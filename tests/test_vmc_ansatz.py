@@ -208,6 +208,31 @@ def test_local_energy_of_h2_folx_matches_hessian(hf, params):
     np.testing.assert_allclose(energies["folx"], energies["hessian"], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("smooth", [True, False])
+def test_local_energy_stays_finite_where_electrons_meet(hf, params, smooth):
+    """Li (2 up, 1 down): as a same-spin and an opposite-spin pair meet, the smooth distance
+    features leave the Jastrow factor's exact cusps alone and the local energy has a finite
+    limit; the cusped features add a cusp of their own and it diverges like 1/d."""
+    system, orb = hf("Li")
+    config = dataclasses.replace(CONFIG, smooth_distance_features=smooth)
+    fns = ansatz.make_log_psi(config, ansatz.inputs_from_hartree_fock(orb, config))
+    local_energy = jax.jit(hamiltonian.make_local_energy(fns.log_psi, system.positions,
+                                                         system.charges, "hessian"))
+    base = np.asarray(electrons_near(system, 1))
+    direction = np.array([0.48, -0.6, 0.64])
+    for partner in (1, 2):  # electron 0 meets 1 (same spin), then 2 (opposite spin)
+        energies = []
+        for d in (1e-4, 1e-5):
+            x = base.copy()
+            x[partner] = x[0] + d * direction
+            energies.append(float(local_energy(params, jnp.asarray(x))))
+        change = abs(energies[1] - energies[0])
+        if smooth:
+            assert change < 1e-2, (partner, energies)
+        else:
+            assert change > 1e2, (partner, energies)
+
+
 def test_initial_parameters_give_a_finite_wavefunction(hf, params, wavefunction):
     system, orb = hf("LiH")
     inputs = ansatz.inputs_from_hartree_fock(orb, CONFIG)

@@ -88,6 +88,11 @@ class AnsatzConfig:
       backflow_vectors: equivariant (1o) backflow channels per (atom, orbital, determinant);
         0 keeps only the invariant h_i . f part.
       jastrow: add the electron-electron cusp Jastrow factor.
+      smooth_distance_features: feed the electron streams features that are smooth where two
+        particles meet (functions of d^2), so that the cusps come from the Jastrow factor
+        (electron-electron, exact) and the envelope exponents (electron-nucleus) alone; with
+        False, features of d itself add learned cusps of their own (models stored before the
+        option existed).
       slots: per-atom orbital-feature layout (must match the orbitals' basis).
     """
 
@@ -106,6 +111,7 @@ class AnsatzConfig:
     head_depth: int = 2
     backflow_vectors: int = 8
     jastrow: bool = True
+    smooth_distance_features: bool = True
     slots: FeatureSlots = MINIMAL_BASIS_SLOTS
 
     def __post_init__(self):
@@ -356,9 +362,16 @@ def _spin_mean(x, n_up: int, axis: int):
     return mean(up), mean(down)
 
 
-def _distance_features(d):
-    """(..., 2) smooth features of distances d (bohr): log(1 + d) for range, exp(-d) for
-    short-range detail."""
+def _distance_features(d, smooth: bool):
+    """(..., 2) features of distances d (bohr): one for range, one for short-range detail.
+
+    Smooth: with u = sqrt(1 + d^2), log u and exp(1 - u) (like log d and e exp(-d) far away),
+    even in d and so differentiable where the particles meet: they add no cusp. Otherwise
+    log(1 + d) and exp(-d), whose slope at d = 0 is a cusp the network must learn to cancel.
+    """
+    if smooth:
+        u = jnp.sqrt(1.0 + d**2)
+        return jnp.stack([jnp.log(u), jnp.exp(1.0 - u)], axis=-1)
     return jnp.stack([jnp.log1p(d), jnp.exp(-d)], axis=-1)
 
 
@@ -389,9 +402,10 @@ class ElectronEmbedding(nn.Module):
         spin = (jnp.arange(n_el) < n_up).astype(electrons.dtype)
         same_spin = (spin[:, None] == spin[None, :]).astype(electrons.dtype)
 
-        ee_input = jnp.concatenate([_distance_features(d_ee), same_spin[..., None]], axis=-1)
+        smooth = cfg.smooth_distance_features
+        ee_input = jnp.concatenate([_distance_features(d_ee, smooth), same_spin[..., None]], axis=-1)
         en_input = jnp.concatenate(
-            [_distance_features(d_en),
+            [_distance_features(d_en, smooth),
              jnp.broadcast_to(elements[None], (n_el,) + elements.shape).astype(electrons.dtype)],
             axis=-1,
         )

@@ -139,6 +139,8 @@ def model_sections(record: dict) -> dict:
     one-system and shared runs), as their dataclasses."""
     ansatz_record = dict(record["ansatz"])
     ansatz_record["slots"] = FeatureSlots(tuple(ansatz_record["slots"]["channels"]))
+    # Models stored before the option existed were trained with the cusped features.
+    ansatz_record.setdefault("smooth_distance_features", False)
     return dict(
         ansatz=ansatz.AnsatzConfig(**ansatz_record),
         vmc=VMCConfig(**record["vmc"]),
