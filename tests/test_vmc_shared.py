@@ -29,7 +29,7 @@ def write_set(path):
 
 
 def tiny_config(set_file, **vmc_changes) -> shared.SharedRunConfig:
-    settings = dict(float64=True, checkpoint_every=3, n_walkers=16, pretrain_steps=4, laplacian="hessian")
+    settings = dict(float64=True, checkpoint_every=3, n_walkers=16, pretrain_steps=4)
     settings.update(vmc_changes)
     return shared.preset_config("tiny", shared.SystemSetConfig(set_file), shared.ScheduleConfig(2), **settings)
 
@@ -53,7 +53,7 @@ def test_batched_geometries_give_the_mean_of_one_system_losses():
         network = ansatz.small_config(n_determinants=1, embedding_layers=1, gnn_iterations=1)
         pair = SET[:2]
         group = geometries.build_groups(pair, network, dtype=jnp.float64, progress=False)[0]
-        fns = geometries.functions(network, "folx")
+        fns = geometries.functions(network, "hessian")
         walkers = jnp.stack([mcmc.init_walkers(jax.random.PRNGKey(i), s.positions, s.charges, 1, 1, 8,
                                                dtype=jnp.float64) for i, s in enumerate(pair)])
         params = shared._init_params(jax.random.PRNGKey(3), network, train.VMCConfig(float64=True))
@@ -66,7 +66,7 @@ def test_batched_geometries_give_the_mean_of_one_system_losses():
             inputs = jax.tree.map(lambda x: x[g], group.geometries.inputs)
             log_psi = ansatz.make_log_psi(network, inputs).log_psi
             local_energy = hamiltonian.make_batched_local_energy(
-                log_psi, jnp.asarray(system.positions), jnp.asarray(system.charges))
+                log_psi, jnp.asarray(system.positions), jnp.asarray(system.charges), "hessian")
             single = loss.make_energy_loss(log_psi, local_energy, 5.0)
             (v, s), gr = jax.jit(jax.value_and_grad(single, has_aux=True))(params, walkers[g])
             np.testing.assert_allclose(stats.energy[g], v, rtol=1e-12)
