@@ -242,6 +242,32 @@ def test_initial_parameters_give_a_finite_wavefunction(hf, params, wavefunction)
     assert np.isfinite(log_abs) and float(sign) in (-1.0, 1.0)
 
 
+@pytest.mark.parametrize("atom_messages", [True, False])
+def test_embedding_tells_same_atom_from_opposite_atom_pairs(atom_messages):
+    """H2 nuclei at z = 0 and 1.4 bohr; electron j either on electron i's side or mirrored
+    through the midplane to the other side, at the same distance from i. Every distance
+    feature summed over atoms is then the same, so only the per-atom messages can tell the
+    two apart (the difference that left-right correlation needs)."""
+    config = dataclasses.replace(CONFIG, atom_messages=atom_messages)
+    atoms = jnp.array([[0.0, 0.0, 0.0], [0.0, 0.0, 1.4]])
+    hydrogen = np.random.default_rng(0).normal(size=config.element_embedding_dim)
+    elements = jnp.asarray(np.stack([hydrogen, hydrogen]))  # two identical nuclei
+    i = [0.5, 0.0, 0.2]
+    same_side = jnp.array([i, [-0.5, 0.0, 0.3]])
+    other_side = jnp.array([i, [0.3, 0.4, 1.1]])  # j reflected through z = 0.7, then rotated
+    np.testing.assert_allclose(np.linalg.norm(same_side[1] - same_side[0]),
+                               np.linalg.norm(other_side[1] - other_side[0]), rtol=1e-14)
+    embedding = ansatz.ElectronEmbedding(config)
+    variables = embedding.init(jax.random.PRNGKey(0), same_side, atoms, elements, 1)
+    h_same, _ = embedding.apply(variables, same_side, atoms, elements, 1)
+    h_other, _ = embedding.apply(variables, other_side, atoms, elements, 1)
+    difference = float(jnp.max(jnp.abs(h_same[0] - h_other[0])))
+    if atom_messages:
+        assert difference > 1e-5  # 5e-4 at these initial weights; identical below 1e-12 without
+    else:
+        assert difference < 1e-12
+
+
 def test_config_rejects_d_slots_and_reference_defaults():
     reference = ansatz.AnsatzConfig()
     assert (reference.embedding_layers, reference.one_electron_width, reference.pair_width,

@@ -93,6 +93,10 @@ class AnsatzConfig:
         (electron-electron, exact) and the envelope exponents (electron-nucleus) alone; with
         False, features of d itself add learned cusps of their own (models stored before the
         option existed).
+      atom_messages: the electron-nucleus stream of each atom also sees the spin means of all
+        electrons' features at that atom, so an electron's embedding can tell whether others
+        are near the same nucleus as it; summing over atoms alone cannot (for H2 it loses which
+        nucleus each electron is near). False: models stored before the option existed.
       slots: per-atom orbital-feature layout (must match the orbitals' basis).
     """
 
@@ -112,6 +116,7 @@ class AnsatzConfig:
     backflow_vectors: int = 8
     jastrow: bool = True
     smooth_distance_features: bool = True
+    atom_messages: bool = True
     slots: FeatureSlots = MINIMAL_BASIS_SLOTS
 
     def __post_init__(self):
@@ -429,6 +434,10 @@ class ElectronEmbedding(nn.Module):
             # weights the equivariant backflow) carries correlation as well as distance.
             en_update = nn.Dense(w2, name=f"en_{layer}")(g_en) + nn.Dense(
                 w2, use_bias=False, name=f"en_from_electron_{layer}")(h)[:, None, :]
+            if cfg.atom_messages:
+                at_atom = jnp.concatenate(_spin_mean(g_en, n_up, axis=0), axis=-1)  # (I, 2 w2)
+                en_update = en_update + nn.Dense(
+                    w2, use_bias=False, name=f"en_from_atom_{layer}")(at_atom)[None]
             g_en = g_en + jnp.tanh(en_update)
         return h, g_en
 

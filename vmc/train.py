@@ -139,8 +139,9 @@ def model_sections(record: dict) -> dict:
     one-system and shared runs), as their dataclasses."""
     ansatz_record = dict(record["ansatz"])
     ansatz_record["slots"] = FeatureSlots(tuple(ansatz_record["slots"]["channels"]))
-    # Models stored before the option existed were trained with the cusped features.
+    # Models stored before these options existed were trained without them.
     ansatz_record.setdefault("smooth_distance_features", False)
+    ansatz_record.setdefault("atom_messages", False)
     return dict(
         ansatz=ansatz.AnsatzConfig(**ansatz_record),
         vmc=VMCConfig(**record["vmc"]),
