@@ -386,7 +386,8 @@ class ElectronEmbedding(nn.Module):
 
     The initial one-electron feature is one learned vector shared by all electrons; the
     nuclei enter through the electron-nucleus stream (distances and the embedding of Z),
-    summed over atoms, so no parameter shape depends on the number of atoms.
+    summed over atoms, and with ``atom_messages`` each atom's stream also sees the spin means
+    of all electrons' streams at that atom; no parameter shape depends on the number of atoms.
 
     Returns h: (n_el, one_electron_width) and g_en: (n_el, n_atoms, pair_width).
     """
