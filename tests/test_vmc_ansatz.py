@@ -268,6 +268,38 @@ def test_embedding_tells_same_atom_from_opposite_atom_pairs(atom_messages):
         assert difference < 1e-12
 
 
+@pytest.mark.parametrize("local_pooling", [True, False])
+def test_embedding_ignores_far_atoms_only_with_local_pooling(local_pooling):
+    """An H6 chain (1.8 bohr spacing), then the same chain with four more H atoms and their
+    electrons 20 bohr further along: the embedding of the electron at the first atom barely
+    changes with local pooling (the envelope weighs the new particles by about exp(-10)) and
+    changes at order one with unweighted pooling, whose atom sum grows with the chain."""
+    config = dataclasses.replace(CONFIG, local_pooling=local_pooling)
+    hydrogen = np.random.default_rng(0).normal(size=config.element_embedding_dim)
+    near = np.zeros((6, 3))
+    near[:, 0] = 1.8 * np.arange(6)
+    far = np.zeros((4, 3))
+    far[:, 0] = near[-1, 0] + 20.0 + 1.8 * np.arange(4)
+    offsets = 0.4 * np.random.default_rng(1).normal(size=(10, 3))
+
+    def first_electron(atoms):
+        x = atoms + offsets[: len(atoms)]
+        electrons = np.concatenate([x[0::2], x[1::2]])  # spin up at even atoms, first
+        args = (jnp.asarray(electrons), jnp.asarray(atoms),
+                jnp.asarray(np.tile(hydrogen, (len(atoms), 1))), (len(atoms) + 1) // 2)
+        return args
+
+    embedding = ansatz.ElectronEmbedding(config)
+    variables = embedding.init(jax.random.PRNGKey(0), *first_electron(near))
+    h_short, _ = embedding.apply(variables, *first_electron(near))
+    h_long, _ = embedding.apply(variables, *first_electron(np.concatenate([near, far])))
+    change = float(jnp.max(jnp.abs(h_long[0] - h_short[0])))
+    if local_pooling:
+        assert change < 1e-4  # 2e-6 observed (float32)
+    else:
+        assert change > 0.1  # 1.1 observed
+
+
 def test_config_rejects_d_slots_and_reference_defaults():
     reference = ansatz.AnsatzConfig()
     assert (reference.embedding_layers, reference.one_electron_width, reference.pair_width,

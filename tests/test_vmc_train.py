@@ -4,6 +4,7 @@ devices, evaluation with blocking error bars, and the ``vmc`` command line.
 One configuration (H2, tiny network, KFAC, float64) is used throughout, so its functions are
 traced and compiled once per process (:func:`vmc.train.problem_for` keeps them)."""
 
+import dataclasses
 import json
 import os
 import textwrap
@@ -135,6 +136,20 @@ def test_divergence_stops_and_keeps_the_last_checkpoint(runs, tmp_path, monkeypa
     train.train(run_dir, config, max_steps=7, progress=False)  # resumes from step 6
     steps = [e["step"] for e in log_lines(run_dir) if e["phase"] == "vmc"]
     assert steps == list(range(1, 8))
+
+
+def test_stored_configs_without_newer_ansatz_options_load_without_them():
+    """A config.json written before an ansatz option existed describes a network trained
+    without it, so loading it must switch the option off (the defaults are on)."""
+    record = tiny_config().to_record()
+    newer = ("smooth_distance_features", "atom_messages", "local_pooling")
+    assert all(record["ansatz"][name] for name in newer)
+    for name in newer:
+        del record["ansatz"][name]
+    loaded = train.RunConfig.from_record(json.loads(json.dumps(record)))
+    assert not any(getattr(loaded.ansatz, name) for name in newer)
+    assert dataclasses.replace(loaded.ansatz, smooth_distance_features=True, atom_messages=True,
+                               local_pooling=True) == tiny_config().ansatz
 
 
 def test_nonfinite_walkers_are_replaced_by_finite_ones():

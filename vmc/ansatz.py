@@ -97,6 +97,13 @@ class AnsatzConfig:
         electrons' features at that atom, so an electron's embedding can tell whether others
         are near the same nucleus as it; summing over atoms alone cannot (for H2 it loses which
         nucleus each electron is near). False: models stored before the option existed.
+      local_pooling: every sum or mean over atoms or other electrons in the electron embedding
+        becomes a sum weighted by a smooth envelope exp(-a_c (sqrt(1 + d^2) - 1)) of the
+        distance d, with a learnable decay a_c per channel (initially 0.5 / bohr): an
+        electron's features then depend on its surroundings, not on how many atoms and
+        electrons the molecule has further away, so a network trained on small molecules
+        transfers to larger ones. False: unweighted sums over atoms and means over electrons
+        (models stored before the option existed).
       slots: per-atom orbital-feature layout (must match the orbitals' basis).
     """
 
@@ -117,6 +124,7 @@ class AnsatzConfig:
     jastrow: bool = True
     smooth_distance_features: bool = True
     atom_messages: bool = True
+    local_pooling: bool = True
     slots: FeatureSlots = MINIMAL_BASIS_SLOTS
 
     def __post_init__(self):
@@ -354,17 +362,34 @@ class OrbitalHeads(nn.Module):
 # Electron side: FermiNet-like embedding on distances only.
 
 
-def _spin_mean(x, n_up: int, axis: int):
-    """Means over the spin-up and spin-down slices along ``axis`` (zeros for an empty one)."""
+def _spin_pool(x, n_up: int, axis: int, reduce: Callable = jnp.mean):
+    """``reduce`` (mean or sum) over the spin-up and spin-down slices along ``axis`` (zeros for
+    an empty one)."""
     up = jax.lax.slice_in_dim(x, 0, n_up, axis=axis)
     down = jax.lax.slice_in_dim(x, n_up, x.shape[axis], axis=axis)
 
-    def mean(part):
+    def pool(part):
         if part.shape[axis] == 0:  # an empty spin channel contributes nothing (not 0/0)
             return jnp.zeros(np.delete(x.shape, axis), x.dtype)
-        return jnp.mean(part, axis=axis)
+        return reduce(part, axis=axis)
 
-    return mean(up), mean(down)
+    return pool(up), pool(down)
+
+
+class DistanceEnvelope(nn.Module):
+    """(..., width) weights exp(-a_c (sqrt(1 + d^2) - 1)) of distances d (...) in bohr: 1 where
+    the particles meet, smooth there (even in d), decaying with a learnable rate a_c > 0 per
+    channel (initially ``initial_decay`` / bohr)."""
+
+    width: int
+    initial_decay: float = 0.5
+
+    @nn.compact
+    def __call__(self, d):
+        raw = self.param("decay", nn.initializers.constant(np.log(np.expm1(self.initial_decay))),
+                         (self.width,))
+        decay = nn.softplus(raw).astype(d.dtype)
+        return jnp.exp(-decay * (jnp.sqrt(1.0 + d[..., None] ** 2) - 1.0))
 
 
 def _distance_features(d, smooth: bool):
@@ -386,8 +411,10 @@ class ElectronEmbedding(nn.Module):
 
     The initial one-electron feature is one learned vector shared by all electrons; the
     nuclei enter through the electron-nucleus stream (distances and the embedding of Z),
-    summed over atoms, and with ``atom_messages`` each atom's stream also sees the spin means
-    of all electrons' streams at that atom; no parameter shape depends on the number of atoms.
+    summed over atoms, and with ``atom_messages`` each atom's stream also sees the spin-pooled
+    streams of all electrons at that atom; no parameter shape depends on the number of atoms.
+    With ``local_pooling`` every such pooling is weighted by a decaying envelope of the
+    distance (see :class:`AnsatzConfig`).
 
     Returns h: (n_el, one_electron_width) and g_en: (n_el, n_atoms, pair_width).
     """
@@ -420,14 +447,22 @@ class ElectronEmbedding(nn.Module):
         h0 = self.param("initial_electron", nn.initializers.normal(1.0), (w1,))
         h = jnp.broadcast_to(h0.astype(electrons.dtype), (n_el, w1))
 
+        if cfg.local_pooling:
+            en_weights = DistanceEnvelope(w2, name="en_envelope")(d_en)  # (i, I, w2)
+            ee_weights = DistanceEnvelope(w2, name="ee_envelope")(d_ee)  # (i, j, w2)
+            h_weights = DistanceEnvelope(w1, name="one_electron_envelope")(d_ee)  # (i, j, w1)
+
         for layer in range(cfg.embedding_layers):
-            h_up, h_down = _spin_mean(h, n_up, axis=0)
-            g_up, g_down = _spin_mean(g_ee, n_up, axis=1)
-            f = jnp.concatenate(
-                [h, jnp.broadcast_to(h_up, (n_el, w1)), jnp.broadcast_to(h_down, (n_el, w1)),
-                 g_up, g_down, jnp.sum(g_en, axis=1)],
-                axis=-1,
-            )
+            if cfg.local_pooling:
+                h_up, h_down = _spin_pool(h_weights * h[None], n_up, axis=1, reduce=jnp.sum)
+                g_up, g_down = _spin_pool(ee_weights * g_ee, n_up, axis=1, reduce=jnp.sum)
+                g_atoms = jnp.sum(en_weights * g_en, axis=1)
+            else:
+                h_up, h_down = _spin_pool(h, n_up, axis=0)
+                h_up, h_down = (jnp.broadcast_to(x, (n_el, w1)) for x in (h_up, h_down))
+                g_up, g_down = _spin_pool(g_ee, n_up, axis=1)
+                g_atoms = jnp.sum(g_en, axis=1)
+            f = jnp.concatenate([h, h_up, h_down, g_up, g_down, g_atoms], axis=-1)
             h = h + jnp.tanh(nn.Dense(w1, name=f"one_electron_{layer}")(f))
             if layer < cfg.embedding_layers - 1:
                 g_ee = g_ee + jnp.tanh(nn.Dense(w2, name=f"ee_{layer}")(g_ee))
@@ -436,7 +471,11 @@ class ElectronEmbedding(nn.Module):
             en_update = nn.Dense(w2, name=f"en_{layer}")(g_en) + nn.Dense(
                 w2, use_bias=False, name=f"en_from_electron_{layer}")(h)[:, None, :]
             if cfg.atom_messages:
-                at_atom = jnp.concatenate(_spin_mean(g_en, n_up, axis=0), axis=-1)  # (I, 2 w2)
+                if cfg.local_pooling:
+                    pooled = _spin_pool(en_weights * g_en, n_up, axis=0, reduce=jnp.sum)
+                else:
+                    pooled = _spin_pool(g_en, n_up, axis=0)
+                at_atom = jnp.concatenate(pooled, axis=-1)  # (I, 2 w2)
                 en_update = en_update + nn.Dense(
                     w2, use_bias=False, name=f"en_from_atom_{layer}")(at_atom)[None]
             g_en = g_en + jnp.tanh(en_update)

@@ -142,6 +142,7 @@ def model_sections(record: dict) -> dict:
     # Models stored before these options existed were trained without them.
     ansatz_record.setdefault("smooth_distance_features", False)
     ansatz_record.setdefault("atom_messages", False)
+    ansatz_record.setdefault("local_pooling", False)
     return dict(
         ansatz=ansatz.AnsatzConfig(**ansatz_record),
         vmc=VMCConfig(**record["vmc"]),
