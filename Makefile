@@ -43,8 +43,10 @@ run: $(STAMP)
 		--target H6 --geometries-per-step 3 --base-steps 300 --eval-at 0 20 50 --eval-steps 100 \
 		--runs $(DEMO)/finetuning --results $(DEMO)
 
+# Two worker processes, one per test file at a time (module fixtures are built once).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: $(STAMP)
 	$(BIN)/python experiments/generation_speed.py
