@@ -137,6 +137,8 @@ def main():
     parser.add_argument("--preset", default="small", choices=train.PRESET_NAMES)
     parser.add_argument("--walkers", type=int, help="Walkers per geometry [the preset's].")
     parser.add_argument("--geometries-per-step", type=int, default=1)
+    parser.add_argument("--min-visit-share", type=float, default=shared.ScheduleConfig.min_visit_share,
+                        help="Base model's schedule: see vmc.shared.ScheduleConfig (0: spread alone).")
     parser.add_argument("--base-steps", type=int, default=1000)
     parser.add_argument("--eval-at", type=int, nargs="+", default=[0, 50, 100, 200])
     parser.add_argument("--eval-steps", type=int, default=200)
@@ -151,7 +153,7 @@ def main():
     if args.fresh:
         shutil.rmtree(root, ignore_errors=True)
     sampling = {} if args.walkers is None else {"n_walkers": args.walkers}
-    schedule = shared.ScheduleConfig(args.geometries_per_step)
+    schedule = shared.ScheduleConfig(args.geometries_per_step, min_visit_share=args.min_visit_share)
     base_config = shared.preset_config(args.preset, shared.SystemSetConfig(args.base), schedule, **sampling)
     started = time.perf_counter()
     base_dir = os.path.join(root, "base")

@@ -107,6 +107,25 @@ def test_schedule_round_robin_then_largest_spread():
     # Round-robin ignores the spread.
     g, rows = shared.choose_geometries(spread, np.array([2, 1, 2, 2]), groups, 2, by_spread=False)
     assert g == 1
+    # A geometry below the minimum share of the mean visits (4 < 0.5 x 13) leads whatever the
+    # spreads; at the share (7 >= 0.5 x 13.75) the spread decides again.
+    spread = np.array([0.1, 0.9, 0.5, 0.3])
+    g, rows = shared.choose_geometries(spread, np.array([16, 16, 16, 4]), groups, 2, by_spread=True,
+                                       min_share=0.5)
+    assert g == 0 and rows.tolist() == [2, 0]
+    g, rows = shared.choose_geometries(spread, np.array([16, 16, 16, 7]), groups, 2, by_spread=True,
+                                       min_share=0.5)
+    assert g == 1
+    g, rows = shared.choose_geometries(spread, np.array([16, 16, 16, 4]), groups, 2, by_spread=True)
+    assert g == 1  # without a minimum share the spread alone decides
+
+
+def test_configs_stored_before_the_minimum_visit_share_keep_the_spread_alone():
+    config = shared.preset_config("tiny", shared.SystemSetConfig("hchains:2@1.4"))
+    assert config.schedule.min_visit_share == 0.5
+    record = json.loads(json.dumps(config.to_record()))
+    del record["schedule"]["min_visit_share"]
+    assert shared.SharedRunConfig.from_record(record).schedule.min_visit_share == 0.0
 
 
 def test_shared_run_directory_schedule_and_resume(runs):

@@ -7,8 +7,9 @@ updates the parameters once, from ``geometries_per_step`` geometries of one comp
 batched together (the reference code uses one). Which geometries: the least-visited first
 until every geometry has been visited once (round-robin), then the geometry whose local
 energies had the largest standard deviation at its last visit, together with the
-next-largest of its composition (``schedule="spread"``, the reference's rule); or always the
-least-visited (``schedule="round_robin"``). Geometries of one composition share compiled
+next-largest of its composition (``schedule="spread"``, the reference's rule), except that the
+least-visited lead again while one has had fewer than ``min_visit_share`` of the mean visits;
+or always the least-visited (``schedule="round_robin"``). Geometries of one composition share compiled
 functions (:mod:`vmc.geometries`): a set of H6 chains at ten spacings compiles one step.
 
 Phases, as for one system (:mod:`vmc.train`): supervised pretraining of the orbitals to each
@@ -82,16 +83,24 @@ class ScheduleConfig:
         (fewer when a composition has fewer geometries).
       schedule: "spread" (round-robin first, then the largest energy spread) or
         "round_robin" (always the least-visited geometries).
+      min_visit_share: with "spread", the least-visited geometries lead again whenever one has
+        had fewer than this fraction of the mean number of visits, so a set whose compositions
+        differ in their typical spreads (water's local energies spread far more than
+        methane's) still trains every geometry. 0: the spread alone decides (configurations
+        stored before the option existed).
     """
 
     geometries_per_step: int = 1
     schedule: str = "spread"
+    min_visit_share: float = 0.5
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise InputError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
         if self.geometries_per_step < 1:
             raise InputError("geometries_per_step must be at least 1")
+        if not 0.0 <= self.min_visit_share <= 1.0:
+            raise InputError(f"min_visit_share must be in [0, 1], got {self.min_visit_share}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +123,8 @@ class SharedRunConfig:
     @classmethod
     def from_record(cls, record: dict) -> "SharedRunConfig":
         return cls(systems=SystemSetConfig(**record["systems"]), **train.model_sections(record),
-                   schedule=ScheduleConfig(**record["schedule"]), init_from=record.get("init_from"))
+                   schedule=ScheduleConfig(**{"min_visit_share": 0.0, **record["schedule"]}),
+                   init_from=record.get("init_from"))
 
 
 def preset_config(name: str, systems: SystemSetConfig, schedule: ScheduleConfig = ScheduleConfig(),
@@ -201,14 +211,16 @@ class SharedState:
 
 
 def choose_geometries(spread: np.ndarray, visits: np.ndarray, groups: list[GeometryGroup],
-                      per_step: int, by_spread: bool) -> tuple[int, np.ndarray]:
+                      per_step: int, by_spread: bool, min_share: float = 0.0) -> tuple[int, np.ndarray]:
     """(group index, rows within the group) of the next step.
 
     The least-visited geometry leads (ties: the first in set order) while any geometry is
-    unvisited or ``by_spread`` is False; otherwise the one with the largest spread. Its
-    group then contributes ``min(per_step, group size)`` geometries ranked the same way."""
+    unvisited, has fewer than ``min_share`` x the mean visits, or ``by_spread`` is False;
+    otherwise the one with the largest spread. Its group then contributes
+    ``min(per_step, group size)`` geometries ranked the same way."""
     spread, visits = np.asarray(spread), np.asarray(visits)
-    use_spread = by_spread and bool(np.all(visits > 0))
+    use_spread = (by_spread and bool(np.all(visits > 0))
+                  and bool(visits.min() >= min_share * visits.mean()))
     priority = spread if use_spread else -visits.astype(np.float64)
     # lexsort: the last key is primary; -priority ranks high priority first, index breaks ties.
     order = np.lexsort((np.arange(priority.size), -priority))
@@ -532,7 +544,8 @@ def run_vmc(run_dir: str, problem: SharedProblem, devices: WalkerParallel, start
         t = time.perf_counter()
         step = int(state.step)
         g, rows = choose_geometries(state.spread, state.visits, problem.groups,
-                                    cfg.schedule.geometries_per_step, by_spread)
+                                    cfg.schedule.geometries_per_step, by_spread,
+                                    cfg.schedule.min_visit_share)
         group, rows = problem.groups[g], _rows(rows)
         members = np.asarray(group.members)[np.asarray(rows)]
         names = [problem.names[i] for i in members]
