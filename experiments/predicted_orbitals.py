@@ -11,9 +11,14 @@ measure of how far the inputs differ. Writes experiments/results/predicted_orbit
 
     .venv/bin/python experiments/predicted_orbitals.py --name water --phisnet runs/transfer/hf \
         --systems molecules:H2Ox2 --eval-at 0 100 300
+
+With --init-from BASE_RUN both runs are fine-tuned from that base model instead (every weight
+reused, no HF pretraining), as ``vmc finetune`` does; --set-seed draws other geometries than
+the base model's.
 """
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -55,6 +60,8 @@ def main():
     parser.add_argument("--eval-at", type=int, nargs="+", default=[0, 100, 300])
     parser.add_argument("--eval-steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0, help="Seed of parameters, walkers and sampling.")
+    parser.add_argument("--set-seed", type=int, default=0, help="Seed of the generated geometries.")
+    parser.add_argument("--init-from", metavar="BASE_RUN", help="Fine-tune both runs from this base model.")
     parser.add_argument("--reference", metavar="BASIS", help="Add CCSD(T) references in this basis.")
     parser.add_argument("--runs", default="runs/predicted_orbitals")
     parser.add_argument("--results", default=RESULTS)
@@ -64,12 +71,17 @@ def main():
     root = os.path.join(args.runs, args.name)
     if args.fresh:
         shutil.rmtree(root, ignore_errors=True)
-    system_set = shared.load_systems(args.systems)
+    system_set = shared.load_systems(args.systems, seed=args.set_seed)
     eval_at = sorted(set(args.eval_at))
     curves, seconds = {}, {}
     for label, source in (("Hartree-Fock orbitals", None), ("PhiSNet orbitals", os.path.abspath(args.phisnet))):
-        config = shared.preset_config(args.preset, shared.SystemSetConfig(args.systems, orbitals=source),
-                                      seed=args.seed)
+        systems = shared.SystemSetConfig(args.systems, seed=args.set_seed, orbitals=source)
+        if args.init_from:
+            base = shared.load_config(args.init_from)
+            config = dataclasses.replace(base, systems=systems, init_from=os.path.abspath(args.init_from),
+                                         vmc=dataclasses.replace(base.vmc, pretrain_steps=0, seed=args.seed))
+        else:
+            config = shared.preset_config(args.preset, systems, seed=args.seed)
         t = time.perf_counter()
         curves[label] = curve(os.path.join(root, "phisnet" if source else "hf"), config, eval_at, args.eval_steps)
         seconds[label] = time.perf_counter() - t
@@ -77,6 +89,8 @@ def main():
         "experiment": "PhiSNet-predicted vs Hartree-Fock orbitals as wavefunction input",
         "command": command_line(sys.argv),
         "target": f"mean over {args.systems}",
+        "set_seed": args.set_seed,
+        "init_from": args.init_from,
         "input_similarity": input_similarity(system_set, args.phisnet),
         "curves": curves,
         "seconds": seconds,
