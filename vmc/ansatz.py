@@ -447,21 +447,25 @@ class ElectronEmbedding(nn.Module):
         h0 = self.param("initial_electron", nn.initializers.normal(1.0), (w1,))
         h = jnp.broadcast_to(h0.astype(electrons.dtype), (n_el, w1))
 
+        # Pooling weights (None: plain means over electrons and sums over atoms).
+        en_weights = ee_weights = h_weights = None
         if cfg.local_pooling:
             en_weights = DistanceEnvelope(w2, name="en_envelope")(d_en)  # (i, I, w2)
             ee_weights = DistanceEnvelope(w2, name="ee_envelope")(d_ee)  # (i, j, w2)
             h_weights = DistanceEnvelope(w1, name="one_electron_envelope")(d_ee)  # (i, j, w1)
 
+        def spin_pool(x, weights, axis):
+            if weights is None:
+                return _spin_pool(x, n_up, axis=axis)
+            return _spin_pool(weights * x, n_up, axis=axis, reduce=jnp.sum)
+
         for layer in range(cfg.embedding_layers):
-            if cfg.local_pooling:
-                h_up, h_down = _spin_pool(h_weights * h[None], n_up, axis=1, reduce=jnp.sum)
-                g_up, g_down = _spin_pool(ee_weights * g_ee, n_up, axis=1, reduce=jnp.sum)
-                g_atoms = jnp.sum(en_weights * g_en, axis=1)
+            if h_weights is None:
+                h_up, h_down = (jnp.broadcast_to(x, (n_el, w1)) for x in spin_pool(h, None, 0))
             else:
-                h_up, h_down = _spin_pool(h, n_up, axis=0)
-                h_up, h_down = (jnp.broadcast_to(x, (n_el, w1)) for x in (h_up, h_down))
-                g_up, g_down = _spin_pool(g_ee, n_up, axis=1)
-                g_atoms = jnp.sum(g_en, axis=1)
+                h_up, h_down = spin_pool(h[None], h_weights, 1)
+            g_up, g_down = spin_pool(g_ee, ee_weights, 1)
+            g_atoms = jnp.sum(g_en if en_weights is None else en_weights * g_en, axis=1)
             f = jnp.concatenate([h, h_up, h_down, g_up, g_down, g_atoms], axis=-1)
             h = h + jnp.tanh(nn.Dense(w1, name=f"one_electron_{layer}")(f))
             if layer < cfg.embedding_layers - 1:
@@ -471,11 +475,7 @@ class ElectronEmbedding(nn.Module):
             en_update = nn.Dense(w2, name=f"en_{layer}")(g_en) + nn.Dense(
                 w2, use_bias=False, name=f"en_from_electron_{layer}")(h)[:, None, :]
             if cfg.atom_messages:
-                if cfg.local_pooling:
-                    pooled = _spin_pool(en_weights * g_en, n_up, axis=0, reduce=jnp.sum)
-                else:
-                    pooled = _spin_pool(g_en, n_up, axis=0)
-                at_atom = jnp.concatenate(pooled, axis=-1)  # (I, 2 w2)
+                at_atom = jnp.concatenate(spin_pool(g_en, en_weights, 0), axis=-1)  # (I, 2 w2)
                 en_update = en_update + nn.Dense(
                     w2, use_bias=False, name=f"en_from_atom_{layer}")(at_atom)[None]
             g_en = g_en + jnp.tanh(en_update)
