@@ -77,7 +77,9 @@ def main():
     for label, source in (("Hartree-Fock orbitals", None), ("PhiSNet orbitals", os.path.abspath(args.phisnet))):
         systems = shared.SystemSetConfig(args.systems, seed=args.set_seed, orbitals=source)
         if args.init_from:
+            # As `vmc finetune`: the base run's settings, basis and localisation; no HF pretraining.
             base = shared.load_config(args.init_from)
+            systems = dataclasses.replace(base.systems, spec=args.systems, seed=args.set_seed, orbitals=source)
             config = dataclasses.replace(base, systems=systems, init_from=os.path.abspath(args.init_from),
                                          vmc=dataclasses.replace(base.vmc, pretrain_steps=0, seed=args.seed))
         else:
