@@ -3,7 +3,7 @@
 Trains (or resumes) a run with the paper's split (default 500 train / 500 validation / rest
 test, seed 42) under a step or time budget, then evaluates the EMA parameters on the test split:
 MAE of F and occupied orbital energies (micro-hartree), MAE of S, orbital cosine similarity.
-Writes experiments/results/phisnet_accuracy_<molecule>_<platform>.json.
+Writes experiments/results/phisnet_accuracy_<molecule>[_<label>]_<platform>.json.
 
     .venv/bin/python experiments/phisnet_accuracy.py --dataset runs/water/water_pbe_def2svp.h5 \
         --molecule water --preset small --batch-size 10 --time-budget 1800 --run-dir runs/water/small
@@ -26,7 +26,7 @@ from phisnet_jax.cli import MODEL_PRESETS  # noqa: E402
 from phisnet_jax.data import SplitSpec, load_splits  # noqa: E402
 from phisnet_jax.dataset import read_file_info, read_molecule  # noqa: E402
 from phisnet_jax.evaluate import accuracy, load_trained_model  # noqa: E402
-from phisnet_jax.model import PhiSNetConfig  # noqa: E402
+from phisnet_jax.model import BLOCK_LAYOUTS, PhiSNetConfig  # noqa: E402
 
 PAPER = {  # Unke et al. 2021, Table 1 (SchNOrb MD17 data, PBE/def2-SVP from ORCA)
     "water": {"fock_mae_uha": 15.67, "orbital_energy_mae_uha": 85.53, "orbital_cosine_similarity": 1.00},
@@ -40,6 +40,9 @@ def main():
     parser.add_argument("--molecule", required=True)
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--preset", default="small", choices=sorted(MODEL_PRESETS))
+    parser.add_argument("--block-layout", default=PhiSNetConfig.block_layout, choices=BLOCK_LAYOUTS,
+                        help="Residual-stack layout of the model (see PhiSNetConfig).")
+    parser.add_argument("--label", help="Suffix of the result file, e.g. 'compact'.")
     parser.add_argument("--train", type=int, default=500)
     parser.add_argument("--valid", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=50)
@@ -51,7 +54,7 @@ def main():
     info = read_file_info(args.dataset)
     group = read_molecule(args.dataset, args.molecule, fields=())
     cfg = PhiSNetConfig(elements=tuple(sorted({int(z) for z in group.atomic_numbers})),
-                        basis=info.level.basis, **MODEL_PRESETS[args.preset])
+                        basis=info.level.basis, block_layout=args.block_layout, **MODEL_PRESETS[args.preset])
     tcfg = training.TrainConfig(batch_size=args.batch_size, validate_every=args.validate_every)
     dcfg = training.DataConfig(os.path.abspath(args.dataset), (args.molecule,), args.train, args.valid)
     t0 = time.perf_counter()
@@ -74,7 +77,7 @@ def main():
                 "at harmonic 500 K normal-mode geometries, so the numbers compare methods, not identical data",
     }
     platform = jax.devices()[0].platform
-    path = os.path.join(os.path.dirname(__file__), "results", f"phisnet_accuracy_{args.molecule}_{platform}.json")
+    path = os.path.join(os.path.dirname(__file__), "results", f"phisnet_accuracy_{args.molecule}{'_' + args.label if args.label else ''}_{platform}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=2)
     print(f"wrote {path}")

@@ -4,8 +4,12 @@
 static shapes) to its Fock matrix F and overlap matrix S in pyscf's AO order:
 
     atoms --embedding--> scalar features --T x [residual, interaction, residual]--> sum of the
-    modules' outputs --pair features (on-site / off-site, with neighbour sums)--> output channels
-    per (Z_i, Z_j, shell_i, shell_j, L) --Clebsch-Gordan--> atom-pair blocks --> symmetric F
+    modules' outputs --pair features (on-site / off-site, with neighbour sums)--> residual
+    stacks per matrix --> output channels per (Z_i, Z_j, shell_i, shell_j, L) --Clebsch-Gordan-->
+    atom-pair blocks --> symmetric F
+
+(``block_layout="original"``, the default, has the residual stacks of the original code;
+"compact" is this project's earlier, leaner layout, which stored models keep)
 
 and, on a separate shallow branch that sees only the raw embeddings and the pair geometry, the
 off-site overlap blocks (on-site overlap blocks are exact per-element constants, so the
@@ -31,6 +35,9 @@ from phisnet_jax.layers import (
 from phisnet_jax.radial import exponential_bernstein
 
 
+BLOCK_LAYOUTS = ("original", "compact")
+
+
 @dataclasses.dataclass(frozen=True)
 class PhiSNetConfig:
     """Architecture hyperparameters; the defaults are the paper's MD17 configuration.
@@ -43,7 +50,17 @@ class PhiSNetConfig:
       num_modules: modules whose outputs are summed.
       num_radial: exponential-Bernstein radial functions.
       cutoff: smooth cutoff radius, bohr.
-      residual_blocks: residual blocks before and after each interaction, and on module outputs.
+      residual_blocks: blocks in each residual stack of the modules (before and after each
+        interaction, on its i and j paths and its messages, on the module outputs) and of the
+        pair features (central and neighbour atoms, shared on-site and off-site stacks).
+      head_residual_blocks: blocks in the on-site and off-site stacks of each predicted matrix
+        (F, H_core) before its output channels ("original" layout only).
+      block_layout: "original": the residual stacks above, where the original code has them
+        (paper configuration for H, C, O in def2-SVP: 14.3 M parameters, 15.1 M with the H_core
+        head); "compact": residual stacks only around each interaction and on the module
+        outputs, one linear path inside each interaction, linear maps for the pair features and
+        no per-matrix stacks (10.9 M). Run configurations stored without this field load as
+        "compact".
       overlap_features: channels of the overlap branch.
       core_hamiltonian: also predict a core Hamiltonian H_core (from the same pair features),
         which defines the model's energy and forces (``observables.total_energy``).
@@ -57,6 +74,8 @@ class PhiSNetConfig:
     num_radial: int = 128
     cutoff: float = 15.0
     residual_blocks: int = 1
+    head_residual_blocks: int = 2
+    block_layout: str = "original"
     overlap_features: int = 32
     core_hamiltonian: bool = False
 
@@ -69,6 +88,8 @@ class PhiSNetConfig:
         return element_basis(self.elements, self.basis)
 
     def check(self) -> None:
+        if self.block_layout not in BLOCK_LAYOUTS:
+            raise InputError(f"unknown block_layout {self.block_layout!r}; choose one of {', '.join(BLOCK_LAYOUTS)}")
         needed = 2 * self.element_basis.max_l
         if self.max_order < needed:
             raise InputError(
@@ -139,8 +160,16 @@ class ResidualBlock(nn.Module):
         return x + PerOrderLinear(self.features, self.max_order)(h)
 
 
-class Interaction(nn.Module):
-    """Messages from all neighbours: pair-mixing of their features with the bond harmonics."""
+def residual_stack(x, n_blocks: int, features: int, max_order: int, name: str):
+    """``n_blocks`` residual blocks named ``{name}_0``, ``{name}_1``, ... (call inside a compact module)."""
+    for k in range(n_blocks):
+        x = ResidualBlock(features, max_order, name=f"{name}_{k}")(x)
+    return x
+
+
+class CompactInteraction(nn.Module):
+    """Messages from all neighbours: pair-mixing of their features with the bond harmonics
+    ("compact" layout: one linear path, self-mixing of the summed messages)."""
 
     features: int
     max_order: int
@@ -154,6 +183,35 @@ class Interaction(nn.Module):
         messages = weighted_cg_product(h, harmonics, paths, weights, "jfa,ijb->ijf", self.max_order)
         messages = messages.sum(axis=1)
         return x + PerOrderLinear(self.features, self.max_order)(SelfMixing(self.max_order)(messages))
+
+
+class Interaction(nn.Module):
+    """Messages from all neighbours, as in the original code ("original" layout).
+
+    The receiving atom i and the sending atoms j get their own residual stack, activation and
+    linear map; v_i = y_i + sum_j PairMix(y_j, Y(r_ij); radial weights of r_ij) is refined by a
+    third stack, activated, mapped linearly and added to x_i.
+    """
+
+    features: int
+    max_order: int
+    residual_blocks: int
+
+    @nn.compact
+    def __call__(self, x, radial, harmonics, pair_mask):
+        F, L, n = self.features, self.max_order, self.residual_blocks
+
+        def path(name):
+            h = residual_stack(x, n, F, L, f"{name}_residual")
+            return PerOrderLinear(F, L, name=f"{name}_linear")(ScalarSwish(name=f"{name}_activation")(h))
+
+        receiver, sender = path("receiver"), path("sender")
+        paths = cg_paths(L)
+        weights = RadialPathWeights(len(paths), F, name="pair_mixing_radial")(radial)  # (N, N, P, F)
+        weights = weights * pair_mask[..., None, None]
+        messages = weighted_cg_product(sender, harmonics, paths, weights, "jfa,ijb->ijf", L).sum(axis=1)
+        v = residual_stack(receiver + messages, n, F, L, "message_residual")
+        return x + PerOrderLinear(F, L, name="message_linear")(ScalarSwish(name="message_activation")(v))
 
 
 class PhiSNet(nn.Module):
@@ -185,16 +243,22 @@ class PhiSNet(nn.Module):
         x = x * inputs.atom_mask[:, None, None]
 
         final = 0.0
-        for _ in range(cfg.num_modules):
-            for _ in range(cfg.residual_blocks):
-                x = ResidualBlock(F, L)(x)
-            x = Interaction(F, L)(x, radial, harmonics, pair_mask)
-            for _ in range(cfg.residual_blocks):
-                x = ResidualBlock(F, L)(x)
-            y = x
-            for _ in range(cfg.residual_blocks):
-                y = ResidualBlock(F, L)(y)
-            final = final + PerOrderLinear(F, L)(y)
+        for m in range(cfg.num_modules):
+            if cfg.block_layout == "compact":  # flax's automatic names, as stored models have them
+                for _ in range(cfg.residual_blocks):
+                    x = ResidualBlock(F, L)(x)
+                x = CompactInteraction(F, L, name=f"Interaction_{m}")(x, radial, harmonics, pair_mask)
+                for _ in range(cfg.residual_blocks):
+                    x = ResidualBlock(F, L)(x)
+                y = x
+                for _ in range(cfg.residual_blocks):
+                    y = ResidualBlock(F, L)(y)
+                final = final + PerOrderLinear(F, L)(y)
+                continue
+            x = residual_stack(x, cfg.residual_blocks, F, L, f"module{m}_pre")
+            x = Interaction(F, L, cfg.residual_blocks, name=f"module{m}_interaction")(x, radial, harmonics, pair_mask)
+            x = residual_stack(x, cfg.residual_blocks, F, L, f"module{m}_post")
+            final = final + residual_stack(x, cfg.residual_blocks, F, L, f"module{m}_output")
 
         fock, core = self._hamiltonians(final, radial, pair_mask, z_idx, inputs)
         overlap = self._overlap(scalars, radial, harmonics, pair_mask, z_idx, inputs)
@@ -207,28 +271,55 @@ class PhiSNet(nn.Module):
         """(F, H_core or None) from the final atom features."""
         cfg = self.config
         L, F = cfg.max_order, cfg.features
-        a = PerOrderLinear(F, L, name="pair_self")(final)
-        b = PerOrderLinear(F, L, name="pair_neighbour")(final)
-        # Neighbour sums: R(r_ik) * b_k, radial weights per order and channel.
-        order_weights = nn.Dense(F * (L + 1), use_bias=False, param_dtype=radial.dtype, name="neighbour_radial")(radial)
-        order_weights = order_weights.reshape(radial.shape[:-1] + (F, L + 1)) * pair_mask[..., None, None]
-        per_component = jnp.concatenate(
-            [jnp.repeat(order_weights[..., l : l + 1], 2 * l + 1, axis=-1) for l in range(L + 1)], axis=-1
-        )
-        contributions = per_component * b[None, :, :, :]  # (N, N, F, D): R(r_ik) b_k
-        neighbour_sum = contributions.sum(axis=1)  # (N, F, D), over k != i
-        onsite = a + neighbour_sum
+        compact = cfg.block_layout == "compact"
+        if compact:
+            a = PerOrderLinear(F, L, name="pair_self")(final)
+            b = PerOrderLinear(F, L, name="pair_neighbour")(final)
+        else:
+            a = residual_stack(final, cfg.residual_blocks, F, L, "pair_central")
+            b = residual_stack(final, cfg.residual_blocks, F, L, "pair_neighbour")
+
+        def neighbour_terms(name):
+            """(N, N, F, D) R(r_ik) * b_k with radial weights per order and channel, and their
+            sums over k != i, (N, F, D)."""
+            weights = nn.Dense(F * (L + 1), use_bias=False, param_dtype=radial.dtype, name=name)(radial)
+            weights = weights.reshape(radial.shape[:-1] + (F, L + 1)) * pair_mask[..., None, None]
+            per_component = jnp.concatenate(
+                [jnp.repeat(weights[..., l : l + 1], 2 * l + 1, axis=-1) for l in range(L + 1)], axis=-1
+            )
+            contributions = per_component * b[None, :, :, :]
+            return contributions, contributions.sum(axis=1)
+
+        if compact:  # one set of radial weights for both kinds of neighbour sums
+            contributions, neighbour_sum = neighbour_terms("neighbour_radial")
+            onsite_sum = neighbour_sum
+        else:
+            _, onsite_sum = neighbour_terms("onsite_neighbour_radial")
+            contributions, neighbour_sum = neighbour_terms("offsite_neighbour_radial")
+        onsite = a + onsite_sum
         paths = cg_paths(L)
         pair_weights = RadialPathWeights(len(paths), F, name="pair_mixing_radial")(radial)
         offsite = weighted_cg_product(a, a, paths, pair_weights, "ifa,jfb->ijf", L)
         offsite = offsite + neighbour_sum[:, None] - contributions  # sum over k not in {i, j}
-        onsite = ResidualBlock(F, L, name="onsite_residual")(onsite)
-        offsite = ResidualBlock(F, L, name="offsite_residual")(offsite)
+        if compact:
+            onsite = ResidualBlock(F, L, name="onsite_residual")(onsite)
+            offsite = ResidualBlock(F, L, name="offsite_residual")(offsite)
+        else:
+            onsite = residual_stack(onsite, cfg.residual_blocks, F, L, "onsite_residual")
+            offsite = residual_stack(offsite, cfg.residual_blocks, F, L, "offsite_residual")
 
-        fock = self._matrix_head("", onsite, offsite, z_idx, inputs)
-        if not cfg.core_hamiltonian:
-            return fock, None
-        return fock, self._matrix_head("core_", onsite, offsite, z_idx, inputs)
+        def head(prefix):
+            if compact:
+                return self._matrix_head(prefix, onsite, offsite, z_idx, inputs)
+            refined = []
+            for kind, features in (("onsite", onsite), ("offsite", offsite)):
+                name = f"{prefix or 'fock_'}{kind}"
+                h = residual_stack(features, cfg.head_residual_blocks, F, L, f"{name}_residual")
+                refined.append(ScalarSwish(name=f"{name}_activation")(h))
+            return self._matrix_head(prefix, *refined, z_idx, inputs)
+
+        fock = head("")
+        return fock, head("core_") if cfg.core_hamiltonian else None
 
     def _matrix_head(self, prefix, onsite, offsite, z_idx, inputs):
         """A symmetric AO matrix from pair features: channels per (Z_i, Z_j, shells, L), CG blocks."""

@@ -370,6 +370,7 @@ def load_run_config(run_dir: str) -> tuple[PhiSNetConfig, TrainConfig, DataConfi
     try:
         model = record["model"]
         model["elements"] = tuple(model["elements"])
+        model.setdefault("block_layout", "compact")  # written before the original layout existed
         data = record["data"]
         data["molecules"] = tuple(data["molecules"])
         return PhiSNetConfig(**model), TrainConfig(**record["train"]), DataConfig(**data)

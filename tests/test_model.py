@@ -5,6 +5,7 @@ F(R x) must equal D F(x) D^T. In float64 the only error is round-off (~1e-15; we
 float32 round-off through a few layers allows ~1e-5 relative.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -25,6 +26,8 @@ SMALL = {
     "def2-svp": PhiSNetConfig(basis="def2-svp", features=4, max_order=4, num_modules=1,
                               num_radial=8, overlap_features=4),
 }
+# The earlier, leaner block layout that stored models keep.
+SMALL["6-31g-compact"] = dataclasses.replace(SMALL["6-31g"], block_layout="compact")
 
 
 def to_dtype(inputs, dtype):
@@ -32,9 +35,9 @@ def to_dtype(inputs, dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def compiled(basis_name, dtype_name):
+def compiled(config_name, dtype_name):
     """(params, jitted apply) of a small model, shared by all tests of this file."""
-    cfg = SMALL[basis_name]
+    cfg = SMALL[config_name]
     net = make_phisnet(cfg)
     dtype = jnp.dtype(dtype_name)
     m = start_geometry("water")
@@ -45,8 +48,8 @@ def compiled(basis_name, dtype_name):
     return cfg, params, jax.jit(net.apply)
 
 
-def predict(basis_name, molecule, dtype_name="float64", n_atoms=None, n_ao=None):
-    cfg, params, apply = compiled(basis_name, dtype_name)
+def predict(config_name, molecule, dtype_name="float64", n_atoms=None, n_ao=None):
+    cfg, params, apply = compiled(config_name, dtype_name)
     inputs = to_dtype(make_inputs(cfg, molecule.atomic_numbers, molecule.positions, n_atoms, n_ao), jnp.dtype(dtype_name))
     out = apply(params, inputs)
     return np.asarray(out["fock"], np.float64), np.asarray(out["overlap"], np.float64)
@@ -62,15 +65,15 @@ def layout_of(molecule, basis_name):
     return AOLayout.from_mole(molecules.to_pyscf(molecule, basis_name))
 
 
-@pytest.mark.parametrize("basis_name, name", [("6-31g", "ethanol"), ("def2-svp", "water")])
-def test_rotation_equivariance_float64(basis_name, name):
+@pytest.mark.parametrize("config_name, name", [("6-31g", "ethanol"), ("def2-svp", "water"), ("6-31g-compact", "water")])
+def test_rotation_equivariance_float64(config_name, name):
     m = start_geometry(name)
-    F, S = predict(basis_name, m)
+    F, S = predict(config_name, m)
     assert np.abs(F).max() > 1e-2  # a non-trivial prediction
     for seed in range(2):
         R = random_rotation(seed)
-        F_rot, S_rot = predict(basis_name, m.with_positions(m.positions @ R.T))
-        D = ao_rotation(layout_of(m, basis_name), R)
+        F_rot, S_rot = predict(config_name, m.with_positions(m.positions @ R.T))
+        D = ao_rotation(layout_of(m, SMALL[config_name].basis), R)
         np.testing.assert_allclose(D @ F @ D.T, F_rot, atol=1e-10)
         np.testing.assert_allclose(D @ S @ D.T, S_rot, atol=1e-10)
 
@@ -141,3 +144,5 @@ def test_unknown_element_and_unsuitable_basis():
         make_inputs(cfg, np.array([8, 1, 17]), np.zeros((3, 3)))
     with pytest.raises(InputError, match="too low"):
         make_phisnet(PhiSNetConfig(basis="def2-svp", max_order=2))
+    with pytest.raises(InputError, match="unknown block_layout"):
+        make_phisnet(dataclasses.replace(cfg, block_layout="deep"))

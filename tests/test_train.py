@@ -1,5 +1,6 @@
 """PhiSNet training: learning, exact resume, data parallelism, divergence handling, CLI."""
 
+import dataclasses
 import json
 import os
 
@@ -110,6 +111,16 @@ def test_other_configuration_in_run_dir_is_rejected(tmp_path, water_data):
     with pytest.raises(Exception, match="another configuration"):
         training.train(str(tmp_path / "run"), TINY, training.TrainConfig(batch_size=2),
                        data_config(water_data), max_steps=2, progress=False)
+
+
+def test_configuration_stored_before_block_layouts_loads_compact(tmp_path, water_data):
+    run(tmp_path / "run", water_data, 1)
+    assert training.load_run_config(str(tmp_path / "run"))[0].block_layout == "original"
+    path = tmp_path / "run" / "config.json"
+    record = json.loads(path.read_text())
+    del record["model"]["block_layout"]
+    path.write_text(json.dumps(record))
+    assert training.load_run_config(str(tmp_path / "run"))[0] == dataclasses.replace(TINY, block_layout="compact")
 
 
 def test_two_devices_give_the_same_step_as_one(tmp_path, water_data, two_device_step):
