@@ -7,6 +7,7 @@ molecule's RDKit geometry with random targets: speed does not depend on the valu
 Writes experiments/results/phisnet_speed_<platform>.json.
 
     .venv/bin/python experiments/phisnet_speed.py [--configs paper small] [--batch N] [--repeats 5]
+        [--block-layout original|compact] [--output PATH]
 """
 
 import argparse
@@ -25,7 +26,7 @@ import numpy as np  # noqa: E402
 from machine import machine_info  # noqa: E402
 from phisnet_jax import molecules  # noqa: E402
 from phisnet_jax.cli import MODEL_PRESETS  # noqa: E402
-from phisnet_jax.model import MoleculeInputs, PhiSNetConfig, make_inputs, make_phisnet  # noqa: E402
+from phisnet_jax.model import BLOCK_LAYOUTS, MoleculeInputs, PhiSNetConfig, make_inputs, make_phisnet  # noqa: E402
 from phisnet_jax.train import TrainConfig, cast_inputs, init_state, make_optimizer, make_train_step  # noqa: E402
 
 
@@ -39,8 +40,8 @@ def timed(fn, *args, repeats):
     return compile_and_first, (time.perf_counter() - t0) / repeats, out
 
 
-def measure(preset: str, molecule: str, batch: int, repeats: int) -> dict:
-    cfg = dataclasses.replace(PhiSNetConfig(elements=(1, 6, 8)), **MODEL_PRESETS[preset])
+def measure(preset: str, molecule: str, batch: int, repeats: int, block_layout: str) -> dict:
+    cfg = dataclasses.replace(PhiSNetConfig(elements=(1, 6, 8), block_layout=block_layout), **MODEL_PRESETS[preset])
     model = make_phisnet(cfg)
     mol = molecules.from_name(molecule)
     single = cast_inputs(make_inputs(cfg, mol.atomic_numbers, mol.positions), np.float32)
@@ -62,7 +63,7 @@ def measure(preset: str, molecule: str, batch: int, repeats: int) -> dict:
     apply = jax.jit(model.apply)
     infer_first, infer_time, _ = timed(apply, state.params, single, repeats=max(repeats, 10))
     row = {
-        "config": preset, "molecule": molecule, "n_ao": int(n_ao), "parameters": n_params,
+        "config": preset, "block_layout": block_layout, "molecule": molecule, "n_ao": int(n_ao), "parameters": n_params,
         "batch": batch, "init_seconds": init_seconds,
         "train_compile_seconds": train_first - train_step, "train_step_ms": 1e3 * train_step,
         "train_molecules_per_second": batch / train_step,
@@ -78,10 +79,11 @@ def main():
     parser.add_argument("--molecules", nargs="+", default=["water", "ethanol"])
     parser.add_argument("--batch", type=int, help="batch size [default: the paper's, water 50, ethanol 10]")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--block-layout", default=PhiSNetConfig.block_layout, choices=BLOCK_LAYOUTS)
     parser.add_argument("--output", help="JSON path [default: experiments/results/phisnet_speed_<platform>.json]")
     args = parser.parse_args()
     paper_batch = {"water": 50, "ethanol": 10, "malondialdehyde": 10, "uracil": 5}
-    rows = [measure(c, m, args.batch or paper_batch.get(m, 10), args.repeats)
+    rows = [measure(c, m, args.batch or paper_batch.get(m, 10), args.repeats, args.block_layout)
             for c in args.configs for m in args.molecules]
     platform = jax.devices()[0].platform
     result = {
