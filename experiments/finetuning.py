@@ -161,11 +161,8 @@ def main():
     base = shared.train_shared(base_dir, base_config, max_steps=args.base_steps)
     base_seconds = time.perf_counter() - started
 
-    target = shared.SystemSetConfig(args.target)
-    finetune_config = dataclasses.replace(
-        base_config, systems=target, vmc=dataclasses.replace(base_config.vmc, pretrain_steps=0),
-        init_from=os.path.abspath(base_dir))
-    scratch_config = dataclasses.replace(base_config, systems=target)
+    finetune_config = shared.finetuning_config(base_dir, args.target)
+    scratch_config = dataclasses.replace(base_config, systems=shared.SystemSetConfig(args.target))
     eval_at = sorted(set(args.eval_at))
     curves, seconds = {}, {}
     for label, config in (("fine-tuned", finetune_config), ("from scratch", scratch_config)):

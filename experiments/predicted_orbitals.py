@@ -18,7 +18,6 @@ the base model's.
 """
 
 import argparse
-import dataclasses
 import os
 import shutil
 import sys
@@ -75,14 +74,11 @@ def main():
     eval_at = sorted(set(args.eval_at))
     curves, seconds = {}, {}
     for label, source in (("Hartree-Fock orbitals", None), ("PhiSNet orbitals", os.path.abspath(args.phisnet))):
-        systems = shared.SystemSetConfig(args.systems, seed=args.set_seed, orbitals=source)
         if args.init_from:
-            # As `vmc finetune`: the base run's settings, basis and localisation; no HF pretraining.
-            base = shared.load_config(args.init_from)
-            systems = dataclasses.replace(base.systems, spec=args.systems, seed=args.set_seed, orbitals=source)
-            config = dataclasses.replace(base, systems=systems, init_from=os.path.abspath(args.init_from),
-                                         vmc=dataclasses.replace(base.vmc, pretrain_steps=0, seed=args.seed))
+            config = shared.finetuning_config(args.init_from, args.systems, set_seed=args.set_seed,
+                                              orbitals_from=source, seed=args.seed)
         else:
+            systems = shared.SystemSetConfig(args.systems, seed=args.set_seed, orbitals=source)
             config = shared.preset_config(args.preset, systems, seed=args.seed)
         t = time.perf_counter()
         curves[label] = curve(os.path.join(root, "phisnet" if source else "hf"), config, eval_at, args.eval_steps)

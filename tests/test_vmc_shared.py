@@ -186,7 +186,11 @@ def test_cli_pretrain_resume_finetune_and_zero_shot(runs, tmp_path, capsys):
     finetuned = str(tmp_path / "finetuned")
     code, out, _ = run_vmc_cli(["finetune", run_dir, "H2", "--run-dir", finetuned, "--steps", "0", "--json"], capsys)
     assert code == 0 and json.loads(out)["pretrain_steps"] == 0
-    assert shared.load_config(finetuned).init_from == os.path.abspath(run_dir)
+    tuned = shared.load_config(finetuned)
+    assert tuned.init_from == os.path.abspath(run_dir)
+    assert (tuned.ansatz, tuned.kfac, tuned.adam) == (config.ansatz, config.kfac, config.adam)
+    assert tuned.vmc == dataclasses.replace(config.vmc, pretrain_steps=0)
+    assert (tuned.systems.basis, tuned.systems.localization) == (config.systems.basis, config.systems.localization)
     _, base_params, _ = shared.load_model(run_dir)
     _, params, origin = shared.load_model(finetuned)
     assert origin == "vmc step 0"

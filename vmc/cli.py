@@ -213,7 +213,6 @@ def finetune(base_run, systems, run_dir, set_seed, orbitals_from, walkers, geome
     The network, sampling and optimiser settings are the base run's unless overridden.
     """
     from vmc import shared
-    from vmc import train as training
 
     config_exists = os.path.exists(os.path.join(run_dir, "config.json"))
     if systems is None:
@@ -223,19 +222,9 @@ def finetune(base_run, systems, run_dir, set_seed, orbitals_from, walkers, geome
             raise InputError("--set needs SYSTEMS (a resumed run keeps its configuration)")
         config = shared.load_config(run_dir)
     else:
-        if shared.is_shared_run(base_run):
-            base = shared.load_config(base_run)
-            basis, localization = base.systems.basis, base.systems.localization
-        else:
-            base = training.load_run_config(base_run)
-            basis, localization = base.system.basis, base.system.localization
-        sampling = dataclasses.replace(base.vmc, **_sampling(walkers, pretrain_steps))
-        config = shared.SharedRunConfig(
-            systems=shared.SystemSetConfig(systems, seed=set_seed, basis=basis, localization=localization,
-                                           orbitals=orbitals_from and os.path.abspath(orbitals_from)),
-            ansatz=base.ansatz, vmc=sampling, kfac=base.kfac, adam=base.adam,
-            schedule=shared.ScheduleConfig(geometries_per_step, schedule),
-            init_from=os.path.abspath(base_run))
+        config = shared.finetuning_config(
+            base_run, systems, set_seed=set_seed, orbitals_from=orbitals_from,
+            schedule=shared.ScheduleConfig(geometries_per_step, schedule), **_sampling(walkers, pretrain_steps))
         config = apply_settings(config, settings)
     _run_shared(run_dir, config, steps, time_budget, as_json)
 

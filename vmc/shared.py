@@ -149,6 +149,33 @@ def load_config(run_dir: str) -> SharedRunConfig:
     return train.read_config(run_dir, SharedRunConfig.from_record)
 
 
+def finetuning_config(base_run: str, spec: str, *, set_seed: int = 0, orbitals_from: str | None = None,
+                      schedule: ScheduleConfig | None = None, **vmc_settings) -> SharedRunConfig:
+    """The configuration that fine-tunes the model of ``base_run`` (any single-system or shared
+    run directory) on the system set ``spec`` (geometries generated with seed ``set_seed``).
+
+    It keeps the base run's network, sampling and optimiser settings, HF basis and localisation,
+    skips HF pretraining (``vmc_settings`` override any sampling setting, ``pretrain_steps``
+    included), and starts from the base run's parameters. ``orbitals_from``: a PhiSNet run whose
+    predicted orbitals replace the SCF. ``schedule``: default the base run's (a single-system
+    base: the default schedule).
+    """
+    if is_shared_run(base_run):
+        base = load_config(base_run)
+        basis, localization, base_schedule = base.systems.basis, base.systems.localization, base.schedule
+    else:
+        base = train.load_run_config(base_run)
+        basis, localization, base_schedule = base.system.basis, base.system.localization, ScheduleConfig()
+    systems = SystemSetConfig(spec, seed=set_seed, basis=basis, localization=localization,
+                              orbitals=orbitals_from and os.path.abspath(orbitals_from))
+    return SharedRunConfig(
+        systems=systems, ansatz=base.ansatz,
+        vmc=dataclasses.replace(base.vmc, **{"pretrain_steps": 0, **vmc_settings}),
+        kfac=base.kfac, adam=base.adam, schedule=schedule or base_schedule,
+        init_from=os.path.abspath(base_run),
+    )
+
+
 def load_model(run_dir: str) -> tuple[ansatz.AnsatzConfig, Any, str]:
     """(network config, parameters, phase and step they come from) of any VMC run directory,
     single-system or shared: the latest VMC checkpoint, else the latest pretraining one."""
