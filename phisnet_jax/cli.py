@@ -161,7 +161,9 @@ def inspect(path, as_json):
 MODEL_PRESETS = {
     "paper": {},
     "small": {"features": 32, "num_modules": 2, "num_radial": 32, "overlap_features": 16},
-    "tiny": {"features": 8, "num_modules": 1, "num_radial": 16, "overlap_features": 4},
+    # Smoke tests and the test suite: residual stacks only in the per-matrix heads (one block).
+    "tiny": {"features": 8, "num_modules": 1, "num_radial": 16, "overlap_features": 4,
+             "residual_blocks": 0, "head_residual_blocks": 1},
 }
 
 

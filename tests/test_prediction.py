@@ -18,7 +18,8 @@ from phisnet_jax.reference import LevelOfTheory, make_scf
 from phisnet_jax.train import TrainConfig, cast_inputs
 
 CONFIG = PhiSNetConfig(basis="sto-3g", elements=(1, 8), features=8, max_order=2, num_modules=1,
-                       num_radial=8, overlap_features=4, core_hamiltonian=True)
+                       num_radial=8, overlap_features=4, core_hamiltonian=True, residual_blocks=0,
+                       head_residual_blocks=1)
 
 
 @pytest.fixture(scope="module")

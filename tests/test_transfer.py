@@ -33,7 +33,8 @@ from phisnet_jax.reference import LevelOfTheory
 from phisnet_jax.sampling import TrajectoryEnsemble
 
 CORE = PhiSNetConfig(basis="sto-3g", elements=(1,), features=8, max_order=0, num_modules=1,
-                     num_radial=8, overlap_features=4, core_hamiltonian=True)
+                     num_radial=8, overlap_features=4, core_hamiltonian=True, residual_blocks=0,
+                     head_residual_blocks=1)
 # Fine-tuning on CCSD(T) energies and forces only, as in the transfer-learning experiment.
 FINETUNE = training.TrainConfig(
     batch_size=4, validate_every=4, log_every=1, learning_rate=3e-3, float64=True,

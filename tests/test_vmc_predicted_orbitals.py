@@ -66,7 +66,7 @@ def test_phisnet_predicted_orbitals_feed_the_ansatz():
     """An (untrained) PhiSNet model's predicted orbitals for two water geometries: orthonormal
     minimal-basis orbitals, grouped as one composition with finite orbital features."""
     config = PhiSNetConfig(basis="sto-3g", elements=(1, 8), features=8, max_order=2, num_modules=1,
-                           num_radial=8, overlap_features=4)
+                           num_radial=8, overlap_features=4, residual_blocks=0, head_residual_blocks=1)
     water = systems.from_name("H2O")
     with jax.enable_x64(True):
         model = make_phisnet(config)
