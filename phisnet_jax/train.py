@@ -465,10 +465,13 @@ def train(
     if os.path.exists(config_path):
         existing = load_run_config(run_dir)
         stored_origin = (load_run_origin(run_dir) or {}).get("run_dir")
-        if _config_record(*existing) != record or (init_from is not None and init_from != stored_origin):
-            raise InputError(
-                f"{run_dir} holds a run with another configuration; use a new run directory"
-            )
+        stored = _config_record(*existing)
+        if stored != record or (init_from is not None and init_from != stored_origin):
+            differing = sorted(k for k in record["model"] if record["model"][k] != stored["model"][k])
+            layout = existing[0].block_layout
+            advice = (f"its model has block_layout={layout}: add --set block_layout={layout} to continue it"
+                      if differing == ["block_layout"] else "use a new run directory")
+            raise InputError(f"{run_dir} holds a run with another configuration; {advice}")
         init_from = stored_origin
     functions = training_functions(model_cfg, train_cfg)
     model, optimizer = functions.model, functions.optimizer

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from phisnet_jax import train as training
+from phisnet_jax.errors import InputError
 from phisnet_jax.evaluate import load_trained_model, orbital_metrics
 from phisnet_jax.generate import GenerationRequest, generate
 from phisnet_jax.model import PhiSNetConfig
@@ -121,6 +122,8 @@ def test_configuration_stored_before_block_layouts_loads_compact(tmp_path, water
     del record["model"]["block_layout"]
     path.write_text(json.dumps(record))
     assert training.load_run_config(str(tmp_path / "run"))[0] == dataclasses.replace(TINY, block_layout="compact")
+    with pytest.raises(InputError, match="add --set block_layout=compact to continue it"):
+        run(tmp_path / "run", water_data, 2)
 
 
 def test_two_devices_give_the_same_step_as_one(tmp_path, water_data, two_device_step):
