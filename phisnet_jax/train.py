@@ -639,7 +639,7 @@ def _validate(state, evaluate, valid_data, cfg, log, step, t0):
     if bad >= cfg.plateau_patience:
         lr, bad = lr * cfg.plateau_factor, 0
     hyper = dict(state.opt_state.hyperparams)
-    hyper["learning_rate"] = jnp.asarray(lr, hyper["learning_rate"].dtype)
+    hyper["learning_rate"] = _like(lr, hyper["learning_rate"])
     opt_state = state.opt_state._replace(hyperparams=hyper)
     log.write(json.dumps({
         "step": step, "valid_loss": metrics["loss"],
@@ -649,9 +649,15 @@ def _validate(state, evaluate, valid_data, cfg, log, step, t0):
     log.flush()
     return state.replace(
         opt_state=opt_state,
-        best_valid=jnp.asarray(best, state.best_valid.dtype),
-        bad_validations=jnp.asarray(bad, jnp.int32),
+        best_valid=_like(best, state.best_valid),
+        bad_validations=_like(bad, state.bad_validations),
     )
+
+
+def _like(value, reference: jax.Array) -> jax.Array:
+    """``value`` as an array of ``reference``'s dtype and sharding, so that the jitted step,
+    whose cache key includes both, is not compiled again for it."""
+    return jax.device_put(jnp.asarray(value, reference.dtype), reference.sharding)
 
 
 def plot_learning_curve(run_dir: str) -> None:
