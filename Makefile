@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Main job on a small built-in default (about 19 minutes on 2 CPU cores): 80 thermally
+# Main job on a small built-in default (about 24 minutes on 2 CPU cores from a fresh clone, installation included): 80 thermally
 # distorted water geometries labelled at PBE/def2-SVP (the paper's level of theory), a small
 # PhiSNet trained on 50 of them for 4 minutes, its accuracy on the 20 held-out ones, the observables
 # it predicts for two geometries (orbital energies, density, gap, Mulliken charges, dipole, cube
