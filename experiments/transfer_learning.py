@@ -13,7 +13,7 @@
    mean error over the fine-tuning geometries (the only CCSD(T) labels the method may use); the
    HF-CCSD(T) difference is dominated by a nearly constant correlation energy.
 
-Writes experiments/results/transfer_learning_<molecule>_<platform>.json and .png. Re-running the
+Writes experiments/results/transfer_learning_<molecule>[_<label>]_<platform>.json and .png. Re-running the
 same command continues an interrupted generation or training (budgets count training seconds,
 compilation included, summed over calls from the runs' logs) and, once both budgets are spent,
 only evaluates again.
@@ -44,7 +44,7 @@ from phisnet_jax.cli import MODEL_PRESETS  # noqa: E402
 from phisnet_jax.data import SplitSpec, load_splits  # noqa: E402
 from phisnet_jax.dataset import read_file_info, split_indices  # noqa: E402
 from phisnet_jax.evaluate import accuracy, load_trained_model, predict_energies_and_forces  # noqa: E402
-from phisnet_jax.model import PhiSNetConfig  # noqa: E402
+from phisnet_jax.model import BLOCK_LAYOUTS, PhiSNetConfig  # noqa: E402
 
 KCAL_PER_MOL_PER_HARTREE = 627.509474
 LABELS = ("energy", "forces", "ccsd_t_energy", "ccsd_t_forces")
@@ -138,6 +138,9 @@ def main():
     parser.add_argument("--samples", type=int, default=400, help="geometries to generate (HF + CCSD(T))")
     parser.add_argument("--work-dir", default="runs/transfer", help="where the two run directories go")
     parser.add_argument("--preset", default="small", choices=sorted(MODEL_PRESETS))
+    parser.add_argument("--block-layout", default=PhiSNetConfig.block_layout, choices=BLOCK_LAYOUTS,
+                        help="Residual-stack layout of the model (see PhiSNetConfig).")
+    parser.add_argument("--label", help="Suffix of the result files, e.g. 'compact'.")
     parser.add_argument("--train", type=int, default=250, help="HF training geometries")
     parser.add_argument("--valid", type=int, default=50, help="HF validation geometries (the rest is test)")
     parser.add_argument("--batch-size", type=int, default=10)
@@ -158,6 +161,7 @@ def main():
     # Identical computations (the second model's evaluation, a resumed run) load from disk.
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(args.work_dir, "jax_cache")))
 
+    os.makedirs(os.path.dirname(os.path.abspath(args.dataset)), exist_ok=True)
     generate_cmd = ["phisnet", "generate", args.molecule, "--method", "hf", "--basis", args.basis, "--ccsd-t",
                     "-n", str(args.samples), "-o", args.dataset, "--json"]
     t0 = time.perf_counter()
@@ -169,7 +173,7 @@ def main():
 
     info = read_file_info(args.dataset)
     model_cfg = PhiSNetConfig(elements=(1, 8), basis=info.level.basis, core_hamiltonian=True,
-                              **MODEL_PRESETS[args.preset])
+                              block_layout=args.block_layout, **MODEL_PRESETS[args.preset])
     dataset = os.path.abspath(args.dataset)
     hf_data = training.DataConfig(dataset, (args.molecule,), args.train, args.valid)
     hf_train = training.TrainConfig(batch_size=args.batch_size, validate_every=args.validate_every)
@@ -215,7 +219,8 @@ def main():
         print(json.dumps(r))
 
     platform = jax.devices()[0].platform
-    stem = os.path.join(os.path.dirname(__file__), "results", f"transfer_learning_{args.molecule}_{platform}")
+    stem = os.path.join(os.path.dirname(__file__), "results",
+                        f"transfer_learning_{args.molecule}{'_' + args.label if args.label else ''}_{platform}")
     result = {
         "benchmark": f"PhiSNet transfer learning HF -> CCSD(T), {args.molecule}, {info.level.basis}",
         "commands": {
