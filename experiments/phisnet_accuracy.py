@@ -3,7 +3,8 @@
 Trains (or resumes) a run with the paper's split (default 500 train / 500 validation / rest
 test, seed 42) under a step or time budget, then evaluates the EMA parameters on the test split:
 MAE of F and occupied orbital energies (micro-hartree), MAE of S, orbital cosine similarity.
-Writes experiments/results/phisnet_accuracy_<molecule>[_<label>]_<platform>.json.
+Writes experiments/results/phisnet_accuracy_<molecule>[_<label>]_<platform>.json and, beside it,
+the run's learning curve as .png.
 
     .venv/bin/python experiments/phisnet_accuracy.py --dataset runs/water/water_pbe_def2svp.h5 \
         --molecule water --preset small --batch-size 10 --time-budget 1800 --run-dir runs/water/small
@@ -13,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -80,7 +82,8 @@ def main():
     path = os.path.join(os.path.dirname(__file__), "results", f"phisnet_accuracy_{args.molecule}{'_' + args.label if args.label else ''}_{platform}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=2)
-    print(f"wrote {path}")
+    shutil.copyfile(os.path.join(args.run_dir, "learning_curve.png"), path.removesuffix(".json") + ".png")
+    print(f"wrote {path} and its .png")
 
 
 if __name__ == "__main__":
