@@ -1,7 +1,13 @@
-"""Describe the machine a benchmark ran on, for its JSON result."""
+"""Describe the machine a benchmark ran on, and name its result files."""
 
 import os
 import platform
+
+
+def result_stem(benchmark: str, label: str | None, platform: str) -> str:
+    """experiments/results/<benchmark>[_<label>]_<platform>, without an extension."""
+    name = f"{benchmark}_{label}" if label else benchmark
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}_{platform}")
 
 
 def machine_info() -> dict:

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 
-from machine import machine_info  # noqa: E402
+from machine import machine_info, result_stem  # noqa: E402
 from phisnet_jax import train as training  # noqa: E402
 from phisnet_jax.cli import MODEL_PRESETS  # noqa: E402
 from phisnet_jax.data import SplitSpec, load_splits  # noqa: E402
@@ -79,11 +79,11 @@ def main():
                 "at harmonic 500 K normal-mode geometries, so the numbers compare methods, not identical data",
     }
     platform = jax.devices()[0].platform
-    path = os.path.join(os.path.dirname(__file__), "results", f"phisnet_accuracy_{args.molecule}{'_' + args.label if args.label else ''}_{platform}.json")
-    with open(path, "w") as f:
+    stem = result_stem(f"phisnet_accuracy_{args.molecule}", args.label, platform)
+    with open(stem + ".json", "w") as f:
         json.dump(out, f, indent=2)
-    shutil.copyfile(os.path.join(args.run_dir, "learning_curve.png"), path.removesuffix(".json") + ".png")
-    print(f"wrote {path} and its .png")
+    shutil.copyfile(os.path.join(args.run_dir, "learning_curve.png"), stem + ".png")
+    print(f"wrote {stem}.json and {stem}.png")
 
 
 if __name__ == "__main__":

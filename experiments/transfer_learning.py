@@ -38,7 +38,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from machine import machine_info  # noqa: E402
+from machine import machine_info, result_stem  # noqa: E402
 from phisnet_jax import train as training  # noqa: E402
 from phisnet_jax.cli import MODEL_PRESETS  # noqa: E402
 from phisnet_jax.data import SplitSpec, load_splits  # noqa: E402
@@ -219,8 +219,7 @@ def main():
         print(json.dumps(r))
 
     platform = jax.devices()[0].platform
-    stem = os.path.join(os.path.dirname(__file__), "results",
-                        f"transfer_learning_{args.molecule}{'_' + args.label if args.label else ''}_{platform}")
+    stem = result_stem(f"transfer_learning_{args.molecule}", args.label, platform)
     result = {
         "benchmark": f"PhiSNet transfer learning HF -> CCSD(T), {args.molecule}, {info.level.basis}",
         "commands": {
