@@ -2,15 +2,44 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+comma := ,
 
-.PHONY: run test venv clean-venv bench
+# The accelerator JAX is installed for: cuda13 or cuda12 where nvidia-smi answers (by the CUDA
+# version its driver supports), else cpu. Override with e.g. `make run ACCEL=cpu`; switching an
+# existing .venv back to cpu needs `make clean-venv` first.
+ACCEL ?= $(shell cuda=$$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\).*/\1/p' | head -1); \
+	if [ -z "$$cuda" ]; then echo cpu; elif [ "$$cuda" -ge 13 ]; then echo cuda13; else echo cuda12; fi)
+ifeq ($(filter $(ACCEL),cpu cuda12 cuda13),)
+$(error ACCEL must be cpu, cuda12 or cuda13, not '$(ACCEL)')
+endif
+EXTRAS := test$(if $(filter cuda%,$(ACCEL)),$(comma)$(ACCEL))
+STAMP := $(VENV)/.installed-$(ACCEL)
+
+# The newest JAX the project supports (requirements/newest-jax.txt) needs Python >= 3.12; its
+# environment runs the KFAC and VMC training tests as part of `make test`.
+PYTHON312 ?= $(shell for p in $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12.*/bin/python3.12 2>/dev/null) \
+	$$(command -v python3.12); do $$p -c '' 2>/dev/null && echo $$p && break; done)
+NEWEST_VENV := .venv-newest-jax
+NEWEST_STAMP := $(NEWEST_VENV)/.installed
+NEWEST_TESTS := tests/test_vmc_optim.py tests/test_vmc_train.py tests/test_vmc_shared.py
+
+.PHONY: run test test-newest-jax venv clean-venv bench gpu-prepare gpu-rehearsal
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
+
+$(NEWEST_STAMP): pyproject.toml requirements/newest-jax.txt
+	@test -n "$(PYTHON312)" || { echo "no Python 3.12 found for the newest-JAX environment; set PYTHON312" >&2; exit 2; }
+	rm -rf $(NEWEST_VENV)
+	$(PYTHON312) -m venv $(NEWEST_VENV)
+	$(NEWEST_VENV)/bin/pip install --quiet --upgrade pip
+	$(NEWEST_VENV)/bin/python requirements/override.py requirements/newest-jax.txt > $(NEWEST_VENV)/requirements.txt
+	$(NEWEST_VENV)/bin/pip install --quiet -r $(NEWEST_VENV)/requirements.txt
+	$(NEWEST_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
 
 venv: $(STAMP)
 
@@ -45,11 +74,22 @@ run: $(STAMP)
 
 # Two worker processes, one per test file at a time (module fixtures are built once).
 TEST_WORKERS ?= 2
-test: $(STAMP)
+test: $(STAMP) test-newest-jax
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+
+test-newest-jax: $(NEWEST_STAMP)
+	$(NEWEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(NEWEST_TESTS)
 
 bench: $(STAMP)
 	$(BIN)/python experiments/generation_speed.py
 
+# The device check (experiments/gpu/README.md): wheels and data for a GPU machine without a
+# package registry, then its rehearsal here at test sizes.
+gpu-prepare: $(STAMP)
+	$(BIN)/python experiments/gpu/prepare.py
+
+gpu-rehearsal:
+	PYTHON312=$(PYTHON312) bash experiments/gpu/rehearse.sh
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(NEWEST_VENV)

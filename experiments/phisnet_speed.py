@@ -42,8 +42,16 @@ def timed(fn, *args, repeats):
 
 def measure(preset: str, molecule: str, batch: int, repeats: int, block_layout: str) -> dict:
     cfg = dataclasses.replace(PhiSNetConfig(elements=(1, 6, 8), block_layout=block_layout), **MODEL_PRESETS[preset])
+    row = measure_model(cfg, molecules.from_name(molecule), batch, repeats)
+    row = {"config": preset, "block_layout": block_layout, "molecule": molecule, **row}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def measure_model(cfg: PhiSNetConfig, mol: molecules.Molecule, batch: int, repeats: int) -> dict:
+    """Parameters, init, training-step and inference times of the model ``cfg`` on ``batch``
+    copies of ``mol`` (random float32 targets), compile times apart."""
     model = make_phisnet(cfg)
-    mol = molecules.from_name(molecule)
     single = cast_inputs(make_inputs(cfg, mol.atomic_numbers, mol.positions), np.float32)
     batched = MoleculeInputs(**{k: np.repeat(np.asarray(v)[None], batch, 0) for k, v in vars(single).items()})
     n_ao = single.ao_mask.shape[0]
@@ -62,15 +70,12 @@ def measure(preset: str, molecule: str, batch: int, repeats: int, block_layout: 
     train_first, train_step, _ = timed(lambda s: step(s, batched, fock, overlap)[1]["loss"], state, repeats=repeats)
     apply = jax.jit(model.apply)
     infer_first, infer_time, _ = timed(apply, state.params, single, repeats=max(repeats, 10))
-    row = {
-        "config": preset, "block_layout": block_layout, "molecule": molecule, "n_ao": int(n_ao), "parameters": n_params,
-        "batch": batch, "init_seconds": init_seconds,
+    return {
+        "n_ao": int(n_ao), "parameters": n_params, "batch": batch, "init_seconds": init_seconds,
         "train_compile_seconds": train_first - train_step, "train_step_ms": 1e3 * train_step,
         "train_molecules_per_second": batch / train_step,
         "inference_compile_seconds": infer_first - infer_time, "inference_ms_per_molecule": 1e3 * infer_time,
     }
-    print(json.dumps(row), flush=True)
-    return row
 
 
 def main():

@@ -41,6 +41,16 @@ def summary(times: np.ndarray, warmup: int, geometries: int, walkers: int) -> di
             "walker_updates_per_second": geometries * walkers / median}
 
 
+def time_shared(set_file: str, n_geometries: int, per_step: int, preset: str, sampling: dict,
+                steps: int, warmup: int, run_dir: str) -> dict:
+    """Step times of ``steps`` steps of shared training on the system-set file ``set_file``
+    (``n_geometries`` geometries), ``per_step`` geometries per step, in a new ``run_dir``."""
+    config = shared.preset_config(preset, shared.SystemSetConfig(set_file),
+                                  shared.ScheduleConfig(per_step, "round_robin"), **sampling)
+    shared.train_shared(run_dir, config, max_steps=steps, progress=False)
+    return summary(step_times(run_dir), warmup, min(per_step, n_geometries), config.vmc.n_walkers)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--systems", default="hchains:6@1.6,1.8,2.0,2.2")
@@ -62,11 +72,8 @@ def main():
         set_file = os.path.join(work, "set.xyz")
         system_sets.write_system_set(set_file, system_set)
         for per_step in args.per_step:
-            config = shared.preset_config(args.preset, shared.SystemSetConfig(set_file),
-                                          shared.ScheduleConfig(per_step, "round_robin"), **sampling)
-            run_dir = os.path.join(work, f"shared_{per_step}")
-            shared.train_shared(run_dir, config, max_steps=args.steps, progress=False)
-            row = summary(step_times(run_dir), args.warmup, min(per_step, len(system_set)), config.vmc.n_walkers)
+            row = time_shared(set_file, len(system_set), per_step, args.preset, sampling, args.steps,
+                              args.warmup, os.path.join(work, f"shared_{per_step}"))
             results.append({"mode": "shared", **row})
             print(results[-1], flush=True)
         first = os.path.join(work, "first.xyz")

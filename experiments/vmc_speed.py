@@ -40,6 +40,12 @@ def time_steps(system: str, network: str, walkers: int, laplacian: str, optimize
         vmc=train.VMCConfig(n_walkers=walkers, mcmc_steps=mcmc_steps, laplacian=laplacian,
                             optimizer=optimizer, pretrain_steps=0),
     )
+    return {"system": system, "network": network, **time_config(config, repeats)}
+
+
+def time_config(config: train.RunConfig, repeats: int) -> dict:
+    """First-step (trace + compile) and median step seconds of a single-system run's VMC step
+    (one MCMC call and one optimiser step), with the sizes that set them."""
     problem = train.problem_for(config)
     params = problem.init_params(jax.random.PRNGKey(0))
     sampler = mcmc.init_state(problem.log_psi, params, problem.init_walkers(jax.random.PRNGKey(1)), 0.2)
@@ -59,9 +65,9 @@ def time_steps(system: str, network: str, walkers: int, laplacian: str, optimize
         times.append(time.perf_counter() - start)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     return {
-        "system": system, "electrons": problem.system.n_electrons, "network": network,
-        "parameters": int(n_params), "walkers": walkers, "laplacian": laplacian,
-        "optimizer": optimizer, "mcmc_steps": mcmc_steps,
+        "electrons": problem.system.n_electrons, "parameters": int(n_params),
+        "walkers": config.vmc.n_walkers, "laplacian": config.vmc.laplacian,
+        "optimizer": config.vmc.optimizer, "mcmc_steps": config.vmc.mcmc_steps,
         "first_step_seconds": times[0], "step_seconds": statistics.median(times[3:]),
     }
 

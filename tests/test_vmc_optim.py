@@ -257,7 +257,7 @@ def test_kfac_step_is_finite_when_a_pair_layer_is_masked_out(float64, monkeypatc
     """kfac-jax's own block for such a layer divides by the number of pairs reaching the loss
     (zero here) and makes the whole update NaN; the project's block keeps it finite and leaves
     the masked layer's weights unchanged."""
-    import kfac_jax
+    kfac_jax = kfac_compat.load()
 
     if block == "kfac_jax_default":
         monkeypatch.setattr(optimizers, "repeated_dense_block",
@@ -299,17 +299,23 @@ def test_kfac_curvature_comes_from_the_curvature_log_psi(float64):
 
 
 def test_ensure_compatible_is_idempotent_and_needed_only_on_new_jax():
+    kfac_compat.ensure_compatible()
     from kfac_jax._src import tag_graph_matcher
     from kfac_jax._src.utils import parallel
 
-    kfac_compat.ensure_compatible()
     assert kfac_compat.ensure_compatible() == []  # a second call never changes anything
+    assert kfac_compat.missing_jax_core_names() == []
+    if jax.__version_info__ >= (0, 11):  # restored: the same objects as JAX's public ones
+        for name in kfac_compat.JAX_CORE_NAMES:
+            assert getattr(jax.core, name) is getattr(jax.extend.core, name)
     needs_bind = not kfac_compat.get_bind_params_returns_pair()
     needs_replicate = not kfac_compat.has_device_put_replicated()
     assert kfac_compat.is_patched(tag_graph_matcher.eval_jaxpr_eqn) == needs_bind
     assert kfac_compat.is_patched(parallel.replicate_all_local_devices) == needs_replicate
     if jax.__version__ == "0.9.1":
         assert not needs_bind and not needs_replicate
+    elif jax.__version_info__ >= (0, 11):  # the GPU image's 0.11.2 and the newest, 0.12
+        assert needs_bind and needs_replicate
 
 
 def test_split_bind_params_accepts_both_forms():
@@ -397,9 +403,9 @@ def test_device_put_replicated_matches_jax_on_one_device(shmap_pmap):
 TWO_DEVICE_SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np
-    import kfac_jax
-    from kfac_jax._src.utils import parallel
     from vmc import kfac_compat
+    kfac_jax = kfac_compat.load()
+    from kfac_jax._src.utils import parallel
 
     devices = jax.local_devices()
     assert len(devices) == 2, devices

@@ -1,7 +1,7 @@
 """Keeps kfac-jax 0.0.8 working on newer JAX releases.
 
-kfac-jax 0.0.8 (the newest release) was written against JAX up to 0.9.1. Two later changes in
-JAX break it, each at exactly one call site inside kfac-jax:
+kfac-jax 0.0.8 (the newest release) was written against JAX up to 0.9.1. Four later changes
+in JAX break it:
 
 1. From JAX 0.9.2 on, ``Primitive.get_bind_params(params)`` returns only the bind parameters,
    where it used to return a pair ``(subfuns, params)``. kfac-jax's graph matcher unpacks the
@@ -13,23 +13,42 @@ JAX break it, each at exactly one call site inside kfac-jax:
    ``kfac_jax._src.utils.parallel.replicate_all_local_devices`` (used by its multi-device path
    and its staged accumulators). :func:`device_put_replicated` re-creates that function from
    public API, and :func:`replicate_all_local_devices` is kfac-jax's function with it.
+3. JAX 0.11 merged ``ClosedJaxpr`` into ``Jaxpr`` (a jaxpr now carries its constants;
+   ``jax.extend.core.ClosedJaxpr`` is ``Jaxpr`` itself), whose constructor no longer takes
+   kfac-jax's ``ClosedJaxpr(jaxpr=..., consts=...)``. kfac-jax builds closed jaxprs that way in
+   its graph matcher and its tracer. :class:`ClosedJaxpr` below accepts that call and returns
+   the merged type; it is installed as the graph matcher's ``ClosedJaxpr`` and, through a view
+   of ``jax.extend`` that differs in that one name, as the tracer's. The graph matcher's
+   ``to_closed_jaxpr`` wraps any ``Jaxpr`` as a closed jaxpr without constants; now that every
+   jaxpr is closed that would turn its constants into arguments, so it is replaced by
+   :func:`to_closed_jaxpr`, which returns the jaxpr as it is.
+4. JAX 0.11 and 0.12 removed names from ``jax.core`` that kfac-jax reads, some of them while
+   its modules are imported (``jax.core.Effects`` in an annotation, ``jax.core.DebugInfo``):
+   ``import kfac_jax`` itself fails. JAX still provides all of them, publicly, in
+   ``jax.extend.core``; :func:`restore_jax_core_names` puts the missing ones back on
+   ``jax.core`` (the same objects), which must happen before kfac-jax is first imported.
 
-:func:`ensure_compatible` installs those replacements into kfac-jax's modules, each only when
-the running JAX needs it (decided by behaviour: what ``get_bind_params`` returns and whether
-``jax.device_put_replicated`` exists, not by version strings), and only once. On JAX 0.9.1 it
-changes nothing. Call it before building a KFAC optimiser; :mod:`vmc.optimizers` does.
+:func:`ensure_compatible` installs those replacements, each only when the running JAX needs it
+(decided by behaviour: what ``get_bind_params`` returns, whether ``jax.device_put_replicated``
+exists, whether ``ClosedJaxpr`` is ``Jaxpr``, which names ``jax.core`` lacks; not by version
+strings), and only once. On JAX
+0.9.1 it changes nothing. Import kfac-jax through :func:`load` (which calls it first), never
+with a plain ``import kfac_jax``.
 
-Nothing else of kfac-jax is touched; newer JAX releases may need more, which the KFAC tests
-(run on the GPU image's JAX as well as on the pinned one) are there to reveal.
+Nothing else of kfac-jax is touched; newer JAX releases may need more, which the KFAC and VMC
+training tests (run on the newest JAX as well as on the pinned one by ``make test``) are there
+to reveal.
 """
 
 from __future__ import annotations
 
+import types
 import warnings
 from typing import Any, Sequence
 
 import jax
 import jax.extend
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -38,6 +57,88 @@ _MARK = "_vmc_kfac_compat"
 # Axis name of the replicated arrays' mesh; the same name JAX's own function used, so the
 # shardings compare equal to what kfac-jax got from JAX 0.9.
 REPLICATION_AXIS = "_device_put_replicated"
+
+
+def _mark(fn):
+    setattr(fn, _MARK, True)
+    return fn
+
+
+# --- 3. ClosedJaxpr merged into Jaxpr --------------------------------------------------------
+
+
+def closed_jaxpr_is_jaxpr() -> bool:
+    """Whether this JAX has merged ``ClosedJaxpr`` into ``Jaxpr`` (JAX >= 0.11)."""
+    return jax.extend.core.ClosedJaxpr is jax.extend.core.Jaxpr
+
+
+class _ClosedJaxprType(type):
+    def __instancecheck__(cls, obj) -> bool:
+        return isinstance(obj, jax.extend.core.Jaxpr)
+
+    def __call__(cls, jaxpr, consts=()):
+        # A Jaxpr given where the constvars go is copied, with these constants attached.
+        return jax.extend.core.Jaxpr(jaxpr, consts=list(consts))
+
+
+class ClosedJaxpr(metaclass=_ClosedJaxprType):
+    """``ClosedJaxpr(jaxpr=..., consts=...)`` as JAX <= 0.10 took it, returning the merged
+    ``Jaxpr`` of JAX >= 0.11; ``isinstance(x, ClosedJaxpr)`` holds for every jaxpr."""
+
+
+_mark(ClosedJaxpr)
+
+
+class _ModuleView(types.ModuleType):
+    """A module's attributes, with some replaced: handed to one kfac-jax module in place of a
+    JAX module, so that the replacement reaches that module alone."""
+
+    def __init__(self, base: types.ModuleType, **replaced):
+        super().__init__(base.__name__)
+        self.__dict__.update(replaced)
+        self._base = base
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
+
+
+def to_closed_jaxpr(jaxpr):
+    """kfac-jax's ``tag_graph_matcher.to_closed_jaxpr`` for JAX >= 0.11, where every jaxpr
+    is closed (it carries its own constants)."""
+    return jaxpr
+
+
+_mark(to_closed_jaxpr)
+
+
+def extend_with_closed_jaxpr() -> types.ModuleType:
+    """``jax.extend`` whose ``core.ClosedJaxpr`` is :class:`ClosedJaxpr`."""
+    view = _ModuleView(jax.extend, core=_ModuleView(jax.extend.core, ClosedJaxpr=ClosedJaxpr))
+    return _mark(view)
+
+
+# --- 4. names removed from jax.core ---------------------------------------------------------
+
+# What kfac-jax 0.0.8 reads from ``jax.core`` and JAX >= 0.11 keeps only in ``jax.extend.core``.
+JAX_CORE_NAMES = ("DebugInfo", "DropVar", "Effects", "gensym", "new_jaxpr_eqn", "no_effects")
+
+
+def missing_jax_core_names() -> list[str]:
+    """Those of :data:`JAX_CORE_NAMES` that this JAX's ``jax.core`` lacks."""
+    # Asking must not warn where a name is deprecated but still present.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return [name for name in JAX_CORE_NAMES if not hasattr(jax.core, name)]
+
+
+def restore_jax_core_names() -> list[str]:
+    """Set each missing name of :data:`JAX_CORE_NAMES` on ``jax.core`` to the object of the
+    same name in ``jax.extend.core``; returns the names set (``jax.core.Effects``, ...)."""
+    restored = []
+    for name in missing_jax_core_names():
+        setattr(jax.core, name, getattr(jax.extend.core, name))
+        restored.append(f"jax.core.{name}")
+    return restored
 
 
 # --- 1. Primitive.get_bind_params -------------------------------------------------------------
@@ -139,11 +240,6 @@ def has_device_put_replicated() -> bool:
 # --- installation -----------------------------------------------------------------------------
 
 
-def _mark(fn):
-    setattr(fn, _MARK, True)
-    return fn
-
-
 _mark(eval_jaxpr_eqn)
 _mark(replicate_all_local_devices)
 
@@ -157,18 +253,20 @@ def ensure_compatible(force: bool = False) -> list[str]:
     """Install the replacements into kfac-jax where this JAX needs them; idempotent.
 
     Args:
-        force: install both replacements even where this JAX does not need them (they are
-            behaviour-preserving there); for tests of the installed path on an old JAX.
+        force: install the replacements of changes 1 and 2 even where this JAX does not need
+            them (they are behaviour-preserving there); for tests of the installed path on an
+            old JAX. Those of changes 3 and 4 only work where JAX has made the change, so they
+            are installed only there.
 
     Returns:
-        The kfac-jax attributes replaced by this call (empty when nothing was needed or all was
-        already done), e.g. ``["tag_graph_matcher.eval_jaxpr_eqn"]``.
+        The attributes set by this call (empty when nothing was needed or all was already
+        done), e.g. ``["jax.core.Effects", "tag_graph_matcher.eval_jaxpr_eqn"]``.
     """
-    from kfac_jax._src import tag_graph_matcher
+    replaced = restore_jax_core_names()
+    from kfac_jax._src import tag_graph_matcher, tracer
     from kfac_jax._src import utils as kfac_utils
     from kfac_jax._src.utils import parallel
 
-    replaced = []
     # kfac-jax's tracer calls ``tag_graph_matcher.eval_jaxpr_eqn`` through the module
     # attribute, so replacing the attribute reaches every caller.
     if (force or not get_bind_params_returns_pair()) and not is_patched(
@@ -176,6 +274,12 @@ def ensure_compatible(force: bool = False) -> list[str]:
     ):
         tag_graph_matcher.eval_jaxpr_eqn = eval_jaxpr_eqn
         replaced.append("tag_graph_matcher.eval_jaxpr_eqn")
+    if closed_jaxpr_is_jaxpr() and not is_patched(tag_graph_matcher.ClosedJaxpr):
+        tag_graph_matcher.ClosedJaxpr = ClosedJaxpr
+        tag_graph_matcher.to_closed_jaxpr = to_closed_jaxpr
+        tracer.jex = extend_with_closed_jaxpr()
+        replaced += ["tag_graph_matcher.ClosedJaxpr", "tag_graph_matcher.to_closed_jaxpr",
+                     "tracer.jex.core.ClosedJaxpr"]
     # Callers inside kfac-jax go through ``parallel.``; the package also re-exports the
     # function under ``kfac_jax.utils``, bound at import time, so that name is replaced too.
     if (force or not has_device_put_replicated()) and not is_patched(
@@ -185,3 +289,12 @@ def ensure_compatible(force: bool = False) -> list[str]:
         kfac_utils.replicate_all_local_devices = replicate_all_local_devices
         replaced.append("utils.parallel.replicate_all_local_devices")
     return replaced
+
+
+def load():
+    """The ``kfac_jax`` module, imported after :func:`ensure_compatible`; use it instead of
+    ``import kfac_jax``, which fails on JAX >= 0.11 unless this module has run first."""
+    ensure_compatible()
+    import kfac_jax
+
+    return kfac_jax

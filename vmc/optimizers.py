@@ -159,7 +159,7 @@ def repeated_dense_block() -> type:
     that average is 0 and 1/0 made the whole first KFAC update NaN. The block's gradient is
     exactly zero then, so any finite scale leaves those parameters unchanged; 1 is used.
     """
-    import kfac_jax
+    kfac_jax = kfac_compat.load()
 
     class RepeatedDenseBlock(kfac_jax.curvature_blocks.RepeatedDenseKroneckerFactored):
         def state_dependent_scale(self, state):
@@ -187,14 +187,13 @@ def make_kfac(loss: EnergyLoss, curvature_log_psi: Callable[[Params, Any], jax.A
     parameter a generic (full-matrix) block. Dense layers applied over extra axes (atom pairs)
     get :func:`repeated_dense_block`.
     """
-    import kfac_jax
+    kfac_jax = kfac_compat.load()
 
     def curvature_value(params, batch):
         values = curvature_log_psi(params, batch)
         kfac_jax.register_normal_predictive_distribution(values.reshape(-1, 1))
         return jnp.mean(values)
 
-    kfac_compat.ensure_compatible()
     learning_rate = make_learning_rate_schedule(config.learning_rate, config.learning_rate_decay)
     damping = make_damping_schedule(config.damping, config.min_damping, config.damping_time)
     optimizer = kfac_jax.Optimizer(
