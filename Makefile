@@ -1,8 +1,15 @@
 # Two commands set everything up on a fresh machine: `make run` and `make test`.
-PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 comma := ,
+
+# An interpreter of Python $(1) (e.g. 3.12): pyenv's, else python$(1) or python3 from the PATH.
+find_python = $(shell for p in $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$(1).*/bin/python$(1) 2>/dev/null) \
+	$$(command -v python$(1)) $$(command -v python3); do \
+	$$p -c 'import sys; sys.exit(sys.version_info[:2] != ($(subst .,$(comma) ,$(1))))' 2>/dev/null && echo $$p && break; done)
+# The pinned versions (pyproject.toml) need Python 3.12; the oldest supported JAX runs on 3.11.
+PYTHON ?= $(call find_python,3.12)
+OLDEST_PYTHON ?= $(call find_python,3.11)
 
 # The accelerator JAX is installed for: cuda13 or cuda12 where nvidia-smi answers (by the CUDA
 # version its driver supports), else cpu. Override with e.g. `make run ACCEL=cpu`; switching an
@@ -15,33 +22,31 @@ endif
 EXTRAS := test$(if $(filter cuda%,$(ACCEL)),$(comma)$(ACCEL))
 STAMP := $(VENV)/.installed-$(ACCEL)
 
-# The newest JAX the project supports (requirements/newest-jax.txt) needs Python >= 3.12; its
-# environment runs the KFAC and VMC training tests as part of `make test`.
-PYTHON312 ?= $(shell for p in $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12.*/bin/python3.12 2>/dev/null) \
-	$$(command -v python3.12); do $$p -c '' 2>/dev/null && echo $$p && break; done)
-NEWEST_VENV := .venv-newest-jax
-NEWEST_STAMP := $(NEWEST_VENV)/.installed
-NEWEST_TESTS := tests/test_vmc_optim.py tests/test_vmc_train.py tests/test_vmc_shared.py
+# The oldest JAX the project supports (requirements/oldest-jax.txt), on Python 3.11: `make test`
+# runs the KFAC and VMC training tests there too.
+OLDEST_VENV := .venv-oldest-jax
+OLDEST_STAMP := $(OLDEST_VENV)/.installed
+OLDEST_TESTS := tests/test_vmc_optim.py tests/test_vmc_train.py tests/test_vmc_shared.py
 
-.PHONY: run test test-newest-jax venv clean-venv bench gpu-prepare gpu-rehearsal
+.PHONY: run test test-oldest-jax venv clean-venv bench gpu-prepare gpu-rehearsal
 
 $(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "no Python 3.12 found; install one (pyenv install 3.12) or set PYTHON" >&2; exit 2; }
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
-$(NEWEST_STAMP): pyproject.toml requirements/newest-jax.txt
-	@test -n "$(PYTHON312)" || { echo "no Python 3.12 found for the newest-JAX environment; set PYTHON312" >&2; exit 2; }
-	rm -rf $(NEWEST_VENV)
-	$(PYTHON312) -m venv $(NEWEST_VENV)
-	$(NEWEST_VENV)/bin/pip install --quiet --upgrade pip
-	$(NEWEST_VENV)/bin/python requirements/override.py requirements/newest-jax.txt > $(NEWEST_VENV)/requirements.txt
-	$(NEWEST_VENV)/bin/pip install --quiet -r $(NEWEST_VENV)/requirements.txt
-	$(NEWEST_VENV)/bin/pip install --quiet --no-deps -e .
+$(OLDEST_STAMP): pyproject.toml requirements/oldest-jax.txt
+	@test -n "$(OLDEST_PYTHON)" || { echo "no Python 3.11 found for the oldest-JAX environment; set OLDEST_PYTHON" >&2; exit 2; }
+	rm -rf $(OLDEST_VENV)
+	$(OLDEST_PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install --quiet --upgrade pip
+	$(OLDEST_VENV)/bin/python requirements/override.py requirements/oldest-jax.txt > $(OLDEST_VENV)/requirements.txt
+	$(OLDEST_VENV)/bin/pip install --quiet -r $(OLDEST_VENV)/requirements.txt
+	$(OLDEST_VENV)/bin/pip install --quiet --no-deps -e .
 	touch $@
-
-venv: $(STAMP)
 
 # Main job on a small built-in default (about 24 minutes on 2 CPU cores from a fresh clone, installation included): 80 thermally
 # distorted water geometries labelled at PBE/def2-SVP (the paper's level of theory), a small
@@ -74,11 +79,12 @@ run: $(STAMP)
 
 # Two worker processes, one per test file at a time (module fixtures are built once).
 TEST_WORKERS ?= 2
-test: $(STAMP) test-newest-jax
+test: $(STAMP) $(OLDEST_STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(MAKE) --no-print-directory test-oldest-jax
 
-test-newest-jax: $(NEWEST_STAMP)
-	$(NEWEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(NEWEST_TESTS)
+test-oldest-jax: $(OLDEST_STAMP)
+	$(OLDEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(OLDEST_TESTS)
 
 bench: $(STAMP)
 	$(BIN)/python experiments/generation_speed.py
@@ -89,7 +95,7 @@ gpu-prepare: $(STAMP)
 	$(BIN)/python experiments/gpu/prepare.py
 
 gpu-rehearsal:
-	PYTHON312=$(PYTHON312) bash experiments/gpu/rehearse.sh
+	PYTHON312=$(PYTHON) bash experiments/gpu/rehearse.sh
 
 clean-venv:
-	rm -rf $(VENV) $(NEWEST_VENV)
+	rm -rf $(VENV) $(OLDEST_VENV)

@@ -2,7 +2,7 @@
 pins of an override file in place of the same packages' pins: the install list of an
 environment at another end of the supported range.
 
-    python requirements/override.py requirements/newest-jax.txt > requirements.txt
+    python requirements/override.py requirements/oldest-jax.txt > requirements.txt
 """
 
 import os

@@ -6,6 +6,7 @@ identical computations compiled again, by another closure or a CLI subprocess, l
 
 import contextlib
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -26,10 +27,18 @@ from phisnet_jax import molecules
 from phisnet_jax.reference import LevelOfTheory, run_scf
 
 
+NAMED_GEOMETRIES = os.path.join(os.path.dirname(__file__), "fixtures", "named_geometries.json")
+
+
 @functools.lru_cache(maxsize=None)
 def start_geometry(name: str) -> molecules.Molecule:
-    """RDKit/MMFF geometry of a named molecule (deterministic, no quantum chemistry)."""
-    return molecules.from_name(name)
+    """RDKit/MMFF geometry of a named molecule (``molecules.from_name``), read from
+    tests/fixtures/named_geometries.json, so that the tests that need only a geometry also run
+    where RDKit is absent (the device check); test_sampling checks the file against RDKit."""
+    with open(NAMED_GEOMETRIES) as f:
+        geometry = json.load(f)[name]
+    return molecules.Molecule(np.asarray(geometry["atomic_numbers"], dtype=np.int64),
+                              np.asarray(geometry["positions_bohr"], dtype=np.float64))
 
 
 def rotated(molecule: molecules.Molecule, rotation: np.ndarray) -> molecules.Molecule:
@@ -56,8 +65,6 @@ def hf_tight():
 
 def log_lines(run_dir):
     """The JSON lines of a VMC run directory's log.jsonl."""
-    import json
-
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
 

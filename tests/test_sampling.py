@@ -80,3 +80,14 @@ def test_saddle_point_is_rejected():
     linear = start_geometry("water").with_positions(np.array([[0.0, 0, 0], [1.8, 0, 0], [-1.8, 0, 0]]))
     with pytest.raises(InputError, match="not a minimum"):
         sampling.normal_modes(linear, sampling.hessian(linear, LEVEL))
+
+
+@pytest.mark.parametrize("name", ["ethanol", "hydrogen", "water"])
+def test_named_geometry_fixture_is_what_rdkit_makes(name):
+    """The suite's start geometries (tests/fixtures/named_geometries.json) are those that
+    molecules.from_name makes with RDKit/MMFF today."""
+    from phisnet_jax import molecules
+
+    fixture, made = start_geometry(name), molecules.from_name(name)
+    np.testing.assert_array_equal(fixture.atomic_numbers, made.atomic_numbers)
+    np.testing.assert_allclose(fixture.positions, made.positions, rtol=0, atol=1e-9)

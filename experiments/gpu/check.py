@@ -56,11 +56,13 @@ SIZES = {
         "phisnet_preset": "paper", "water_batch": 50, "ethanol_batch": 10, "repeats": 5,
         "vmc_preset": "paper", "vmc_repeats": 5, "shared_steps": 8,
         "burst_train": 600, "burst_valid": 50, "burst_batch": 50, "burst_validate_every": 500,
+        "burst_max_seconds": None,
     },
     "tiny": {
         "phisnet_preset": "tiny", "water_batch": 4, "ethanol_batch": 2, "repeats": 2,
         "vmc_preset": "tiny", "vmc_repeats": 2, "shared_steps": 4,
         "burst_train": 12, "burst_valid": 4, "burst_batch": 4, "burst_validate_every": 20,
+        "burst_max_seconds": 30,
     },
 }
 TESTS = [
@@ -189,7 +191,7 @@ def stage_burst(sizes: dict, work: str, deadline: float) -> dict:
     compile_seconds = time.perf_counter() - t0
     while not os.path.exists(os.path.join(work, "timings_done")) and time.time() < deadline:
         time.sleep(1.0)
-    budget = deadline - time.time() - BURST_RESERVE
+    budget = min(deadline - time.time() - BURST_RESERVE, sizes["burst_max_seconds"] or float("inf"))
     if budget <= 10:
         return {"skipped": f"{budget + BURST_RESERVE:.0f} s left after the timings"}
     run_dir = os.path.join(work, "burst")

@@ -4,8 +4,8 @@ ignores ``.gpu``; the device call carries it, within its 64 MiB with the reposit
 
 - wheels: those listed in experiments/gpu/wheels.txt, for CPython 3.12 on x86-64 Linux, stored
   uncompressed in one xz archive (xz packs pyscf's libraries into two thirds of what the
-  wheels' own compression does). pyscf's wheel drops what the check never loads: periodic
-  boundary conditions, C sources, relativistic, 5Z and pseudopotential basis sets.
+  wheels' own compression does). pyscf's wheel drops what the check never loads: its C sources
+  and the relativistic, 5Z and pseudopotential basis sets.
 - data: a water PBE/def2-SVP dataset for the burst (--water-samples geometries, generated with
   the project's CLI into runs/gpu/, resumable), copied with only the fields training reads
   (positions, F, S; a third of the size); and the RDKit geometries of water and ethanol for the
@@ -40,7 +40,7 @@ PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
              "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64"]
 # Parts of pyscf the device check never loads (see the module docstring).
 PYSCF_DROPPED = re.compile(
-    r"pyscf/(pbc/|lib/.*\.(c|h|cl)$"
+    r"pyscf/(lib/.*\.(c|h|cl)$"
     r"|gto/basis/(dyall-basis/|.*(-dk|-DK|5z|5Z|-pp|-PP|pc-[234]|pcseg-[234]|crenbl)))"
 )
 # Dataset fields the burst's training and evaluation read (phisnet_jax.data.load_splits).
