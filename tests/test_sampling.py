@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import start_geometry
-from phisnet_jax import sampling
+from phisnet_jax import molecules, sampling
 from phisnet_jax.errors import InputError
 from phisnet_jax.reference import LevelOfTheory
 
@@ -82,12 +82,10 @@ def test_saddle_point_is_rejected():
         sampling.normal_modes(linear, sampling.hessian(linear, LEVEL))
 
 
-@pytest.mark.parametrize("name", ["ethanol", "hydrogen", "water"])
+@pytest.mark.parametrize("name", sorted(molecules.NAMED_MOLECULES))
 def test_named_geometry_fixture_is_what_rdkit_makes(name):
-    """The suite's start geometries (tests/fixtures/named_geometries.json) are those that
-    molecules.from_name makes with RDKit/MMFF today."""
-    from phisnet_jax import molecules
-
+    """The suite's start geometries (tests/fixtures/named_geometries.json, every named
+    molecule) are those that molecules.from_name makes with RDKit/MMFF today."""
     fixture, made = start_geometry(name), molecules.from_name(name)
     np.testing.assert_array_equal(fixture.atomic_numbers, made.atomic_numbers)
     np.testing.assert_allclose(fixture.positions, made.positions, rtol=0, atol=1e-9)
