@@ -12,8 +12,8 @@ PYTHON ?= $(call find_python,3.12)
 OLDEST_PYTHON ?= $(call find_python,3.11)
 
 # The accelerator JAX is installed for: cuda13 or cuda12 where nvidia-smi answers (by the CUDA
-# version its driver supports), else cpu. Override with e.g. `make run ACCEL=cpu`; switching an
-# existing .venv back to cpu needs `make clean-venv` first.
+# version its driver supports), else cpu. Override with e.g. `make run ACCEL=cpu`; another
+# ACCEL than the one .venv was made for makes it anew.
 ACCEL ?= $(shell cuda=$$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\).*/\1/p' | head -1); \
 	if [ -z "$$cuda" ]; then echo cpu; elif [ "$$cuda" -ge 13 ]; then echo cuda13; else echo cuda12; fi)
 ifeq ($(filter $(ACCEL),cpu cuda12 cuda13),)

@@ -24,9 +24,8 @@ the stages run one after another (--parallel overrides that, as the rehearsal do
 ``--sizes tiny`` runs the same stages at test sizes (the rehearsal on a CPU machine); ``full``
 at the sizes above. The report, ``gpu_check_<platform>.json`` in --out (default ``$OUT``), is
 rewritten whenever a stage ends, so a run cut short keeps what it measured; each stage's output
-is appended to ``check.log`` beside it. Where ``experiments/results/gpu_check_cpu.json`` (this
-script at full size on a CPU machine, without the burst) exists, each timing is reported next
-to its CPU figure, with the speedup.
+is appended to ``check.log`` beside it. Each timing is reported next to its CPU figure, with the
+speedup, where one exists (:func:`cpu_figures`).
 
     python experiments/gpu/check.py [--sizes full|tiny] [--budget SECONDS] [--out DIR]
         [--stages NAME ...]
@@ -268,17 +267,32 @@ def environment() -> dict:
             "platform": jax.default_backend(), "versions": versions}
 
 
+def cpu_figures() -> dict[str, dict]:
+    """Each stage's CPU figures: from gpu_check_cpu.json (this script at full size on a CPU
+    machine) where it exists, else the paper-configuration rows of phisnet_speed_cpu.json for
+    the PhiSNet stages, with the file they come from."""
+    if os.path.exists(CPU_REFERENCE):
+        with open(CPU_REFERENCE) as f:
+            return {name: dict(row, source=CPU_REFERENCE) for name, row in json.load(f)["stages"].items()}
+    path = os.path.join(EXPERIMENTS, "results", "phisnet_speed_cpu.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        rows = json.load(f)["results"]
+    return {f"phisnet_{row['molecule']}": dict(row, source=path) for row in rows
+            if row["config"] == "paper" and row.get("block_layout", "original") == "original"}
+
+
 def with_cpu_reference(report: dict) -> dict:
     """Each timed stage's figures next to the CPU run's (``speedup`` = CPU time / this time)."""
-    if not os.path.exists(CPU_REFERENCE) or report["platform"] == "cpu":
+    if report["platform"] == "cpu":
         return report
-    with open(CPU_REFERENCE) as f:
-        cpu = json.load(f)["stages"]
+    cpu = cpu_figures()
     for name, row in report["stages"].items():
         reference = cpu.get(name, {})
         for key in ("train_step_ms", "inference_ms_per_molecule", "step_seconds"):
             if key in row and key in reference:
-                row.setdefault("cpu", {})[key] = reference[key]
+                row.setdefault("cpu", {"source": os.path.relpath(reference["source"], ROOT)})[key] = reference[key]
                 row.setdefault("speedup_vs_cpu", {})[key] = reference[key] / row[key]
     return report
 
