@@ -240,6 +240,10 @@ def split_indices(
     }
 
 
+# What a summary reads of every molecule group.
+SUMMARY_FIELDS = ("converged", "energy", "scf_iterations", "atomic_numbers", "fock", "ensemble")
+
+
 def summarize(path: str) -> dict:
     """A JSON-serialisable summary of a dataset file (what ``phisnet inspect`` prints)."""
     info = read_file_info(path)
@@ -247,6 +251,9 @@ def summarize(path: str) -> dict:
     with _open_for_reading(path) as f:
         for name in info.molecules:
             g = f["molecules"][name]
+            missing = [k for k in SUMMARY_FIELDS if k not in g]
+            if missing:
+                raise InputError(f"{path}: molecule {name!r} lacks {', '.join(missing)}")
             converged = np.asarray(g["converged"][()], dtype=bool)
             energy = np.asarray(g["energy"][()])[converged]
             iterations = np.asarray(g["scf_iterations"][()])[converged]

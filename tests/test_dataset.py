@@ -109,3 +109,12 @@ def test_corrupt_and_foreign_files_are_rejected(tmp_path):
     write(path, "water", fake_samples(2, np.random.default_rng(0)))
     with pytest.raises(InputError, match="not in"):
         dataset.read_molecule(path, "ethanol")
+
+
+def test_summary_of_a_molecule_without_energies_is_an_input_error(tmp_path):
+    path = str(tmp_path / "d.h5")
+    write(path, "water", fake_samples(2, np.random.default_rng(0)))
+    with h5py.File(path, "a") as f:
+        del f["molecules/water/energy"]
+    with pytest.raises(InputError, match="molecule 'water' lacks energy"):
+        dataset.summarize(path)
