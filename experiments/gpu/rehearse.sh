@@ -24,7 +24,7 @@ if [ ! -f "$VENV/.installed" ] || [ experiments/gpu/image.txt -nt "$VENV/.instal
     "$VENV/bin/pip" install --quiet -r experiments/gpu/image.txt
     touch "$VENV/.installed"
 fi
-SITE=$(mktemp -d /tmp/gpu_rehearsal_site.XXXXXX)
+SITE=$(mktemp -d)
 trap 'rm -rf "$SITE"' EXIT
 PYTHON="$VENV/bin/python" CHECK_SITE="$SITE" JAX_PLATFORMS=cpu \
     bash experiments/gpu/check.sh --sizes tiny --parallel --budget 900 "$@"
