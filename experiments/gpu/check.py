@@ -117,12 +117,15 @@ def stage_tests(sizes: dict, work: str, deadline: float) -> dict:
 
 
 def load_geometry(name: str):
+    """The RDKit geometry of a named molecule, from the test suite's fixture (the GPU image has
+    no RDKit)."""
     import numpy as np
 
     from phisnet_jax import molecules
 
-    with np.load(os.path.join(DATA, "geometries.npz")) as g:
-        return molecules.Molecule(g[f"{name}_atomic_numbers"], g[f"{name}_positions"])
+    with open(os.path.join(ROOT, "tests", "fixtures", "named_geometries.json")) as f:
+        geometry = json.load(f)[name]
+    return molecules.Molecule(np.asarray(geometry["atomic_numbers"]), np.asarray(geometry["positions_bohr"]))
 
 
 def stage_phisnet(molecule: str, sizes: dict, work: str, deadline: float) -> dict:

@@ -8,8 +8,8 @@ ignores ``.gpu``; the device call carries it, within its 64 MiB with the reposit
   and the relativistic, 5Z and pseudopotential basis sets.
 - data: a water PBE/def2-SVP dataset for the burst (--water-samples geometries, generated with
   the project's CLI into runs/gpu/, resumable), copied with only the fields training reads
-  (positions, F, S; a third of the size); and the RDKit geometries of water and ethanol for the
-  timings (geometries.npz: ``<name>_atomic_numbers``, ``<name>_positions`` in bohr).
+  (positions, F, S; a third of the size). The timings take their geometries from the test
+  suite's fixture of RDKit geometries, which travels with the repository.
 
 The rehearsal (experiments/gpu/rehearse.sh) proves that these suffice.
 
@@ -122,20 +122,6 @@ def copy_fields(source: str, target: str, fields: tuple[str, ...]) -> None:
     os.replace(target + ".tmp", target)
 
 
-def write_geometries(path: str) -> None:
-    import numpy as np
-
-    from phisnet_jax import molecules
-
-    arrays = {}
-    for name in ("water", "ethanol"):
-        mol = molecules.from_name(name)
-        arrays[f"{name}_atomic_numbers"] = mol.atomic_numbers
-        arrays[f"{name}_positions"] = mol.positions
-    np.savez(path + ".tmp.npz", **arrays)
-    os.replace(path + ".tmp.npz", path)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--water-samples", type=int, default=700)
@@ -149,7 +135,6 @@ def main():
 
     data = os.path.join(GPU, "data")
     os.makedirs(data, exist_ok=True)
-    write_geometries(os.path.join(data, "geometries.npz"))
     full = os.path.join(STAGING, "water_pbe_def2svp.h5")
     phisnet = os.path.join(os.path.dirname(sys.executable), "phisnet")
     subprocess.run([phisnet, "generate", "water", "--samples", str(args.water_samples), "--workers",
