@@ -89,6 +89,8 @@ test: $(STAMP) $(OLDEST_STAMP)
 test-oldest-jax: $(OLDEST_STAMP)
 	$(OLDEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist load $(OLDEST_TESTS)
 
+venv: $(STAMP)
+
 bench: $(STAMP)
 	$(BIN)/python experiments/generation_speed.py
 

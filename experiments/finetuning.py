@@ -1,11 +1,11 @@
 """Experiment: a base model pretrained over a set of systems, fine-tuned on a new (larger)
 system, against training the same network from scratch on it.
 
-1. Base model: ``vmc pretrain`` on --base (HF pretraining, then shared VMC), resumable.
-2. Fine-tuned: every weight of the base reused, VMC on --target (no HF pretraining).
-3. From scratch: the same network and settings on --target, HF pretraining then VMC.
+1. Base model: ``vmc pretrain`` on --base (HF fit, then shared VMC), resumable.
+2. Fine-tuned: every weight of the base reused, VMC on --target (no HF fit).
+3. From scratch: the same network and settings on --target, HF fit then VMC.
 Both target runs are evaluated with fresh walkers (blocking error bars) at every step count of
---eval-at (0: the zero-shot base model, and the scratch model after HF pretraining only).
+--eval-at (0: the zero-shot base model, and the scratch model after the HF fit only).
 Writes experiments/results/finetuning_<name>_<platform>.json and a PNG of energy vs steps;
 with --reference, a pyscf CCSD(T) energy of the target in a large basis is added.
 
@@ -27,7 +27,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from machine import machine_info  # noqa: E402
-from vmc import shared, train  # noqa: E402
+from molfoundation import runs  # noqa: E402
+from vmc import evaluate, train  # noqa: E402
+from vmc.config import PRESET_NAMES, ScheduleConfig, SystemsConfig, finetuning_config, preset_config  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -61,8 +63,8 @@ def curve(run_dir, config, eval_at, eval_steps, eval_walkers=None):
     error) and each system's own energy and error."""
     points = []
     for steps in eval_at:
-        shared.train_shared(run_dir, config, max_steps=steps, progress=False)
-        _, results = shared.evaluate_run(run_dir, n_steps=eval_steps, n_walkers=eval_walkers, progress=False)
+        train.train(run_dir, config, max_steps=steps, progress=False)
+        results = evaluate.evaluate_run(run_dir, n_steps=eval_steps, n_walkers=eval_walkers, progress=False).systems
         energy = float(np.mean([r.energy for r in results]))
         error = float(np.sqrt(np.sum([r.error**2 for r in results])) / len(results))
         points.append({"steps": steps, "energy": energy, "error": error,
@@ -73,12 +75,7 @@ def curve(run_dir, config, eval_at, eval_steps, eval_walkers=None):
 
 
 def plot(path, record):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = runs.figure()
     # The axis covers the trained points (step > 0) and the reference; starting points far
     # above (a zero-shot model, say) are written at the top edge instead.
     trained = [p["energy"] for points in record["curves"].values() for p in points if p["steps"] > 0]
@@ -104,9 +101,7 @@ def plot(path, record):
     ax.set_xlabel("VMC steps on the target (0 plotted at 1)")
     ax.set_ylabel(f"energy of {record['target']} (hartree)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    runs.save_figure(fig, path)
 
 
 def write_result(results_dir: str, name: str, record: dict) -> None:
@@ -134,11 +129,11 @@ def main():
     parser.add_argument("--name", required=True, help="Name of the result files.")
     parser.add_argument("--base", required=True, help="System set of the base model.")
     parser.add_argument("--target", required=True, help="System (or set) to fine-tune on.")
-    parser.add_argument("--preset", default="small", choices=train.PRESET_NAMES)
+    parser.add_argument("--preset", default="small", choices=PRESET_NAMES)
     parser.add_argument("--walkers", type=int, help="Walkers per geometry [the preset's].")
     parser.add_argument("--geometries-per-step", type=int, default=1)
-    parser.add_argument("--min-visit-share", type=float, default=shared.ScheduleConfig.min_visit_share,
-                        help="Base model's schedule: see vmc.shared.ScheduleConfig (0: spread alone).")
+    parser.add_argument("--min-visit-share", type=float, default=ScheduleConfig.min_visit_share,
+                        help="Base model's schedule: see vmc.config.ScheduleConfig (0: spread alone).")
     parser.add_argument("--base-steps", type=int, default=1000)
     parser.add_argument("--eval-at", type=int, nargs="+", default=[0, 50, 100, 200])
     parser.add_argument("--eval-steps", type=int, default=200)
@@ -153,16 +148,16 @@ def main():
     if args.fresh:
         shutil.rmtree(root, ignore_errors=True)
     sampling = {} if args.walkers is None else {"n_walkers": args.walkers}
-    schedule = shared.ScheduleConfig(args.geometries_per_step, min_visit_share=args.min_visit_share)
-    base_config = shared.preset_config(args.preset, shared.SystemSetConfig(args.base), schedule, **sampling)
+    schedule = ScheduleConfig(args.geometries_per_step, min_visit_share=args.min_visit_share)
+    base_config = preset_config(args.preset, SystemsConfig(args.base), schedule, **sampling)
     started = time.perf_counter()
     base_dir = os.path.join(root, "base")
     print(f"base model on {args.base}: {args.base_steps} steps", flush=True)
-    base = shared.train_shared(base_dir, base_config, max_steps=args.base_steps)
+    base = train.train(base_dir, base_config, max_steps=args.base_steps)
     base_seconds = time.perf_counter() - started
 
-    finetune_config = shared.finetuning_config(base_dir, args.target)
-    scratch_config = dataclasses.replace(base_config, systems=shared.SystemSetConfig(args.target))
+    finetune_config = finetuning_config(base_dir, args.target)
+    scratch_config = dataclasses.replace(base_config, systems=SystemsConfig(args.target))
     eval_at = sorted(set(args.eval_at))
     curves, seconds = {}, {}
     for label, config in (("fine-tuned", finetune_config), ("from scratch", scratch_config)):
@@ -174,7 +169,7 @@ def main():
     record = {
         "experiment": "fine-tuning a base model vs training from scratch",
         "command": command_line(sys.argv),
-        "base": {"systems": args.base, "steps": base.steps, "pretrain_steps": base.pretrain_steps,
+        "base": {"systems": args.base, "steps": base.steps, "hf_fit_steps": base.hf_fit_steps,
                  "final_energies": base.energies, "seconds": base_seconds},
         "target": args.target,
         "config": base_config.to_record(),
@@ -184,7 +179,7 @@ def main():
         "machine": machine_info(),
     }
     if args.reference:
-        system = shared.load_systems(args.target)[0]
+        system = SystemsConfig(args.target).load()[0]
         record["reference"] = {"method": "CCSD(T)", "basis": args.reference,
                                "energy": ccsd_t_energy(system, args.reference)}
     write_result(args.results, f"finetuning_{args.name}", record)

@@ -17,7 +17,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 from machine import machine_info  # noqa: E402
-from phisnet_jax import molecules  # noqa: E402
+from molfoundation import molecules  # noqa: E402
 from phisnet_jax.dataset import software_versions  # noqa: E402
 from phisnet_jax.generate import GenerationRequest, generate  # noqa: E402
 from phisnet_jax.reference import LevelOfTheory  # noqa: E402

@@ -29,9 +29,9 @@ import numpy as np  # noqa: E402
 
 from machine import machine_info  # noqa: E402
 from phisnet_speed import timed  # noqa: E402
-from phisnet_jax import molecules, observables  # noqa: E402
-from phisnet_jax.cli import MODEL_PRESETS  # noqa: E402
-from phisnet_jax.model import BLOCK_LAYOUTS, MoleculeInputs, PhiSNetConfig, make_inputs, make_phisnet  # noqa: E402
+from molfoundation import molecules  # noqa: E402
+from phisnet_jax import observables  # noqa: E402
+from phisnet_jax.model import MODEL_PRESETS, MoleculeInputs, PhiSNetConfig, make_inputs, make_phisnet  # noqa: E402
 from phisnet_jax.reference import LevelOfTheory, make_scf  # noqa: E402
 from phisnet_jax.train import cast_inputs  # noqa: E402
 
@@ -51,11 +51,10 @@ def scf_seconds(molecule: molecules.Molecule, level: LevelOfTheory, repeats: int
     return {"scf_seconds": statistics.median(times), "scf_iterations": cycles[0]}
 
 
-def model_seconds(preset: str, molecule: molecules.Molecule, basis: str, batch: int, repeats: int,
-                  block_layout: str) -> dict:
+def model_seconds(preset: str, molecule: molecules.Molecule, basis: str, batch: int, repeats: int) -> dict:
     """Inference timings of one freshly initialised configuration on one molecule."""
     elements = tuple(sorted({int(z) for z in molecule.atomic_numbers}))
-    cfg = dataclasses.replace(PhiSNetConfig(elements=elements, basis=basis, block_layout=block_layout),
+    cfg = dataclasses.replace(PhiSNetConfig(elements=elements, basis=basis),
                               **MODEL_PRESETS[preset])
     model = make_phisnet(cfg)
     n_occupied = molecule.n_electrons // 2
@@ -78,7 +77,7 @@ def model_seconds(preset: str, molecule: molecules.Molecule, basis: str, batch: 
     many = jax.jit(jax.vmap(predict, in_axes=(None, 0)))
     _, batch_time, _ = timed(many, params, jax.tree.map(jnp.asarray, stacked), repeats=max(1, repeats // 4))
     return {
-        "config": preset, "block_layout": block_layout, "parameters": n_params, "n_ao": int(single.ao_mask.shape[0]),
+        "config": preset, "parameters": n_params, "n_ao": int(single.ao_mask.shape[0]),
         "input_preparation_ms": 1e3 * prepare, "compile_seconds": first - latency,
         "inference_ms_batch1": 1e3 * latency, "batch": batch,
         "inference_ms_per_molecule_batched": 1e3 * batch_time / batch,
@@ -94,7 +93,6 @@ def main():
     parser.add_argument("--batch", type=int, default=32, help="molecules per batched call")
     parser.add_argument("--repeats", type=int, default=20, help="timed model calls")
     parser.add_argument("--scf-repeats", type=int, default=3)
-    parser.add_argument("--block-layout", default=PhiSNetConfig.block_layout, choices=BLOCK_LAYOUTS)
     parser.add_argument("--output", help="JSON path [default: experiments/results/inference_vs_scf_<platform>.json]")
     args = parser.parse_args()
     # pyscf's default thresholds: what a user's SCF run would do.
@@ -104,7 +102,7 @@ def main():
         molecule = molecules.from_name(name)
         scf = scf_seconds(molecule, level, args.scf_repeats)
         for preset in args.configs:
-            row = {"molecule": name, **model_seconds(preset, molecule, args.basis, args.batch, args.repeats, args.block_layout),
+            row = {"molecule": name, **model_seconds(preset, molecule, args.basis, args.batch, args.repeats),
                    **scf}
             row["scf_over_inference_batch1"] = row["scf_seconds"] / (1e-3 * row["inference_ms_batch1"])
             row["scf_over_inference_batched"] = row["scf_seconds"] / (1e-3 * row["inference_ms_per_molecule_batched"])

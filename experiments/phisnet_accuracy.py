@@ -24,11 +24,10 @@ import jax  # noqa: E402
 
 from machine import machine_info, result_stem  # noqa: E402
 from phisnet_jax import train as training  # noqa: E402
-from phisnet_jax.cli import MODEL_PRESETS  # noqa: E402
 from phisnet_jax.data import SplitSpec, load_splits  # noqa: E402
 from phisnet_jax.dataset import read_file_info, read_molecule  # noqa: E402
 from phisnet_jax.evaluate import accuracy, load_trained_model  # noqa: E402
-from phisnet_jax.model import BLOCK_LAYOUTS, PhiSNetConfig  # noqa: E402
+from phisnet_jax.model import MODEL_PRESETS, PhiSNetConfig  # noqa: E402
 
 PAPER = {  # Unke et al. 2021, Table 1 (SchNOrb MD17 data, PBE/def2-SVP from ORCA)
     "water": {"fock_mae_uha": 15.67, "orbital_energy_mae_uha": 85.53, "orbital_cosine_similarity": 1.00},
@@ -42,9 +41,7 @@ def main():
     parser.add_argument("--molecule", required=True)
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--preset", default="small", choices=sorted(MODEL_PRESETS))
-    parser.add_argument("--block-layout", default=PhiSNetConfig.block_layout, choices=BLOCK_LAYOUTS,
-                        help="Residual-stack layout of the model (see PhiSNetConfig).")
-    parser.add_argument("--label", help="Suffix of the result file, e.g. 'compact'.")
+    parser.add_argument("--label", help="Suffix of the result file.")
     parser.add_argument("--train", type=int, default=500)
     parser.add_argument("--valid", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=50)
@@ -56,7 +53,7 @@ def main():
     info = read_file_info(args.dataset)
     group = read_molecule(args.dataset, args.molecule, fields=())
     cfg = PhiSNetConfig(elements=tuple(sorted({int(z) for z in group.atomic_numbers})),
-                        basis=info.level.basis, block_layout=args.block_layout, **MODEL_PRESETS[args.preset])
+                        basis=info.level.basis, **MODEL_PRESETS[args.preset])
     tcfg = training.TrainConfig(batch_size=args.batch_size, validate_every=args.validate_every)
     dcfg = training.DataConfig(os.path.abspath(args.dataset), (args.molecule,), args.train, args.valid)
     t0 = time.perf_counter()

@@ -7,7 +7,7 @@ molecule's RDKit geometry with random targets: speed does not depend on the valu
 Writes experiments/results/phisnet_speed_<platform>.json.
 
     .venv/bin/python experiments/phisnet_speed.py [--configs paper small] [--batch N] [--repeats 5]
-        [--block-layout original|compact] [--output PATH]
+        [--output PATH]
 """
 
 import argparse
@@ -24,9 +24,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from machine import machine_info  # noqa: E402
-from phisnet_jax import molecules  # noqa: E402
-from phisnet_jax.cli import MODEL_PRESETS  # noqa: E402
-from phisnet_jax.model import BLOCK_LAYOUTS, MoleculeInputs, PhiSNetConfig, make_inputs, make_phisnet  # noqa: E402
+from molfoundation import molecules  # noqa: E402
+from phisnet_jax.model import MODEL_PRESETS, MoleculeInputs, PhiSNetConfig, make_inputs, make_phisnet  # noqa: E402
 from phisnet_jax.train import TrainConfig, cast_inputs, init_state, make_optimizer, make_train_step  # noqa: E402
 
 
@@ -40,10 +39,10 @@ def timed(fn, *args, repeats):
     return compile_and_first, (time.perf_counter() - t0) / repeats, out
 
 
-def measure(preset: str, molecule: str, batch: int, repeats: int, block_layout: str) -> dict:
-    cfg = dataclasses.replace(PhiSNetConfig(elements=(1, 6, 8), block_layout=block_layout), **MODEL_PRESETS[preset])
+def measure(preset: str, molecule: str, batch: int, repeats: int) -> dict:
+    cfg = dataclasses.replace(PhiSNetConfig(elements=(1, 6, 8)), **MODEL_PRESETS[preset])
     row = measure_model(cfg, molecules.from_name(molecule), batch, repeats)
-    row = {"config": preset, "block_layout": block_layout, "molecule": molecule, **row}
+    row = {"config": preset, "molecule": molecule, **row}
     print(json.dumps(row), flush=True)
     return row
 
@@ -84,11 +83,10 @@ def main():
     parser.add_argument("--molecules", nargs="+", default=["water", "ethanol"])
     parser.add_argument("--batch", type=int, help="batch size [default: the paper's, water 50, ethanol 10]")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--block-layout", default=PhiSNetConfig.block_layout, choices=BLOCK_LAYOUTS)
     parser.add_argument("--output", help="JSON path [default: experiments/results/phisnet_speed_<platform>.json]")
     args = parser.parse_args()
     paper_batch = {"water": 50, "ethanol": 10, "malondialdehyde": 10, "uracil": 5}
-    rows = [measure(c, m, args.batch or paper_batch.get(m, 10), args.repeats, args.block_layout)
+    rows = [measure(c, m, args.batch or paper_batch.get(m, 10), args.repeats)
             for c in args.configs for m in args.molecules]
     platform = jax.devices()[0].platform
     result = {

@@ -2,7 +2,7 @@
 transferable wavefunction.
 
 The same network and settings are trained on the same geometries twice: with orbital features
-(and pretraining targets) from minimal-basis Hartree-Fock, and from a trained PhiSNet model's
+(and HF-fit targets) from minimal-basis Hartree-Fock, and from a trained PhiSNet model's
 predicted F and S (projected onto the minimal basis, no SCF at all). Both runs are evaluated
 with fresh walkers at every step count of --eval-at; the mean energy over the geometries is
 compared, with the smallest principal cosine between the HF and predicted occupied spaces as a
@@ -13,7 +13,7 @@ measure of how far the inputs differ. Writes experiments/results/predicted_orbit
         --systems molecules:H2Ox2 --eval-at 0 100 300
 
 With --init-from BASE_RUN both runs are fine-tuned from that base model instead (every weight
-reused, no HF pretraining), as ``vmc finetune`` does; --set-seed draws other geometries than
+reused, no HF fit), as ``vmc finetune`` does; --set-seed draws other geometries than
 the base model's.
 """
 
@@ -30,7 +30,8 @@ import numpy as np  # noqa: E402
 from finetuning import ccsd_t_energy, command_line, curve, write_result  # noqa: E402
 from machine import machine_info  # noqa: E402
 from phisnet_jax.evaluate import load_trained_model  # noqa: E402
-from vmc import orbitals, shared, train  # noqa: E402
+from vmc import orbitals  # noqa: E402
+from vmc.config import PRESET_NAMES, SystemsConfig, finetuning_config, preset_config  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -55,7 +56,7 @@ def main():
     parser.add_argument("--name", required=True)
     parser.add_argument("--phisnet", required=True, help="Run directory of a trained PhiSNet model.")
     parser.add_argument("--systems", default="molecules:H2Ox2")
-    parser.add_argument("--preset", default="small", choices=train.PRESET_NAMES)
+    parser.add_argument("--preset", default="small", choices=PRESET_NAMES)
     parser.add_argument("--eval-at", type=int, nargs="+", default=[0, 100, 300])
     parser.add_argument("--eval-steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0, help="Seed of parameters, walkers and sampling.")
@@ -70,16 +71,16 @@ def main():
     root = os.path.join(args.runs, args.name)
     if args.fresh:
         shutil.rmtree(root, ignore_errors=True)
-    system_set = shared.load_systems(args.systems, seed=args.set_seed)
+    system_set = SystemsConfig(args.systems, seed=args.set_seed).load()
     eval_at = sorted(set(args.eval_at))
     curves, seconds = {}, {}
     for label, source in (("Hartree-Fock orbitals", None), ("PhiSNet orbitals", os.path.abspath(args.phisnet))):
         if args.init_from:
-            config = shared.finetuning_config(args.init_from, args.systems, set_seed=args.set_seed,
+            config = finetuning_config(args.init_from, args.systems, set_seed=args.set_seed,
                                               orbitals_from=source, seed=args.seed)
         else:
-            systems = shared.SystemSetConfig(args.systems, seed=args.set_seed, orbitals=source)
-            config = shared.preset_config(args.preset, systems, seed=args.seed)
+            systems = SystemsConfig(args.systems, seed=args.set_seed, orbitals=source)
+            config = preset_config(args.preset, systems, seed=args.seed)
         t = time.perf_counter()
         curves[label] = curve(os.path.join(root, "phisnet" if source else "hf"), config, eval_at, args.eval_steps)
         seconds[label] = time.perf_counter() - t

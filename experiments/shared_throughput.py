@@ -1,9 +1,8 @@
 """Benchmark: throughput of shared training (several geometries per optimisation step) against
-single-system training, on the same machine in the same run.
+training on one geometry, on the same machine in the same run.
 
-For a set of geometries of one composition, shared VMC runs with ``geometries_per_step`` = each
-value of --per-step (walkers per geometry fixed), and single-system training (``vmc.train``)
-runs on the first geometry. Timings are the median seconds per optimisation step after
+For a set of geometries of one composition, VMC runs with ``geometries_per_step`` = each value
+of --per-step (walkers per geometry fixed), and on the first geometry alone (a set of one). Timings are the median seconds per optimisation step after
 --warmup steps (compilation excluded; reported separately as the first step's time). Writes
 experiments/results/shared_throughput_<platform>.json.
 
@@ -24,13 +23,14 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from machine import machine_info  # noqa: E402
-from vmc import shared, system_sets, train  # noqa: E402
+from vmc import system_sets, train  # noqa: E402
+from vmc.config import PRESET_NAMES, ScheduleConfig, SystemsConfig, preset_config, run_directory  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
 def step_times(run_dir: str) -> np.ndarray:
-    return np.array([e["seconds"] for e in train.read_log(run_dir, "vmc")])
+    return np.array([e["seconds"] for e in run_directory(run_dir).read_log("vmc")])
 
 
 def summary(times: np.ndarray, warmup: int, geometries: int, walkers: int) -> dict:
@@ -45,9 +45,8 @@ def time_shared(set_file: str, n_geometries: int, per_step: int, preset: str, sa
                 steps: int, warmup: int, run_dir: str) -> dict:
     """Step times of ``steps`` steps of shared training on the system-set file ``set_file``
     (``n_geometries`` geometries), ``per_step`` geometries per step, in a new ``run_dir``."""
-    config = shared.preset_config(preset, shared.SystemSetConfig(set_file),
-                                  shared.ScheduleConfig(per_step, "round_robin"), **sampling)
-    shared.train_shared(run_dir, config, max_steps=steps, progress=False)
+    config = preset_config(preset, SystemsConfig(set_file), ScheduleConfig(per_step, "round_robin"), **sampling)
+    train.train(run_dir, config, max_steps=steps, progress=False)
     return summary(step_times(run_dir), warmup, min(per_step, n_geometries), config.vmc.n_walkers)
 
 
@@ -55,15 +54,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--systems", default="hchains:6@1.6,1.8,2.0,2.2")
     parser.add_argument("--per-step", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--preset", default="small", choices=train.PRESET_NAMES)
+    parser.add_argument("--preset", default="small", choices=PRESET_NAMES)
     parser.add_argument("--walkers", type=int, help="Walkers per geometry [the preset's].")
     parser.add_argument("--optimizer", default="kfac", choices=["kfac", "adam"])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
 
-    system_set = shared.load_systems(args.systems)
-    sampling = dict(pretrain_steps=0, burn_in_sweeps=2, checkpoint_every=10**6, optimizer=args.optimizer)
+    system_set = SystemsConfig(args.systems).load()
+    sampling = dict(hf_fit_steps=0, burn_in_sweeps=2, checkpoint_every=10**6, optimizer=args.optimizer)
     if args.walkers:
         sampling["n_walkers"] = args.walkers
     work = tempfile.mkdtemp(prefix="shared_throughput_")
@@ -78,11 +77,8 @@ def main():
             print(results[-1], flush=True)
         first = os.path.join(work, "first.xyz")
         system_sets.write_system_set(first, system_set[:1])
-        single = train.preset_config(args.preset, train.SystemConfig(first), **sampling)
-        run_dir = os.path.join(work, "single")
-        train.train(run_dir, single, max_steps=args.steps, progress=False)
-        results.append({"mode": "single system (vmc train)",
-                        **summary(step_times(run_dir), args.warmup, 1, single.vmc.n_walkers)})
+        row = time_shared(first, 1, 1, args.preset, sampling, args.steps, args.warmup, os.path.join(work, "single"))
+        results.append({"mode": "one geometry", **row})
         print(results[-1], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -40,11 +40,10 @@ import numpy as np  # noqa: E402
 
 from machine import machine_info, result_stem  # noqa: E402
 from phisnet_jax import train as training  # noqa: E402
-from phisnet_jax.cli import MODEL_PRESETS  # noqa: E402
 from phisnet_jax.data import SplitSpec, load_splits  # noqa: E402
 from phisnet_jax.dataset import read_file_info, split_indices  # noqa: E402
 from phisnet_jax.evaluate import accuracy, load_trained_model, predict_energies_and_forces  # noqa: E402
-from phisnet_jax.model import BLOCK_LAYOUTS, PhiSNetConfig  # noqa: E402
+from phisnet_jax.model import MODEL_PRESETS, PhiSNetConfig  # noqa: E402
 
 KCAL_PER_MOL_PER_HARTREE = 627.509474
 LABELS = ("energy", "forces", "ccsd_t_energy", "ccsd_t_forces")
@@ -138,9 +137,7 @@ def main():
     parser.add_argument("--samples", type=int, default=400, help="geometries to generate (HF + CCSD(T))")
     parser.add_argument("--work-dir", default="runs/transfer", help="where the two run directories go")
     parser.add_argument("--preset", default="small", choices=sorted(MODEL_PRESETS))
-    parser.add_argument("--block-layout", default=PhiSNetConfig.block_layout, choices=BLOCK_LAYOUTS,
-                        help="Residual-stack layout of the model (see PhiSNetConfig).")
-    parser.add_argument("--label", help="Suffix of the result files, e.g. 'compact'.")
+    parser.add_argument("--label", help="Suffix of the result files.")
     parser.add_argument("--train", type=int, default=250, help="HF training geometries")
     parser.add_argument("--valid", type=int, default=50, help="HF validation geometries (the rest is test)")
     parser.add_argument("--batch-size", type=int, default=10)
@@ -173,7 +170,7 @@ def main():
 
     info = read_file_info(args.dataset)
     model_cfg = PhiSNetConfig(elements=(1, 8), basis=info.level.basis, core_hamiltonian=True,
-                              block_layout=args.block_layout, **MODEL_PRESETS[args.preset])
+                              **MODEL_PRESETS[args.preset])
     dataset = os.path.abspath(args.dataset)
     hf_data = training.DataConfig(dataset, (args.molecule,), args.train, args.valid)
     hf_train = training.TrainConfig(batch_size=args.batch_size, validate_every=args.validate_every)

@@ -1,6 +1,6 @@
 """Benchmark: VMC energies of small systems against exact and near-exact references.
 
-For each system: pretrain to the HF orbitals and optimise by VMC (resumable run directory
+For each system: fit to the HF orbitals and optimise by VMC (resumable run directory
 under --runs), then evaluate the final parameters with fresh walkers (blocking error bar).
 References: the literature's exact energy where known (vmc.references) and a pyscf calculation
 in a large basis (CCSD, exact for two electrons, or CCSD(T): basis-set-limited estimates).
@@ -25,7 +25,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax  # noqa: E402
 
 from machine import machine_info  # noqa: E402
-from vmc import cli, evaluate, orbitals, systems, train  # noqa: E402
+from molfoundation.settings import apply_settings  # noqa: E402
+from vmc import evaluate, orbitals, systems, train  # noqa: E402
+from vmc.config import PRESET_NAMES, SystemsConfig, preset_config, run_directory  # noqa: E402
 from vmc.references import EXACT_ENERGIES, exact_energy  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -60,7 +62,7 @@ def pyscf_reference(system: systems.System) -> dict | None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--systems", nargs="+", default=["H2", "LiH"])
-    parser.add_argument("--preset", default="small", choices=train.PRESET_NAMES)
+    parser.add_argument("--preset", default="small", choices=PRESET_NAMES)
     parser.add_argument("--optimizer", default="kfac", choices=["kfac", "adam"])
     parser.add_argument("--walkers", type=int, help="training walkers [default: the preset's]")
     parser.add_argument("--steps", type=int, default=20000, help="VMC steps (in all, per system)")
@@ -81,31 +83,32 @@ def main():
         sampling = dict(optimizer=args.optimizer)
         if args.walkers:
             sampling["n_walkers"] = args.walkers
-        config = train.preset_config(args.preset, train.SystemConfig(name), **sampling)
-        config = cli.apply_settings(config, tuple(args.settings))
+        config = preset_config(args.preset, SystemsConfig(name), **sampling)
+        config = apply_settings(config, args.settings)
         run_name = f"{name}_{args.label or f'{args.preset}_{args.optimizer}'}"
         run_dir = os.path.join(args.runs, run_name)
         t0 = time.perf_counter()
         result = train.train(run_dir, config, max_steps=args.steps, time_budget=args.time_budget)
         train_seconds = time.perf_counter() - t0
-        log = train.read_log(run_dir, "vmc")
-        evaluation = evaluate.evaluate(run_dir, n_steps=args.eval_steps, n_walkers=args.eval_walkers,
-                                       burn_in_sweeps=args.eval_burn_in)
+        log = run_directory(run_dir).read_log("vmc")
+        run_evaluation = evaluate.evaluate_run(run_dir, n_steps=args.eval_steps, n_walkers=args.eval_walkers,
+                                               burn_in_sweeps=args.eval_burn_in)
+        evaluation = run_evaluation.systems[0]
         system = systems.from_name(name)
         exact = exact_energy(system)
         reference = pyscf_reference(system)
-        hartree_fock = orbitals.hartree_fock(system, basis=config.system.basis).energy
+        hartree_fock = orbitals.hartree_fock(system, basis=config.systems.basis).energy
         record = {
             "system": name,
             "run": run_name,
             "command": "python experiments/vmc_energies.py " + " ".join(sys.argv[1:]),
             "config": config.to_record(),
             "vmc_steps": result.steps,
-            "pretrain_steps": result.pretrain_steps,
+            "hf_fit_steps": result.hf_fit_steps,
             "training_seconds_total": sum(e["seconds"] for e in log),
             "training_seconds_this_call": train_seconds,
             "mean_step_seconds": sum(e["seconds"] for e in log[-100:]) / max(1, len(log[-100:])),
-            "evaluation": dataclasses.asdict(evaluation),
+            "evaluation": dataclasses.asdict(run_evaluation),
             "energy": evaluation.energy,
             "error_bar": evaluation.error,
             "hartree_fock_minimal_basis": hartree_fock,

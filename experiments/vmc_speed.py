@@ -18,9 +18,12 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 from machine import machine_info  # noqa: E402
-from vmc import ansatz, mcmc, train  # noqa: E402
+from vmc import ansatz, train  # noqa: E402
+from vmc.config import RunConfig, SystemsConfig, VMCConfig  # noqa: E402
+from vmc.geometries import GeometryBatch  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 NETWORKS = {
@@ -35,26 +38,31 @@ NETWORKS = {
 
 def time_steps(system: str, network: str, walkers: int, laplacian: str, optimizer: str,
                mcmc_steps: int, repeats: int) -> dict:
-    config = train.RunConfig(
-        system=train.SystemConfig(system), ansatz=NETWORKS[network](),
-        vmc=train.VMCConfig(n_walkers=walkers, mcmc_steps=mcmc_steps, laplacian=laplacian,
-                            optimizer=optimizer, pretrain_steps=0),
+    config = RunConfig(
+        systems=SystemsConfig(system), ansatz=NETWORKS[network](),
+        vmc=VMCConfig(n_walkers=walkers, mcmc_steps=mcmc_steps, laplacian=laplacian,
+                      optimizer=optimizer, hf_fit_steps=0),
     )
     return {"system": system, "network": network, **time_config(config, repeats)}
 
 
-def time_config(config: train.RunConfig, repeats: int) -> dict:
-    """First-step (trace + compile) and median step seconds of a single-system run's VMC step
-    (one MCMC call and one optimiser step), with the sizes that set them."""
-    problem = train.problem_for(config)
-    params = problem.init_params(jax.random.PRNGKey(0))
-    sampler = mcmc.init_state(problem.log_psi, params, problem.init_walkers(jax.random.PRNGKey(1)), 0.2)
-    opt_state = problem.optimizer.init(params, jax.random.PRNGKey(2), sampler.walkers)
+def time_config(config: RunConfig, repeats: int) -> dict:
+    """First-step (trace + compile) and median step seconds of the VMC step (one MCMC call and
+    one optimiser step) on the first geometry of ``config``'s systems, with the sizes that set
+    them."""
+    problem = train.Problem.build(config, config.systems.load()[:1], progress=False)
+    group = problem.groups[0]
+    rows = jnp.zeros((1,), jnp.int32)
+    params = train.init_params(jax.random.PRNGKey(0), config.ansatz, config.vmc.float64)
+    sampler = problem.init_sampler(group, params, problem.init_walkers(jax.random.PRNGKey(1), group))
+    sample = problem.sampler(group)
+    opt_state = problem.optimizer.init(params, jax.random.PRNGKey(2), GeometryBatch(sampler.walkers, group.geometries))
 
     def step(params, opt_state, sampler, key):
         key_sample, key_opt = jax.random.split(key)
-        sampler, _, _ = problem.sample(params, sampler, key_sample)
-        params, opt_state, stats = problem.optimizer.step(params, opt_state, key_opt, sampler.walkers)
+        sampler, _, _ = sample(params, sampler, rows, key_sample)
+        batch = GeometryBatch(sampler.walkers, group.geometries)
+        params, opt_state, stats = problem.optimizer.step(params, opt_state, key_opt, batch)
         jax.block_until_ready((params, stats["energy"]))
         return params, opt_state, sampler
 
@@ -65,7 +73,7 @@ def time_config(config: train.RunConfig, repeats: int) -> dict:
         times.append(time.perf_counter() - start)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     return {
-        "electrons": problem.system.n_electrons, "parameters": int(n_params),
+        "electrons": group.n_electrons, "parameters": int(n_params),
         "walkers": config.vmc.n_walkers, "laplacian": config.vmc.laplacian,
         "optimizer": config.vmc.optimizer, "mcmc_steps": config.vmc.mcmc_steps,
         "first_step_seconds": times[0], "step_seconds": statistics.median(times[3:]),

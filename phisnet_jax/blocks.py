@@ -18,8 +18,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from phisnet_jax.basis import pyscf_to_e3nn
-from phisnet_jax.elements import ElementBasis
+from molfoundation.basis import pyscf_to_e3nn
+from molfoundation.elements import ElementBasis
 
 
 def _clebsch_gordan(l1: int, l2: int, L: int) -> np.ndarray:

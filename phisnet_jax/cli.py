@@ -12,35 +12,9 @@ import sys
 
 import click
 
-from phisnet_jax.errors import InputError
-
-EXIT_BAD_INPUT = 2
-
-
-def run_cli(group: click.Group, argv: list[str] | None = None) -> None:
-    """Run a click group with the project's error contract (shared by ``phisnet`` and ``vmc``)."""
-    argv = sys.argv[1:] if argv is None else argv
-    import logging
-
-    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's informational messages
-    try:
-        code = group.main(args=argv or ["--help"], standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    except click.ClickException as exc:
-        _print_error(exc.format_message())
-        code = EXIT_BAD_INPUT
-    except InputError as exc:
-        _print_error(str(exc))
-        code = EXIT_BAD_INPUT
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        print("interrupted; re-run the same command to continue", file=sys.stderr)
-        code = 130
-    sys.exit(code if isinstance(code, int) else 0)
-
-
-def _print_error(message: str) -> None:
-    print("error: " + " ".join(message.split()), file=sys.stderr)
+from molfoundation.cli import print_error, run_cli, settings_option
+from molfoundation.errors import InputError
+from molfoundation.settings import apply_settings, split_settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,7 +52,7 @@ def generate(molecule, xyz_path, smiles, name, samples, method, basis, temperatu
     Interrupted runs continue when the same command is run again.
     """
     from phisnet_jax import generate as gen
-    from phisnet_jax import molecules as mols
+    from molfoundation import molecules as mols
     from phisnet_jax.reference import LevelOfTheory
     from phisnet_jax.sampling import TrajectoryEnsemble, thermal_ensemble
 
@@ -158,50 +132,6 @@ def inspect(path, as_json):
         click.echo(f"    source: {m['source']}")
 
 
-MODEL_PRESETS = {
-    "paper": {},
-    "small": {"features": 32, "num_modules": 2, "num_radial": 32, "overlap_features": 16},
-    # Smoke tests and the test suite: residual stacks only in the per-matrix heads (one block).
-    "tiny": {"features": 8, "num_modules": 1, "num_radial": 16, "overlap_features": 4,
-             "residual_blocks": 0, "head_residual_blocks": 1},
-}
-
-
-def _apply_overrides(obj, overrides: dict[str, str]):
-    """dataclasses.replace with values parsed from strings according to the field types."""
-    import dataclasses
-
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    changes = {}
-    for key, text in overrides.items():
-        current = getattr(obj, key)
-        try:
-            if isinstance(current, bool):
-                if text.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(text)
-                value = text.lower() in ("true", "1")
-            elif isinstance(current, tuple):
-                value = tuple(int(v) for v in text.split(","))
-            elif current is None:
-                value = float(text)
-            else:
-                value = type(current)(text)
-        except ValueError:
-            raise InputError(f"invalid value {text!r} for {key} ({fields[key].type})") from None
-        changes[key] = value
-    return dataclasses.replace(obj, **changes)
-
-
-def _parse_settings(settings: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for item in settings:
-        if "=" not in item:
-            raise InputError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
-
-
 @phisnet.command()
 @click.argument("dataset", required=False)
 @click.option("--run-dir", required=True, help="Run directory (created, or resumed if it exists).")
@@ -209,13 +139,13 @@ def _parse_settings(settings: tuple[str, ...]) -> dict[str, str]:
 @click.option("--train", "n_train", default=500, show_default=True, help="Training samples per molecule.")
 @click.option("--valid", "n_valid", default=500, show_default=True, help="Validation samples per molecule.")
 @click.option("--split-seed", default=42, show_default=True)
-@click.option("--preset", type=click.Choice(sorted(MODEL_PRESETS)),
-              help="Model size: the paper's configuration or smaller ones for CPU runs [default: paper].")
+@click.option("--preset", type=click.Choice(["paper", "small", "tiny"]),
+              help="Model size: the paper's configuration or smaller ones for CPU runs "
+                   "(phisnet_jax.model.MODEL_PRESETS) [default: paper].")
 @click.option("--max-order", type=int, help="Feature order [default: 2 x the largest shell l of the basis].")
 @click.option("--batch-size", type=int, default=50, show_default=True)
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
-              help="Override any PhiSNetConfig or TrainConfig field, e.g. --set features=64, "
-                   "--set energy_weight=1 --set energy_source=ccsd_t.")
+@settings_option("Override any PhiSNetConfig or TrainConfig field, e.g. --set features=64, "
+                 "--set energy_weight=1 --set energy_source=ccsd_t.")
 @click.option("--init-from", "init_from", metavar="RUN_DIR",
               help="Fine-tune: start the new run from the EMA parameters of RUN_DIR's latest checkpoint "
                    "(its model configuration, a fresh optimiser; loss weights and learning rate via --set, "
@@ -236,24 +166,19 @@ def train(dataset, run_dir, molecules_, n_train, n_valid, split_seed, preset, ma
 
     from phisnet_jax import train as training
     from phisnet_jax.dataset import read_file_info, read_molecule
-    from phisnet_jax.model import PhiSNetConfig
+    from phisnet_jax.model import MODEL_PRESETS, PhiSNetConfig
 
     if steps is None and time_budget is None:
         raise InputError("give --steps or --time-budget (or both)")
     if dataset is None:
         model_cfg, train_cfg, data_cfg = training.load_run_config(run_dir)
     else:
+        model_settings, train_settings = split_settings(settings, PhiSNetConfig, training.TrainConfig)
+        train_cfg = apply_settings(training.TrainConfig(batch_size=batch_size, float64=float64), train_settings)
         info = read_file_info(dataset)
         names = list(molecules_) or list(info.molecules)
-        overrides = _parse_settings(settings)
-        model_keys = {f.name for f in dataclasses.fields(PhiSNetConfig)}
-        train_keys = {f.name for f in dataclasses.fields(training.TrainConfig)}
-        unknown = sorted(set(overrides) - model_keys - train_keys)
-        if unknown:
-            raise InputError(f"unknown setting(s) {', '.join(unknown)}")
-        model_overrides = {k: v for k, v in overrides.items() if k in model_keys}
         if init_from:
-            given = [f"--{k}" for k, v in (("preset", preset), ("max-order", max_order)) if v] + sorted(model_overrides)
+            given = [f"--{k}" for k, v in (("preset", preset), ("max-order", max_order)) if v] + sorted(model_settings)
             if given:
                 raise InputError(f"--init-from uses the model configuration of {init_from}; leave out {', '.join(given)}")
             model_cfg = training.load_run_config(init_from)[0]
@@ -262,15 +187,13 @@ def train(dataset, run_dir, molecules_, n_train, n_valid, split_seed, preset, ma
             model_cfg = PhiSNetConfig(elements=tuple(elements), basis=info.level.basis,
                                       **MODEL_PRESETS[preset or "paper"])
             model_cfg = dataclasses.replace(model_cfg, max_order=max_order or 2 * model_cfg.element_basis.max_l)
-            model_cfg = _apply_overrides(model_cfg, model_overrides)
-        train_cfg = training.TrainConfig(batch_size=batch_size, float64=float64)
-        train_cfg = _apply_overrides(train_cfg, {k: v for k, v in overrides.items() if k in train_keys})
+            model_cfg = apply_settings(model_cfg, model_settings)
         data_cfg = training.DataConfig(os.path.abspath(dataset), tuple(names), n_train, n_valid, split_seed)
     try:
         result = training.train(run_dir, model_cfg, train_cfg, data_cfg, max_steps=steps, time_budget=time_budget,
                                 init_from=init_from)
     except training.TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         sys.exit(1)
     summary = dataclasses.asdict(result)
     summary["init_from"] = training.load_run_origin(run_dir)
@@ -323,7 +246,7 @@ def predict(run_dir, xyz_path, dataset, molecule, indices, output, cube_dir, as_
     HOMO-LUMO gap, Mulliken charges and dipole; with a core-Hamiltonian head also H_core, the
     energy and the forces (see phisnet_jax.prediction.save_predictions).
     """
-    from phisnet_jax import molecules as mols
+    from molfoundation import molecules as mols
     from phisnet_jax import observables
     from phisnet_jax import prediction as predictions
     from phisnet_jax.evaluate import distance_warnings, load_trained_model

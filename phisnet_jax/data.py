@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 
 from phisnet_jax import dataset
-from phisnet_jax.errors import InputError
+from molfoundation.errors import InputError
 from phisnet_jax.model import MoleculeInputs, PhiSNetConfig, make_inputs
 
 

@@ -17,8 +17,8 @@ import shutil
 import h5py
 import numpy as np
 
-from phisnet_jax.basis import AOLayout
-from phisnet_jax.errors import InputError
+from molfoundation.basis import AOLayout
+from molfoundation.errors import InputError
 from phisnet_jax.reference import CCSD_T_FIELDS, LABEL_FIELDS, LevelOfTheory
 
 SCHEMA_VERSION = 1

@@ -16,11 +16,12 @@ import jax
 import numpy as np
 import scipy.linalg
 
+from molfoundation import runs
+from molfoundation.errors import InputError
 from phisnet_jax.data import HamiltonianData, SplitSpec, load_splits
-from phisnet_jax.errors import InputError
 from phisnet_jax.model import MoleculeInputs, PhiSNet, PhiSNetConfig, make_phisnet
 from phisnet_jax.train import (
-    DataConfig, TrainConfig, _float_dtype, cast_inputs, load_ema_parameters, make_energy_and_forces, precision,
+    DataConfig, TrainConfig, cast_inputs, load_ema_parameters, make_energy_and_forces,
 )
 
 HARTREE_TO_MICRO = 1e6
@@ -38,7 +39,7 @@ class TrainedModel:
 
     @property
     def dtype(self):
-        return _float_dtype(self.train_config)
+        return runs.float_dtype(self.train_config.float64)
 
     @functools.cached_property
     def batched_apply(self):
@@ -92,7 +93,7 @@ def run_split(model_cfg: PhiSNetConfig, data_cfg: DataConfig, split: str, datase
 
 def predict_matrices(trained: TrainedModel, inputs: MoleculeInputs, batch_size: int = 16):
     """(fock, overlap), each (n, M, M) float64 numpy, for stacked inputs (n, ...)."""
-    with precision(trained.train_config):
+    with runs.precision(trained.train_config.float64):
         apply = trained.batched_apply
         inputs = cast_inputs(inputs, trained.dtype)
         n = inputs.positions.shape[0]
@@ -112,7 +113,7 @@ def predict_energies_and_forces(trained: TrainedModel, data: HamiltonianData, ba
     head for every sample of ``data`` (forces zero on padding atoms), float64 numpy."""
     if not trained.config.core_hamiltonian:
         raise InputError("the model has no core-Hamiltonian head, so it predicts no energies")
-    with precision(trained.train_config):
+    with runs.precision(trained.train_config.float64):
         fn = trained.batched_energy_and_forces
         inputs = cast_inputs(data.inputs, trained.dtype)
         n = len(data)

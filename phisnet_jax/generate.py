@@ -28,9 +28,9 @@ from typing import Callable
 import numpy as np
 
 from phisnet_jax import dataset
-from phisnet_jax.basis import AOLayout
-from phisnet_jax.errors import InputError
-from phisnet_jax.molecules import Molecule, to_pyscf, validate
+from molfoundation.basis import AOLayout
+from molfoundation.errors import InputError
+from molfoundation.molecules import Molecule, to_pyscf, validate
 from phisnet_jax.reference import LevelOfTheory, compute_labels
 from phisnet_jax.sampling import ensemble_from_arrays
 

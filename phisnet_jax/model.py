@@ -8,10 +8,7 @@ static shapes) to its Fock matrix F and overlap matrix S in pyscf's AO order:
     stacks per matrix --> output channels per (Z_i, Z_j, shell_i, shell_j, L) --Clebsch-Gordan-->
     atom-pair blocks --> symmetric F
 
-(``block_layout="original"``, the default, has the residual stacks of the original code;
-"compact" is this project's earlier, leaner layout, which stored models keep)
-
-and, on a separate shallow branch that sees only the raw embeddings and the pair geometry, the
+with residual stacks where the original code has them, and, on a separate shallow branch that sees only the raw embeddings and the pair geometry, the
 off-site overlap blocks (on-site overlap blocks are exact per-element constants, so the
 diagonal of S is exactly 1). Positions are in bohr, matrices in hartree.
 """
@@ -26,16 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from phisnet_jax.blocks import ExpansionTables, assemble_matrix, atom_pair_blocks, expansion_tables
-from phisnet_jax.elements import ElementBasis, electron_configuration, element_basis, onsite_overlap_blocks
-from phisnet_jax.errors import InputError
+from molfoundation.elements import ElementBasis, electron_configuration, element_basis, onsite_overlap_blocks
+from molfoundation.errors import InputError
 from phisnet_jax.layers import (
     PerOrderLinear, RadialPathWeights, ScalarSwish, SelfMixing, cg_paths, order_slice,
     weighted_cg_product,
 )
 from phisnet_jax.radial import exponential_bernstein
-
-
-BLOCK_LAYOUTS = ("original", "compact")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,13 +48,8 @@ class PhiSNetConfig:
         interaction, on its i and j paths and its messages, on the module outputs) and of the
         pair features (central and neighbour atoms, shared on-site and off-site stacks).
       head_residual_blocks: blocks in the on-site and off-site stacks of each predicted matrix
-        (F, H_core) before its output channels ("original" layout only).
-      block_layout: "original": the residual stacks above, where the original code has them
-        (paper configuration for H, C, O in def2-SVP: 14.3 M parameters, 15.1 M with the H_core
-        head); "compact": residual stacks only around each interaction and on the module
-        outputs, one linear path inside each interaction, linear maps for the pair features and
-        no per-matrix stacks (10.9 M). Run configurations stored without this field load as
-        "compact".
+        (F, H_core) before its output channels. (The paper configuration for H, C, O in
+        def2-SVP has 14.3 M parameters, 15.1 M with the H_core head.)
       overlap_features: channels of the overlap branch.
       core_hamiltonian: also predict a core Hamiltonian H_core (from the same pair features),
         which defines the model's energy and forces (``observables.total_energy``).
@@ -75,7 +64,6 @@ class PhiSNetConfig:
     cutoff: float = 15.0
     residual_blocks: int = 1
     head_residual_blocks: int = 2
-    block_layout: str = "original"
     overlap_features: int = 32
     core_hamiltonian: bool = False
 
@@ -88,14 +76,32 @@ class PhiSNetConfig:
         return element_basis(self.elements, self.basis)
 
     def check(self) -> None:
-        if self.block_layout not in BLOCK_LAYOUTS:
-            raise InputError(f"unknown block_layout {self.block_layout!r}; choose one of {', '.join(BLOCK_LAYOUTS)}")
         needed = 2 * self.element_basis.max_l
         if self.max_order < needed:
             raise InputError(
                 f"feature order {self.max_order} is too low for basis {self.basis!r}: its "
                 f"l = {self.element_basis.max_l} shells need order {needed}"
             )
+
+
+PAPER_PRESET: dict = {}
+"""The paper's MD17 configuration: the :class:`PhiSNetConfig` defaults (14.3 M parameters for
+H, C, O in def2-SVP), for GPU runs that reproduce the published accuracy."""
+
+SMALL_PRESET = {"features": 32, "num_modules": 2, "num_radial": 32, "overlap_features": 16}
+"""A network for CPU runs (0.50 M parameters for water in def2-SVP; about 76 micro-hartree MAE
+of F after 90 minutes on two cores): the paper's architecture with fewer channels, modules and
+radial functions."""
+
+TINY_PRESET = {"features": 8, "num_modules": 1, "num_radial": 16, "overlap_features": 4,
+               "residual_blocks": 0, "head_residual_blocks": 1}
+"""The smallest network with every part of the architecture, for smoke tests and the test
+suite, where compilation time dominates: residual stacks only in the per-matrix heads (one
+block each)."""
+
+MODEL_PRESETS = {"paper": PAPER_PRESET, "small": SMALL_PRESET, "tiny": TINY_PRESET}
+"""Named :class:`PhiSNetConfig` overrides (``phisnet train --preset``); ``elements``, ``basis``
+and ``max_order`` come from the data."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,26 +173,8 @@ def residual_stack(x, n_blocks: int, features: int, max_order: int, name: str):
     return x
 
 
-class CompactInteraction(nn.Module):
-    """Messages from all neighbours: pair-mixing of their features with the bond harmonics
-    ("compact" layout: one linear path, self-mixing of the summed messages)."""
-
-    features: int
-    max_order: int
-
-    @nn.compact
-    def __call__(self, x, radial, harmonics, pair_mask):
-        paths = cg_paths(self.max_order)
-        h = PerOrderLinear(self.features, self.max_order)(ScalarSwish()(x))
-        weights = RadialPathWeights(len(paths), self.features)(radial)  # (N, N, P, F)
-        weights = weights * pair_mask[..., None, None]
-        messages = weighted_cg_product(h, harmonics, paths, weights, "jfa,ijb->ijf", self.max_order)
-        messages = messages.sum(axis=1)
-        return x + PerOrderLinear(self.features, self.max_order)(SelfMixing(self.max_order)(messages))
-
-
 class Interaction(nn.Module):
-    """Messages from all neighbours, as in the original code ("original" layout).
+    """Messages from all neighbours, as in the original code.
 
     The receiving atom i and the sending atoms j get their own residual stack, activation and
     linear map; v_i = y_i + sum_j PairMix(y_j, Y(r_ij); radial weights of r_ij) is refined by a
@@ -244,17 +232,6 @@ class PhiSNet(nn.Module):
 
         final = 0.0
         for m in range(cfg.num_modules):
-            if cfg.block_layout == "compact":  # flax's automatic names, as stored models have them
-                for _ in range(cfg.residual_blocks):
-                    x = ResidualBlock(F, L)(x)
-                x = CompactInteraction(F, L, name=f"Interaction_{m}")(x, radial, harmonics, pair_mask)
-                for _ in range(cfg.residual_blocks):
-                    x = ResidualBlock(F, L)(x)
-                y = x
-                for _ in range(cfg.residual_blocks):
-                    y = ResidualBlock(F, L)(y)
-                final = final + PerOrderLinear(F, L)(y)
-                continue
             x = residual_stack(x, cfg.residual_blocks, F, L, f"module{m}_pre")
             x = Interaction(F, L, cfg.residual_blocks, name=f"module{m}_interaction")(x, radial, harmonics, pair_mask)
             x = residual_stack(x, cfg.residual_blocks, F, L, f"module{m}_post")
@@ -271,13 +248,8 @@ class PhiSNet(nn.Module):
         """(F, H_core or None) from the final atom features."""
         cfg = self.config
         L, F = cfg.max_order, cfg.features
-        compact = cfg.block_layout == "compact"
-        if compact:
-            a = PerOrderLinear(F, L, name="pair_self")(final)
-            b = PerOrderLinear(F, L, name="pair_neighbour")(final)
-        else:
-            a = residual_stack(final, cfg.residual_blocks, F, L, "pair_central")
-            b = residual_stack(final, cfg.residual_blocks, F, L, "pair_neighbour")
+        a = residual_stack(final, cfg.residual_blocks, F, L, "pair_central")
+        b = residual_stack(final, cfg.residual_blocks, F, L, "pair_neighbour")
 
         def neighbour_terms(name):
             """(N, N, F, D) R(r_ik) * b_k with radial weights per order and channel, and their
@@ -290,27 +262,17 @@ class PhiSNet(nn.Module):
             contributions = per_component * b[None, :, :, :]
             return contributions, contributions.sum(axis=1)
 
-        if compact:  # one set of radial weights for both kinds of neighbour sums
-            contributions, neighbour_sum = neighbour_terms("neighbour_radial")
-            onsite_sum = neighbour_sum
-        else:
-            _, onsite_sum = neighbour_terms("onsite_neighbour_radial")
-            contributions, neighbour_sum = neighbour_terms("offsite_neighbour_radial")
+        _, onsite_sum = neighbour_terms("onsite_neighbour_radial")
+        contributions, neighbour_sum = neighbour_terms("offsite_neighbour_radial")
         onsite = a + onsite_sum
         paths = cg_paths(L)
         pair_weights = RadialPathWeights(len(paths), F, name="pair_mixing_radial")(radial)
         offsite = weighted_cg_product(a, a, paths, pair_weights, "ifa,jfb->ijf", L)
         offsite = offsite + neighbour_sum[:, None] - contributions  # sum over k not in {i, j}
-        if compact:
-            onsite = ResidualBlock(F, L, name="onsite_residual")(onsite)
-            offsite = ResidualBlock(F, L, name="offsite_residual")(offsite)
-        else:
-            onsite = residual_stack(onsite, cfg.residual_blocks, F, L, "onsite_residual")
-            offsite = residual_stack(offsite, cfg.residual_blocks, F, L, "offsite_residual")
+        onsite = residual_stack(onsite, cfg.residual_blocks, F, L, "onsite_residual")
+        offsite = residual_stack(offsite, cfg.residual_blocks, F, L, "offsite_residual")
 
         def head(prefix):
-            if compact:
-                return self._matrix_head(prefix, onsite, offsite, z_idx, inputs)
             refined = []
             for kind, features in (("onsite", onsite), ("offsite", offsite)):
                 name = f"{prefix or 'fock_'}{kind}"

@@ -17,12 +17,12 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
+from molfoundation import runs
+from molfoundation.errors import InputError
 from phisnet_jax import observables
-from phisnet_jax.errors import InputError
 from phisnet_jax.evaluate import TrainedModel
-from phisnet_jax.train import precision
 from phisnet_jax.model import MoleculeInputs, make_inputs
-from phisnet_jax.molecules import Molecule, validate
+from molfoundation.molecules import Molecule, validate
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -63,7 +63,7 @@ def _as_molecule(mol_or_molecule) -> Molecule:
 
 def predict(trained: TrainedModel, mol_or_molecule) -> Prediction:
     """Predict F, S (and H_core) for a molecule and derive the observables."""
-    from phisnet_jax.molecules import to_pyscf
+    from molfoundation.molecules import to_pyscf
 
     molecule = _as_molecule(mol_or_molecule)
     validate(molecule, trained.config.basis)
@@ -73,7 +73,7 @@ def predict(trained: TrainedModel, mol_or_molecule) -> Prediction:
     inputs = make_inputs(trained.config, molecule.atomic_numbers, molecule.positions)
     ao_atom = np.asarray(inputs.ao_atom)
     charges = np.asarray(molecule.atomic_numbers, np.float64)
-    with precision(trained.train_config):
+    with runs.precision(trained.train_config.float64):
         dtype = trained.dtype
         inputs = MoleculeInputs(**{k: (jnp.asarray(v, dtype) if np.asarray(v).dtype == np.float64 else jnp.asarray(v))
                                    for k, v in vars(inputs).items()})

@@ -2,7 +2,7 @@
 
 One call, ``compute_labels``, runs the SCF for one geometry at one level of theory and returns
 everything the models train on. All quantities are in hartree and bohr, AO matrices in pyscf's
-AO order (see ``phisnet_jax.basis``).
+AO order (see ``molfoundation.basis``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import warnings
 
 import numpy as np
 
-from phisnet_jax.errors import InputError
-from phisnet_jax.molecules import Molecule, to_pyscf
+from molfoundation.errors import InputError
+from molfoundation.molecules import Molecule, to_pyscf
 
 
 @dataclasses.dataclass(frozen=True)

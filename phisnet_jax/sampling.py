@@ -11,8 +11,8 @@ import os
 
 import numpy as np
 
-from phisnet_jax.errors import InputError
-from phisnet_jax.molecules import Molecule, to_pyscf
+from molfoundation.errors import InputError
+from molfoundation.molecules import Molecule, to_pyscf
 from phisnet_jax.reference import LevelOfTheory, make_scf
 
 ELECTRON_MASSES_PER_AMU = 1822.888486

@@ -14,8 +14,8 @@ import time
 import numpy as np
 import scipy.linalg
 
-from phisnet_jax.errors import InputError
-from phisnet_jax.molecules import Molecule, to_pyscf
+from molfoundation.errors import InputError
+from molfoundation.molecules import Molecule, to_pyscf
 from phisnet_jax.reference import LevelOfTheory, make_scf
 
 PYSCF_GUESSES = ("minao", "atom", "huckel", "1e")
@@ -82,7 +82,7 @@ def held_out_geometries(run_dir: str, dataset: str | None = None, molecule: str 
     """(geometries, level of theory) for a training run: the first ``max_geometries`` of a split
     of its dataset (default: the run's dataset and first molecule) or of an XYZ file; the level
     is the run's dataset's. Raises ``InputError`` for an empty split or unsuitable geometries."""
-    from phisnet_jax import molecules as mols
+    from molfoundation import molecules as mols
     from phisnet_jax.dataset import read_file_info
     from phisnet_jax.evaluate import run_split
     from phisnet_jax.train import load_run_config

@@ -22,12 +22,10 @@ step, optimiser state, EMA, plateau state and the data order (a function of the 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import os
-import sys
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -37,9 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from phisnet_jax import checkpoints, observables, parallel
+from molfoundation import runs, sharding
+from molfoundation.errors import InputError, TrainingDiverged
+from phisnet_jax import observables
 from phisnet_jax.data import HamiltonianData, SplitSpec, batch_rows, distance_ranges, load_splits
-from phisnet_jax.errors import InputError
 from phisnet_jax.model import MoleculeInputs, PhiSNet, PhiSNetConfig, initial_onsite_offsets, make_phisnet
 
 
@@ -81,10 +80,6 @@ class DataConfig:
     n_train: int = 500
     n_valid: int = 500
     split_seed: int = 42
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became non-finite; the last good checkpoint is kept."""
 
 
 @flax.struct.dataclass
@@ -290,10 +285,6 @@ def make_train_step(model: PhiSNet, cfg: TrainConfig, optimizer) -> Callable:
     return train_step
 
 
-def _float_dtype(cfg: TrainConfig):
-    return jnp.float64 if cfg.float64 else jnp.float32
-
-
 def cast_inputs(inputs: MoleculeInputs, dtype) -> MoleculeInputs:
     return MoleculeInputs(**{
         k: (np.asarray(v, dtype) if np.issubdtype(np.asarray(v).dtype, np.floating) else np.asarray(v))
@@ -313,7 +304,7 @@ def init_state(model: PhiSNet, cfg: TrainConfig, example: MoleculeInputs, optimi
         single = jax.tree.map(lambda a: a[0], example)
         params = (init or jax.jit(model.init))(jax.random.PRNGKey(cfg.seed), single)
     else:
-        params = jax.tree.map(lambda x: jnp.asarray(x, _float_dtype(cfg)), params)
+        params = jax.tree.map(lambda x: jnp.asarray(x, runs.float_dtype(cfg.float64)), params)
     if data is not None:
         i = data.inputs
         matrices = {"onsite_offset": data.fock}
@@ -330,7 +321,7 @@ def init_state(model: PhiSNet, cfg: TrainConfig, example: MoleculeInputs, optimi
         params=params,
         ema_params=jax.tree.map(jnp.copy, params),  # own buffers: the step donates both
         opt_state=optimizer.init(params),
-        best_valid=jnp.asarray(np.inf, _float_dtype(cfg)),
+        best_valid=jnp.asarray(np.inf, runs.float_dtype(cfg.float64)),
         bad_validations=jnp.asarray(0, jnp.int32),
     )
 
@@ -348,34 +339,30 @@ def _config_record(model_cfg: PhiSNetConfig, train_cfg: TrainConfig, data_cfg: D
     }
 
 
-def _read_record(run_dir: str) -> dict:
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        raise InputError(f"{run_dir} is not a training run directory (no config.json)")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except ValueError as exc:
-        raise InputError(f"corrupt run configuration {path}: {exc}") from None
+# The format of config.json; a run directory of another version is refused.
+SCHEMA_VERSION = 1
+# The phase every log line and the checkpoints belong to.
+PHASE = "train"
+
+
+def run_directory(run_dir: str) -> runs.RunDirectory:
+    return runs.RunDirectory(run_dir, "phisnet", "PhiSNet training", SCHEMA_VERSION, (PHASE,))
 
 
 def load_run_origin(run_dir: str) -> dict | None:
     """Where a fine-tuning run's parameters came from (``{"run_dir", "step", "parameters"}``), else None."""
-    return _read_record(run_dir).get("init_from")
+    return run_directory(run_dir).read_config().get("init_from")
+
+
+def _configs_from_record(record: dict) -> tuple[PhiSNetConfig, TrainConfig, DataConfig]:
+    model, data = dict(record["model"]), dict(record["data"])
+    model["elements"] = tuple(model["elements"])
+    data["molecules"] = tuple(data["molecules"])
+    return PhiSNetConfig(**model), TrainConfig(**record["train"]), DataConfig(**data)
 
 
 def load_run_config(run_dir: str) -> tuple[PhiSNetConfig, TrainConfig, DataConfig]:
-    record = _read_record(run_dir)
-    path = os.path.join(run_dir, "config.json")
-    try:
-        model = record["model"]
-        model["elements"] = tuple(model["elements"])
-        model.setdefault("block_layout", "compact")  # written before the original layout existed
-        data = record["data"]
-        data["molecules"] = tuple(data["molecules"])
-        return PhiSNetConfig(**model), TrainConfig(**record["train"]), DataConfig(**data)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"corrupt run configuration {path}: {exc}") from None
+    return run_directory(run_dir).parse_config(_configs_from_record)
 
 
 def load_ema_parameters(run_dir: str) -> tuple[PhiSNetConfig, TrainConfig, Any, int]:
@@ -386,26 +373,18 @@ def load_ema_parameters(run_dir: str) -> tuple[PhiSNetConfig, TrainConfig, Any, 
     model = make_phisnet(model_cfg)
     # Shapes of the parameters do not depend on the molecule: a one-atom example suffices.
     example = make_inputs(model_cfg, [model_cfg.elements[0]], np.zeros((1, 3)))
-    example = cast_inputs(jax.tree.map(lambda a: np.asarray(a)[None], example), _float_dtype(train_cfg))
-    with precision(train_cfg):
+    example = cast_inputs(jax.tree.map(lambda a: np.asarray(a)[None], example), runs.float_dtype(train_cfg.float64))
+    with runs.precision(train_cfg.float64):
         state = restore_state(run_dir, lambda: state_shapes(model, train_cfg, example, make_optimizer(train_cfg)))
     if state is None:
         raise InputError(f"{run_dir} has no checkpoint to load")
     return model_cfg, train_cfg, state.ema_params, int(state.step)
 
 
-def _checkpoint_dir(run_dir: str) -> str:
-    return os.path.join(run_dir, "checkpoints")
-
-
 def restore_state(run_dir: str, template: Callable[[], TrainState]) -> TrainState | None:
     """The latest checkpoint of a run (None if it has none); ``template()`` gives shapes only
     and is called only when there is a checkpoint."""
-    return checkpoints.restore_latest(_checkpoint_dir(run_dir), template)
-
-
-def save_state(manager, state: TrainState) -> None:
-    checkpoints.save(manager, state, int(state.step))
+    return run_directory(run_dir).restore(PHASE, template)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,22 +397,23 @@ class TrainResult:
 
 
 class TrainingFunctions(NamedTuple):
-    """Everything a training run compiles, for one model and training configuration."""
+    """Everything a training run compiles, for one model and training configuration. Build it
+    once (:func:`make_training_functions`) and pass it to :func:`train` again to reuse what was
+    compiled (resumed or repeated runs in one process)."""
 
     model: PhiSNet
+    train_config: TrainConfig
     optimizer: optax.GradientTransformation
     init: Callable  # jitted model.init
     step: Callable  # jitted (state, inputs, fock, overlap, labels) -> (state, metrics); donates state
     evaluate: Callable  # make_evaluator(model, cfg, cfg.batch_size)
 
 
-@functools.lru_cache(maxsize=4)
-def training_functions(model_cfg: PhiSNetConfig, train_cfg: TrainConfig) -> TrainingFunctions:
-    """The model, optimiser and jitted functions of a configuration, built once per process so
-    that resumed, extended and repeated runs (notebooks, tests) reuse their compiled code."""
+def make_training_functions(model_cfg: PhiSNetConfig, train_cfg: TrainConfig) -> TrainingFunctions:
+    """The model, optimiser and jitted functions of a configuration."""
     model = make_phisnet(model_cfg)
     optimizer = make_optimizer(train_cfg)
-    return TrainingFunctions(model, optimizer, jax.jit(model.init),
+    return TrainingFunctions(model, train_cfg, optimizer, jax.jit(model.init),
                              jax.jit(make_train_step(model, train_cfg, optimizer), donate_argnums=(0,)),
                              make_evaluator(model, train_cfg, train_cfg.batch_size))
 
@@ -447,72 +427,66 @@ def train(
     time_budget: float | None = None,
     progress: bool = True,
     init_from: str | None = None,
+    functions: TrainingFunctions | None = None,
 ) -> TrainResult:
     """Train (or resume training) in ``run_dir`` until ``max_steps``, the time budget (seconds),
     or the learning rate falls below its minimum.
 
     ``init_from``: another run directory; a new run then starts from the EMA parameters of its
     latest checkpoint (same model configuration required) with a fresh optimiser, saves them
-    as its step-0 checkpoint and records the origin in ``config.json``. A resumed fine-tuning
-    run continues from its own checkpoints (``init_from`` may then be left out).
+    as its step-0 checkpoint (a resumed run restarts from this copy, whatever happens to the
+    source run later) and records the origin in ``config.json``. A resumed fine-tuning
+    run continues from its own checkpoints (``init_from`` may then be left out). ``functions``:
+    :func:`make_training_functions` of these configurations, made before (reused compiled code).
     """
     check_losses(model_cfg, train_cfg)
-    os.makedirs(run_dir, exist_ok=True)
+    run = run_directory(run_dir)
     record = _config_record(model_cfg, train_cfg, data_cfg)
-    config_path = os.path.join(run_dir, "config.json")
     if init_from is not None:
         init_from = os.path.abspath(init_from)
-    if os.path.exists(config_path):
-        existing = load_run_config(run_dir)
+    if run.has_config():
         stored_origin = (load_run_origin(run_dir) or {}).get("run_dir")
-        stored = _config_record(*existing)
-        if stored != record or (init_from is not None and init_from != stored_origin):
-            differing = sorted(k for k in record["model"] if record["model"][k] != stored["model"][k])
-            layout = existing[0].block_layout
-            advice = (f"its model has block_layout={layout}: add --set block_layout={layout} to continue it"
-                      if differing == ["block_layout"] else "use a new run directory")
-            raise InputError(f"{run_dir} holds a run with another configuration; {advice}")
+        if init_from is not None and init_from != stored_origin:
+            raise InputError(f"{run_dir} holds a run with another configuration (started from "
+                             f"{stored_origin or 'fresh parameters'}); use a new run directory")
         init_from = stored_origin
-    functions = training_functions(model_cfg, train_cfg)
+    if functions is None:
+        functions = make_training_functions(model_cfg, train_cfg)
+    elif functions.model.config != model_cfg or functions.train_config != train_cfg:
+        raise ValueError("the training functions were made for another configuration")
     model, optimizer = functions.model, functions.optimizer
-    dtype = _float_dtype(train_cfg)
+    dtype = runs.float_dtype(train_cfg.float64)
     splits = load_splits(data_cfg.dataset, list(data_cfg.molecules), model_cfg,
                          SplitSpec(data_cfg.n_train, data_cfg.n_valid, data_cfg.split_seed),
                          labels=tuple(label_fields(model_cfg, train_cfg).values()))
     train_data, valid_data = splits["train"], splits["valid"]
     if len(train_data) == 0:
         raise InputError("the training split is empty")
-    devices = parallel.FirstAxisSharding("data")
+    devices = sharding.FirstAxisSharding("data")
     if train_cfg.batch_size % devices.n_devices:
         raise InputError(f"batch size {train_cfg.batch_size} is not divisible by {devices.n_devices} devices")
 
-    with precision(train_cfg):
+    with runs.precision(train_cfg.float64):
         example = cast_inputs(train_data.inputs, dtype)
+        source = None
+        if init_from is not None:
+            source_cfg, _, source_params, source_step = load_ema_parameters(init_from)
+            if source_cfg != model_cfg:
+                raise InputError(f"the model configuration differs from that of {init_from}; "
+                                 "fine-tuning needs the same model")
+            record["init_from"] = {"run_dir": init_from, "step": source_step, "parameters": "ema"}
+            source = source_params
+        run.claim(record, ignore=("init_from",))
         state = restore_state(run_dir, lambda: state_shapes(model, train_cfg, example, optimizer))
         if state is None:
-            if init_from is None:
-                state = init_state(model, train_cfg, example, optimizer, train_data, init=functions.init)
-            else:
-                source_cfg, _, params, source_step = load_ema_parameters(init_from)
-                if source_cfg != model_cfg:
-                    raise InputError(f"the model configuration differs from that of {init_from}; "
-                                     "fine-tuning needs the same model")
-                state = init_state(model, train_cfg, example, optimizer, params=params, init=functions.init)
-                # A resumed run restarts from this copy, whatever happens to the source run later.
-                save_state(checkpoints.manager(_checkpoint_dir(run_dir)), state)
-                record["init_from"] = {"run_dir": init_from, "step": source_step, "parameters": "ema"}
+            state = init_state(model, train_cfg, example, optimizer, None if source is not None else train_data,
+                               params=source, init=functions.init)
             ranges = distance_ranges(train_data, model_cfg.elements)
             if init_from is not None:
                 ranges = _merged_ranges(ranges, os.path.join(init_from, "distance_ranges.json"))
-            ranges_path = os.path.join(run_dir, "distance_ranges.json")
-            with open(ranges_path + ".tmp", "w") as f:
-                json.dump(ranges, f, indent=2)
-            os.replace(ranges_path + ".tmp", ranges_path)
-            with open(config_path + ".tmp", "w") as f:
-                json.dump(record, f, indent=2)
-            os.replace(config_path + ".tmp", config_path)
+            runs.write_json(os.path.join(run_dir, "distance_ranges.json"), ranges)
         state = devices.replicate(state)
-        return _loop(run_dir, functions, train_cfg, devices, state, train_data, valid_data,
+        return _loop(run, functions, train_cfg, devices, state, train_data, valid_data,
                      max_steps, time_budget, progress)
 
 
@@ -529,15 +503,10 @@ def _merged_ranges(ranges: dict[str, list[float]], path: str) -> dict[str, list[
     return merged
 
 
-def precision(cfg: TrainConfig):
-    """float64 (jax's x64 mode) for the duration of a block when the run asks for it."""
-    return jax.enable_x64(True) if cfg.float64 else contextlib.nullcontext()
-
-
 def make_evaluator(model: PhiSNet, cfg: TrainConfig, batch_size: int):
     """Mean loss and MAEs over a whole dataset, in fixed-size batches (last one padded)."""
     loss_fn = jax.jit(make_loss(model, cfg))
-    dtype = _float_dtype(cfg)
+    dtype = runs.float_dtype(cfg.float64)
 
     def evaluate(params, data: HamiltonianData) -> dict[str, float]:
         """Mean loss and metrics (hartree, hartree/bohr) over ``data``."""
@@ -562,75 +531,50 @@ def make_evaluator(model: PhiSNet, cfg: TrainConfig, batch_size: int):
     return evaluate
 
 
-def _loop(run_dir, functions: TrainingFunctions, cfg, devices, state, train_data, valid_data, max_steps,
-          time_budget, progress):
-    from tqdm import tqdm
+def _loop(run: runs.RunDirectory, functions: TrainingFunctions, cfg, devices, state, train_data, valid_data,
+          max_steps, time_budget, progress) -> TrainResult:
+    dtype = runs.float_dtype(cfg.float64)
+    model, train_step, evaluate = functions.model, functions.step, functions.evaluate
+    started = time.perf_counter()
 
-    dtype = _float_dtype(cfg)
-    model, step_fn, evaluate = functions.model, functions.step, functions.evaluate
-    manager = checkpoints.manager(_checkpoint_dir(run_dir))
-    log_path = os.path.join(run_dir, "log.jsonl")
-    start_step = int(state.step)
-    t0 = time.perf_counter()
-    bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
-               disable=None if progress else True, dynamic_ncols=True)
-    stopped = "max_steps"
-    last_good = state
-    try:
-        with open(log_path, "a") as log:
-            while True:
-                step = int(state.step)
-                if max_steps is not None and step >= max_steps:
-                    stopped = "max_steps"
-                    break
-                if time_budget is not None and time.perf_counter() - t0 >= time_budget:
-                    stopped = "time_budget"
-                    break
-                if current_learning_rate(state) < cfg.min_learning_rate:
-                    stopped = "min_learning_rate"
-                    break
-                rows = batch_rows(step, len(train_data), cfg.batch_size, cfg.seed)
-                batch = train_data.take(rows)
-                inputs, fock, overlap, labels = devices.put_split(
-                    (cast_inputs(batch.inputs, dtype), batch.fock.astype(dtype), batch.overlap.astype(dtype),
-                     batch_labels(batch, model.config, cfg, dtype)))
-                state, metrics = step_fn(state, inputs, fock, overlap, labels)
-                loss = float(metrics["loss"])
-                if not np.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"non-finite loss at step {step}; the last checkpoint (step "
-                        f"{manager.latest_step()}) is kept"
-                    )
-                last_good = state
-                bar.update(1)
-                new_step = step + 1
-                if new_step % cfg.log_every == 0:
-                    bar.set_postfix(loss=f"{loss:.3e}", lr=f"{current_learning_rate(state):.1e}")
-                    log.write(json.dumps({
-                        "step": new_step, "loss": loss,
-                        **{k: float(v) for k, v in metrics.items() if k.endswith("_mae")},
-                        "learning_rate": current_learning_rate(state),
-                        "seconds": time.perf_counter() - t0,
-                    }) + "\n")
-                    log.flush()
-                if new_step % cfg.validate_every == 0:
-                    state = _validate(state, evaluate, valid_data, cfg, log, new_step, t0)
-                    save_state(manager, state)
-                    last_good = state
-    finally:
-        bar.close()
-    if int(last_good.step) != (manager.latest_step() or 0):
-        save_state(manager, last_good)
-    plot_learning_curve(run_dir)
+    def step_fn(state: TrainState):
+        step = int(state.step)
+        rows = batch_rows(step, len(train_data), cfg.batch_size, cfg.seed)
+        batch = train_data.take(rows)
+        inputs, fock, overlap, labels = devices.put_split(
+            (cast_inputs(batch.inputs, dtype), batch.fock.astype(dtype), batch.overlap.astype(dtype),
+             batch_labels(batch, model.config, cfg, dtype)))
+        state, metrics = train_step(state, inputs, fock, overlap, labels)
+        loss = float(metrics["loss"])
+        if not np.isfinite(loss):
+            raise TrainingDiverged(f"non-finite loss at step {step}")
+        entries = []
+        if (step + 1) % cfg.log_every == 0:
+            entries.append({"step": step + 1, "loss": loss,
+                            **{k: float(v) for k, v in metrics.items() if k.endswith("_mae")},
+                            "learning_rate": current_learning_rate(state),
+                            "seconds": time.perf_counter() - started})
+        if (step + 1) % cfg.validate_every == 0 and len(valid_data):
+            state, entry = _validate(state, evaluate, valid_data, cfg)
+            entries.append({"step": step + 1, **entry, "seconds": time.perf_counter() - started})
+        return state, entries
+
+    def stop(state: TrainState) -> str | None:
+        return "min_learning_rate" if current_learning_rate(state) < cfg.min_learning_rate else None
+
+    phase = runs.Phase(run, PHASE, max_steps, checkpoint_every=cfg.validate_every, time_budget=time_budget,
+                       started=started, progress=progress, shown=("loss", "learning_rate"))
+    state, stopped = phase(state, step_fn, stop)
+    plot_learning_curve(run.path)
     return TrainResult(
-        steps=int(last_good.step), stopped_because=stopped, best_valid=float(last_good.best_valid),
-        learning_rate=current_learning_rate(last_good), seconds=time.perf_counter() - t0,
+        steps=int(state.step), stopped_because=stopped, best_valid=float(state.best_valid),
+        learning_rate=current_learning_rate(state), seconds=time.perf_counter() - started,
     )
 
 
-def _validate(state, evaluate, valid_data, cfg, log, step, t0):
-    if len(valid_data) == 0:
-        return state
+def _validate(state: TrainState, evaluate, valid_data, cfg: TrainConfig) -> tuple[TrainState, dict]:
+    """Validation of the EMA parameters and the reduce-on-plateau rule: (state with the new
+    learning rate and plateau counters, log entry)."""
     metrics = evaluate(state.ema_params, valid_data)
     improved = metrics["loss"] < float(state.best_valid)
     best = min(metrics["loss"], float(state.best_valid))
@@ -641,17 +585,13 @@ def _validate(state, evaluate, valid_data, cfg, log, step, t0):
     hyper = dict(state.opt_state.hyperparams)
     hyper["learning_rate"] = _like(lr, hyper["learning_rate"])
     opt_state = state.opt_state._replace(hyperparams=hyper)
-    log.write(json.dumps({
-        "step": step, "valid_loss": metrics["loss"],
-        **{f"valid_{k}": v for k, v in metrics.items() if k.endswith("_mae")}, "learning_rate": lr,
-        "seconds": time.perf_counter() - t0,
-    }) + "\n")
-    log.flush()
+    entry = {"valid_loss": metrics["loss"], **{f"valid_{k}": v for k, v in metrics.items() if k.endswith("_mae")},
+             "learning_rate": lr}
     return state.replace(
         opt_state=opt_state,
         best_valid=_like(best, state.best_valid),
         bad_validations=_like(bad, state.bad_validations),
-    )
+    ), entry
 
 
 def _like(value, reference: jax.Array) -> jax.Array:
@@ -663,40 +603,23 @@ def _like(value, reference: jax.Array) -> jax.Array:
 def plot_learning_curve(run_dir: str) -> None:
     """learning_curve.png from log.jsonl: training loss and validation MAEs (F, and energy and
     forces when trained on them) against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     curves = {"valid_fock_mae": "validation MAE F (uHa)", "valid_energy_mae": "validation MAE E (uHa)",
               "valid_forces_mae": "validation MAE forces (uHa/bohr)"}
-    train_steps, train_loss = [], []
-    valid: dict[str, tuple[list, list]] = {k: ([], []) for k in curves}
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        for line in f:
-            entry = json.loads(line)
-            if "loss" in entry:
-                train_steps.append(entry["step"])
-                train_loss.append(entry["loss"])
-            for key in curves:
-                if key in entry:
-                    valid[key][0].append(entry["step"])
-                    valid[key][1].append(entry[key] * 1e6)
-    if not train_steps:
+    entries = run_directory(run_dir).read_log(PHASE)
+    training = [(e["step"], e["loss"]) for e in entries if "loss" in e]
+    if not training:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.semilogy(train_steps, train_loss, label="training loss (batch)", alpha=0.7)
-    if any(steps for steps, _ in valid.values()):
+    fig, ax = runs.figure()
+    ax.semilogy(*zip(*training), label="training loss (batch)", alpha=0.7)
+    validation = {key: [(e["step"], e[key] * 1e6) for e in entries if key in e] for key in curves}
+    if any(validation.values()):
         ax2 = ax.twinx()
         for color, (key, label) in enumerate(curves.items(), start=1):
-            steps, values = valid[key]
-            if steps:
-                ax2.semilogy(steps, values, "o-", color=f"C{color}", label=label + ", EMA")
+            if validation[key]:
+                ax2.semilogy(*zip(*validation[key]), "o-", color=f"C{color}", label=label + ", EMA")
         ax2.set_ylabel("validation MAE (micro-hartree, per bohr for forces)")
         ax2.legend(loc="upper right")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend(loc="lower left")
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "learning_curve.png"), dpi=100)
-    plt.close(fig)
+    runs.save_figure(fig, os.path.join(run_dir, "learning_curve.png"))

@@ -6,10 +6,13 @@ identical computations compiled again, by another closure or a CLI subprocess, l
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
+import time
 
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax")
@@ -23,7 +26,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from phisnet_jax import molecules
+from molfoundation import molecules
 from phisnet_jax.reference import LevelOfTheory, run_scf
 
 
@@ -126,3 +129,56 @@ def background_run_for(request, test_name: str, code: str, *args: str):
     finally:
         if run is not None:
             run.stop()
+
+
+def interrupt_at_random_moment(args: list[str], log_path: str, signal_number: int, seed: int,
+                               last_line: int) -> tuple[bool, subprocess.CompletedProcess]:
+    """Run ``python -m ARGS`` and send it ``signal_number`` at a random moment of its training:
+    once its log has a number of lines drawn (with ``seed``) between one more than it has now
+    and ``last_line``, plus a random fraction of a step. Returns (whether it was still running
+    when signalled, the finished process)."""
+    rng = random.Random(seed)
+
+    def lines() -> int:
+        if not os.path.exists(log_path):
+            return 0
+        with open(log_path) as f:
+            return sum(1 for _ in f)
+
+    target = rng.randint(lines() + 1, last_line)
+    process = subprocess.Popen([sys.executable, "-m", *args], text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while process.poll() is None and lines() < target and time.monotonic() < deadline:
+        time.sleep(0.002)
+    time.sleep(rng.uniform(0.0, 0.02))
+    alive = process.poll() is None
+    if alive:
+        process.send_signal(signal_number)
+    out, err = process.communicate(timeout=600)
+    return alive, subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def assert_same_checkpoints(run_a: str, run_b: str, phases: tuple[str, ...]) -> None:
+    """The newest checkpoint of every phase is the same state, bit for bit, in both runs."""
+    import jax
+    import numpy as np
+
+    from molfoundation import checkpoints
+
+    for phase in phases:
+        a, b = (checkpoints.restore_raw(os.path.join(r, "checkpoints", phase)) for r in (run_a, run_b))
+        assert jax.tree.structure(a) == jax.tree.structure(b)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def directory_digest(path: str) -> dict[str, str]:
+    """SHA-256 of every file under ``path``, by relative path."""
+    digests = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            with open(full, "rb") as f:
+                digests[os.path.relpath(full, path)] = hashlib.sha256(f.read()).hexdigest()
+    return digests

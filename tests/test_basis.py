@@ -1,7 +1,7 @@
 """AO-basis conventions against pyscf as the oracle.
 
 Every test rotates or permutes a molecule, lets pyscf recompute the matrices at the new
-geometry, and compares with the prediction of ``phisnet_jax.basis``. Tolerances: overlaps are
+geometry, and compares with the prediction of ``molfoundation.basis``. Tolerances: overlaps are
 exact integrals (1e-10); Fock matrices from HF are converged to conv_tol_grad 1e-8, so they
 agree to ~1e-7 (we allow 1e-6 as the issue asks); DFT integration grids are fixed in space,
 which limits rotated Kohn-Sham matrices to ~1e-6 (we allow 1e-5).
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import random_rotation, rotated, scf_fock, start_geometry
-from phisnet_jax import basis, molecules
-from phisnet_jax.basis import AOLayout, ao_permutation, ao_rotation, pyscf_to_e3nn
+from molfoundation import basis, molecules
+from molfoundation.basis import AOLayout, ao_permutation, ao_rotation, pyscf_to_e3nn
 from phisnet_jax.reference import LevelOfTheory
 
 

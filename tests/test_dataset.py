@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from phisnet_jax import dataset
-from phisnet_jax.basis import AOLayout
-from phisnet_jax.errors import InputError
+from molfoundation.basis import AOLayout
+from molfoundation.errors import InputError
 from phisnet_jax.reference import LevelOfTheory
 
 LEVEL = LevelOfTheory("hf", "sto-3g")

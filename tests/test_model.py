@@ -1,11 +1,10 @@
 """PhiSNet model: exact symmetries checked by transforming inputs, not assumed.
 
-Rotations use the AO rotation D(R) of ``phisnet_jax.basis`` (itself tested against pyscf):
+Rotations use the AO rotation D(R) of ``molfoundation.basis`` (itself tested against pyscf):
 F(R x) must equal D F(x) D^T. In float64 the only error is round-off (~1e-15; we allow 1e-10);
 float32 round-off through a few layers allows ~1e-5 relative.
 """
 
-import dataclasses
 import functools
 
 import jax
@@ -14,9 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import random_rotation, start_geometry
-from phisnet_jax import molecules
-from phisnet_jax.basis import AOLayout, ao_permutation, ao_rotation
-from phisnet_jax.errors import InputError
+from molfoundation import molecules
+from molfoundation.basis import AOLayout, ao_permutation, ao_rotation
+from molfoundation.errors import InputError
 from phisnet_jax.model import PhiSNetConfig, make_inputs, make_phisnet
 
 # Small configurations: 6-31G (s, p shells -> order 2) and def2-SVP (d shells -> order 4).
@@ -26,8 +25,6 @@ SMALL = {
     "def2-svp": PhiSNetConfig(basis="def2-svp", features=4, max_order=4, num_modules=1,
                               num_radial=8, overlap_features=4),
 }
-# The earlier, leaner block layout that stored models keep.
-SMALL["6-31g-compact"] = dataclasses.replace(SMALL["6-31g"], block_layout="compact")
 
 
 def to_dtype(inputs, dtype):
@@ -65,7 +62,7 @@ def layout_of(molecule, basis_name):
     return AOLayout.from_mole(molecules.to_pyscf(molecule, basis_name))
 
 
-@pytest.mark.parametrize("config_name, name", [("6-31g", "ethanol"), ("def2-svp", "water"), ("6-31g-compact", "water")])
+@pytest.mark.parametrize("config_name, name", [("6-31g", "ethanol"), ("def2-svp", "water")])
 def test_rotation_equivariance_float64(config_name, name):
     m = start_geometry(name)
     F, S = predict(config_name, m)
@@ -144,5 +141,3 @@ def test_unknown_element_and_unsuitable_basis():
         make_inputs(cfg, np.array([8, 1, 17]), np.zeros((3, 3)))
     with pytest.raises(InputError, match="too low"):
         make_phisnet(PhiSNetConfig(basis="def2-svp", max_order=2))
-    with pytest.raises(InputError, match="unknown block_layout"):
-        make_phisnet(dataclasses.replace(cfg, block_layout="deep"))

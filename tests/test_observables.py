@@ -7,7 +7,7 @@ import pytest
 
 from conftest import start_geometry
 from phisnet_jax import observables
-from phisnet_jax.basis import AOLayout
+from molfoundation.basis import AOLayout
 from phisnet_jax.reference import LevelOfTheory, run_scf
 
 

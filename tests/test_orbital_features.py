@@ -9,9 +9,9 @@ from pyscf import gto
 from scipy.spatial.transform import Rotation
 
 import e3nn_jax as e3nn
-from phisnet_jax.basis import AOLayout, ao_rotation, pyscf_to_e3nn
-from phisnet_jax.errors import InputError
-from phisnet_jax.orbital_features import (
+from molfoundation.basis import AOLayout, ao_rotation, pyscf_to_e3nn
+from molfoundation.errors import InputError
+from molfoundation.orbital_features import (
     MINIMAL_BASIS_SLOTS,
     FeatureSlots,
     orbital_features,

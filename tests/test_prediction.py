@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import random_rotation, start_geometry
-from phisnet_jax import molecules
+from molfoundation import molecules
 from phisnet_jax.evaluate import TrainedModel
 from phisnet_jax.model import PhiSNetConfig, make_inputs, make_phisnet
 from phisnet_jax.prediction import predict

@@ -7,8 +7,8 @@ import pytest
 import scipy.linalg
 
 from conftest import start_geometry
-from phisnet_jax.errors import InputError
-from phisnet_jax.molecules import Molecule
+from molfoundation.errors import InputError
+from molfoundation.molecules import Molecule
 from phisnet_jax.reference import LevelOfTheory, compute_labels, ccsd_t_energy_forces, run_scf
 
 

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from conftest import start_geometry
-from phisnet_jax import molecules, sampling
-from phisnet_jax.errors import InputError
+from molfoundation import molecules
+from phisnet_jax import sampling
+from molfoundation.errors import InputError
 from phisnet_jax.reference import LevelOfTheory
 
 LEVEL = LevelOfTheory("hf", "sto-3g")

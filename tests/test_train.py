@@ -3,19 +3,21 @@
 import dataclasses
 import json
 import os
+import signal
 
 import jax
 import numpy as np
 import pytest
 
 from phisnet_jax import train as training
-from phisnet_jax.errors import InputError
+from molfoundation.errors import InputError
 from phisnet_jax.evaluate import load_trained_model, orbital_metrics
 from phisnet_jax.generate import GenerationRequest, generate
 from phisnet_jax.model import PhiSNetConfig
 from phisnet_jax.reference import LevelOfTheory
 from phisnet_jax.sampling import thermal_ensemble
-from conftest import background_run_for, run_phisnet_cli, start_geometry
+from conftest import (assert_same_checkpoints, background_run_for, interrupt_at_random_moment, run_phisnet_cli,
+                      start_geometry, without_timings)
 
 # The CLI's "tiny" preset on water in STO-3G.
 TINY = PhiSNetConfig(basis="sto-3g", elements=(1, 8), features=8, max_order=2, num_modules=1,
@@ -56,12 +58,19 @@ def data_config(path):
     return training.DataConfig(path, ("water",), n_train=8, n_valid=4)
 
 
+# The compiled training functions of each configuration these tests train, made once.
+FUNCTIONS = {}
+
+
 def run(run_dir, path, steps, **overrides):
     """Train TINY on the first 8 samples for ``steps`` steps, in float64 unless overridden
     (one configuration throughout, so one compiled step serves every test)."""
     settings = dict(batch_size=4, validate_every=4, log_every=1, learning_rate=3e-3, float64=True)
     cfg = training.TrainConfig(**{**settings, **overrides})
-    return training.train(str(run_dir), TINY, cfg, data_config(path), max_steps=steps, progress=False)
+    if cfg not in FUNCTIONS:
+        FUNCTIONS[cfg] = training.make_training_functions(TINY, cfg)
+    return training.train(str(run_dir), TINY, cfg, data_config(path), max_steps=steps, progress=False,
+                          functions=FUNCTIONS[cfg])
 
 
 def final_params(run_dir):
@@ -114,16 +123,18 @@ def test_other_configuration_in_run_dir_is_rejected(tmp_path, water_data):
                        data_config(water_data), max_steps=2, progress=False)
 
 
-def test_configuration_stored_before_block_layouts_loads_compact(tmp_path, water_data):
+def test_run_directory_of_another_schema_version_is_refused(tmp_path, water_data):
     run(tmp_path / "run", water_data, 1)
-    assert training.load_run_config(str(tmp_path / "run"))[0].block_layout == "original"
     path = tmp_path / "run" / "config.json"
     record = json.loads(path.read_text())
-    del record["model"]["block_layout"]
+    assert record["kind"] == "phisnet" and record["schema_version"] == training.SCHEMA_VERSION
+    del record["schema_version"]
     path.write_text(json.dumps(record))
-    assert training.load_run_config(str(tmp_path / "run"))[0] == dataclasses.replace(TINY, block_layout="compact")
-    with pytest.raises(InputError, match="add --set block_layout=compact to continue it"):
+    before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
+    with pytest.raises(InputError, match=f"unversioned configuration; this version of the code reads "
+                                         f"PhiSNet training runs of schema version {training.SCHEMA_VERSION}"):
         run(tmp_path / "run", water_data, 2)
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
 
 
 def test_two_devices_give_the_same_step_as_one(tmp_path, water_data, two_device_step):
@@ -138,6 +149,28 @@ def test_two_devices_give_the_same_step_as_one(tmp_path, water_data, two_device_
     assert len(one) == len(two)
     for x, y in zip(one, two):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12, atol=1e-14)
+
+
+def test_sigint_then_kill_9_then_resume_gives_the_uninterrupted_run(tmp_path, water_data):
+    """``phisnet train`` stopped by Ctrl-C and then by kill -9, each at a random moment, and run
+    again ends with the state and log of a run that was never interrupted."""
+    steps = 24
+    run(tmp_path / "reference", water_data, steps)
+    run_dir = str(tmp_path / "run")
+    # The configuration of run() above.
+    command = ["phisnet_jax", "train", water_data, "--run-dir", run_dir, "--train", "8", "--valid", "4",
+               "--preset", "tiny", "--batch-size", "4", "--float64", "--set", "validate_every=4",
+               "--set", "log_every=1", "--set", "learning_rate=3e-3", "--steps", str(steps)]
+    last_line = steps + steps // 4 - 2  # a line per step and per validation
+    for seed, signal_number, code in ((1, signal.SIGINT, 130), (2, signal.SIGKILL, -signal.SIGKILL)):
+        alive, out = interrupt_at_random_moment(command, os.path.join(run_dir, "log.jsonl"), signal_number,
+                                                seed, last_line)
+        assert alive and out.returncode == code, out.stderr[-3000:]
+    run(run_dir, water_data, steps)
+    log = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
+    reference = [json.loads(line) for line in open(tmp_path / "reference" / "log.jsonl")]
+    assert without_timings(log) == without_timings(reference)
+    assert_same_checkpoints(str(tmp_path / "reference"), run_dir, (training.PHASE,))
 
 
 def test_orbital_metrics_against_direct_solution():
@@ -197,7 +230,7 @@ def test_cli_train_evaluate_predict(tmp_path, water_data, capsys, monkeypatch):
     (tmp_path / "hcl.xyz").write_text("2\n\nCl 0 0 0\nH 0 0 1.3\n")
     for args, message in [
         (["predict", "r", "--xyz", "hcl.xyz", "-o", "q.npz"], "not atomic number"),
-        (["evaluate", "missing_run"], "not a training run directory"),
+        (["evaluate", "missing_run"], "not a PhiSNet training run directory"),
         (["train", water_data, *common, "--steps", "1", "--set", "nonsense=1"], "unknown setting"),
     ]:
         code, _, err = phisnet(*args)

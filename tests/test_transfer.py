@@ -10,6 +10,7 @@ the later identical compilations).
 """
 
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -24,11 +25,11 @@ from conftest import start_geometry
 from phisnet_jax import observables
 from phisnet_jax import train as training
 from phisnet_jax.data import SplitSpec, load_splits
-from phisnet_jax.errors import InputError
+from molfoundation.errors import InputError
 from phisnet_jax.evaluate import load_trained_model, predict_energies_and_forces
 from phisnet_jax.generate import GenerationRequest, generate
 from phisnet_jax.model import PhiSNetConfig, initial_onsite_offsets, make_phisnet
-from phisnet_jax.molecules import Molecule
+from molfoundation.molecules import Molecule
 from phisnet_jax.reference import LevelOfTheory
 from phisnet_jax.sampling import TrajectoryEnsemble
 
@@ -95,9 +96,15 @@ def source_run(tmp_path_factory, cc_data):
     return run_dir
 
 
+@functools.cache
+def finetune_functions():
+    """The compiled functions of the fine-tuning configuration, made once for every run of it."""
+    return training.make_training_functions(CORE, FINETUNE)
+
+
 def finetune(run_dir, cc_data, source, steps):
     return training.train(str(run_dir), CORE, FINETUNE, data_config(cc_data), max_steps=steps, progress=False,
-                          init_from=source)
+                          init_from=source, functions=finetune_functions())
 
 
 def test_loss_forces_are_minus_finite_difference_gradients(cc_data, source_run):
@@ -203,7 +210,8 @@ def test_finetuning_starts_from_source_ema_and_lowers_energy_force_loss(cc_data,
 
 def test_finetuning_resumes_exactly(tmp_path, cc_data, source_run, finetuned):
     finetune(tmp_path / "resumed", cc_data, source_run, 8)
-    training.train(str(tmp_path / "resumed"), CORE, FINETUNE, data_config(cc_data), max_steps=16, progress=False)
+    training.train(str(tmp_path / "resumed"), CORE, FINETUNE, data_config(cc_data), max_steps=16, progress=False,
+                   functions=finetune_functions())
     a, b = load_trained_model(str(finetuned[0])), load_trained_model(str(tmp_path / "resumed"))
     assert a.step == b.step == 16
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):

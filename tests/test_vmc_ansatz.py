@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from phisnet_jax.errors import InputError
-from phisnet_jax.orbital_features import FeatureSlots
+from molfoundation.errors import InputError
+from molfoundation.orbital_features import FeatureSlots
 from vmc import ansatz, hamiltonian, orbitals, systems
 
 CONFIG = ansatz.small_config()
@@ -208,14 +208,13 @@ def test_local_energy_of_h2_folx_matches_hessian(hf, params):
     np.testing.assert_allclose(energies["folx"], energies["hessian"], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("smooth", [True, False])
-def test_local_energy_stays_finite_where_electrons_meet(hf, params, smooth):
+def test_local_energy_stays_finite_where_electrons_meet(hf, params):
     """Li (2 up, 1 down): as a same-spin and an opposite-spin pair meet, the smooth distance
     features leave the Jastrow factor's exact cusps alone and the local energy has a finite
-    limit; the cusped features add a cusp of their own and it diverges like 1/d."""
+    limit (features of d itself would add a cusp of their own, diverging like 1/d: a change of
+    more than 1e2 Ha between the two distances)."""
     system, orb = hf("Li")
-    config = dataclasses.replace(CONFIG, smooth_distance_features=smooth)
-    fns = ansatz.make_log_psi(config, ansatz.inputs_from_hartree_fock(orb, config))
+    fns = ansatz.make_log_psi(CONFIG, ansatz.inputs_from_hartree_fock(orb, CONFIG))
     local_energy = jax.jit(hamiltonian.make_local_energy(fns.log_psi, system.positions,
                                                          system.charges, "hessian"))
     base = np.asarray(electrons_near(system, 1))
@@ -226,11 +225,7 @@ def test_local_energy_stays_finite_where_electrons_meet(hf, params, smooth):
             x = base.copy()
             x[partner] = x[0] + d * direction
             energies.append(float(local_energy(params, jnp.asarray(x))))
-        change = abs(energies[1] - energies[0])
-        if smooth:
-            assert change < 1e-2, (partner, energies)
-        else:
-            assert change > 1e2, (partner, energies)
+        assert abs(energies[1] - energies[0]) < 1e-2, (partner, energies)
 
 
 def test_initial_parameters_give_a_finite_wavefunction(hf, params, wavefunction):
@@ -242,13 +237,12 @@ def test_initial_parameters_give_a_finite_wavefunction(hf, params, wavefunction)
     assert np.isfinite(log_abs) and float(sign) in (-1.0, 1.0)
 
 
-@pytest.mark.parametrize("atom_messages", [True, False])
-def test_embedding_tells_same_atom_from_opposite_atom_pairs(atom_messages):
+def test_embedding_tells_same_atom_from_opposite_atom_pairs():
     """H2 nuclei at z = 0 and 1.4 bohr; electron j either on electron i's side or mirrored
     through the midplane to the other side, at the same distance from i. Every distance
     feature summed over atoms is then the same, so only the per-atom messages can tell the
     two apart (the difference that left-right correlation needs)."""
-    config = dataclasses.replace(CONFIG, atom_messages=atom_messages)
+    config = CONFIG
     atoms = jnp.array([[0.0, 0.0, 0.0], [0.0, 0.0, 1.4]])
     hydrogen = np.random.default_rng(0).normal(size=config.element_embedding_dim)
     elements = jnp.asarray(np.stack([hydrogen, hydrogen]))  # two identical nuclei
@@ -261,20 +255,16 @@ def test_embedding_tells_same_atom_from_opposite_atom_pairs(atom_messages):
     variables = embedding.init(jax.random.PRNGKey(0), same_side, atoms, elements, 1)
     h_same, _ = embedding.apply(variables, same_side, atoms, elements, 1)
     h_other, _ = embedding.apply(variables, other_side, atoms, elements, 1)
-    difference = float(jnp.max(jnp.abs(h_same[0] - h_other[0])))
-    if atom_messages:
-        assert difference > 1e-5  # 5e-4 at these initial weights; identical below 1e-12 without
-    else:
-        assert difference < 1e-12
+    # 5e-4 at these initial weights; identical below 1e-12 without the per-atom messages.
+    assert float(jnp.max(jnp.abs(h_same[0] - h_other[0]))) > 1e-5
 
 
-@pytest.mark.parametrize("local_pooling", [True, False])
-def test_embedding_ignores_far_atoms_only_with_local_pooling(local_pooling):
+def test_embedding_ignores_far_atoms():
     """An H6 chain (1.8 bohr spacing), then the same chain with four more H atoms and their
     electrons 20 bohr further along: the embedding of the electron at the first atom barely
-    changes with local pooling (the envelope weighs the new particles by about exp(-10)) and
-    changes at order one with unweighted pooling, whose atom sum grows with the chain."""
-    config = dataclasses.replace(CONFIG, local_pooling=local_pooling)
+    changes, since the pooling envelope weighs the new particles by about exp(-10) (unweighted
+    pooling, whose atom sum grows with the chain, changes it by about 1.1)."""
+    config = CONFIG
     hydrogen = np.random.default_rng(0).normal(size=config.element_embedding_dim)
     near = np.zeros((6, 3))
     near[:, 0] = 1.8 * np.arange(6)
@@ -293,11 +283,7 @@ def test_embedding_ignores_far_atoms_only_with_local_pooling(local_pooling):
     variables = embedding.init(jax.random.PRNGKey(0), *first_electron(near))
     h_short, _ = embedding.apply(variables, *first_electron(near))
     h_long, _ = embedding.apply(variables, *first_electron(np.concatenate([near, far])))
-    change = float(jnp.max(jnp.abs(h_long[0] - h_short[0])))
-    if local_pooling:
-        assert change < 1e-4  # 2e-6 observed (float32)
-    else:
-        assert change > 0.1  # 1.1 observed
+    assert float(jnp.max(jnp.abs(h_long[0] - h_short[0]))) < 1e-4  # 2e-6 observed (float32)
 
 
 def test_config_rejects_d_slots_and_reference_defaults():

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vmc import ansatz, hamiltonian, kfac_compat, loss, mcmc, optimizers, orbitals, systems
+from vmc import ansatz, geometries, hamiltonian, kfac_compat, loss, mcmc, optimizers, orbitals, systems
 
 CLIP_SCALE = 5.0
 
@@ -48,6 +48,14 @@ def float64():
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", previous)
+
+
+def kfac_log_psi(config, dtype):
+    """``fn(params, walkers (W, n_el, 3)) -> (W,)``: the per-walker log|psi| KFAC's curvature
+    uses (vmc.geometries.make_kfac_log_psi) for H2 alone, a batch of one geometry."""
+    geometry = jax.tree_util.tree_map(lambda x: x[None], geometries.geometry_of(h2_orbitals(), config, dtype))
+    batched = geometries.make_kfac_log_psi(config)
+    return lambda params, walkers: batched(params, geometries.GeometryBatch(walkers[None], geometry))[0]
 
 
 def start_walkers(system, n_walkers, seed=1):
@@ -144,7 +152,7 @@ def test_nonfinite_local_energy_is_excluded_and_counted(float64):
 def test_per_walker_log_psi_for_kfac_equals_vmap(float64):
     system, config, inputs, params, log_psi, _ = h2_problem()
     walkers = start_walkers(system, 8)
-    batched = optimizers.make_kfac_log_psi(config, inputs)
+    batched = kfac_log_psi(config, inputs.atom_positions.dtype)
     np.testing.assert_allclose(batched(params, walkers),
                                jax.vmap(log_psi, in_axes=(None, 0))(params, walkers),
                                rtol=0, atol=1e-12)
@@ -175,7 +183,7 @@ def run_vmc(make_optimizer, n_iterations, method, seed=0):
     (energy, variance) and the energy of the initial parameters over a block of sweeps."""
     system, config, inputs, params, log_psi, local_energy = h2_problem(seed, method=method)
     energy_loss = loss.make_energy_loss(log_psi, local_energy, CLIP_SCALE)
-    optimizer = make_optimizer(energy_loss, optimizers.make_kfac_log_psi(config, inputs))
+    optimizer = make_optimizer(energy_loss, kfac_log_psi(config, inputs.atom_positions.dtype))
     key_walkers, key_burn, key_opt, key_loop = jax.random.split(jax.random.PRNGKey(seed), 4)
     state = mcmc.init_state(log_psi, params, start_walkers(system, N_WALKERS), step_size=0.3)
     mcmc_step = mcmc.make_mcmc_step(log_psi, MCMC_STEPS)

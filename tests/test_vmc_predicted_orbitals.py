@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pyscf import scf
 
-from phisnet_jax.errors import InputError
+from molfoundation.errors import InputError
 from phisnet_jax.evaluate import TrainedModel
 from phisnet_jax.model import PhiSNetConfig, make_inputs, make_phisnet
 from phisnet_jax.train import TrainConfig, cast_inputs

@@ -4,19 +4,21 @@ evaluation, and the ``vmc pretrain / finetune / evaluate --systems`` command lin
 
 One tiny configuration on one small set (H2 at 1.0 and 3.0 bohr, and H3: two compositions, so
 a step batches two geometries and one KFAC state serves both compositions) is trained once per
-module; its functions are compiled once (:func:`vmc.shared.problem_for` keeps them)."""
+module; its :class:`vmc.train.Problem` is built once and passed to every run."""
 
 import dataclasses
 import json
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import log_lines, run_vmc_cli, without_timings
+from conftest import assert_same_checkpoints, interrupt_at_random_moment, log_lines, run_vmc_cli, without_timings
 
-from vmc import ansatz, cli, geometries, hamiltonian, loss, mcmc, shared, system_sets, systems, train
+from vmc import ansatz, cli, evaluate, geometries, hamiltonian, loss, mcmc, system_sets, systems, train
+from vmc.config import ScheduleConfig, SystemsConfig, load_config, preset_config
 
 NAMES = ["H2_a", "H2_b", "H3"]
 SET = [dataclasses.replace(s, name=n) for s, n in zip(
@@ -28,10 +30,10 @@ def write_set(path):
     return str(path)
 
 
-def tiny_config(set_file, **vmc_changes) -> shared.SharedRunConfig:
-    settings = dict(float64=True, checkpoint_every=3, n_walkers=16, pretrain_steps=4)
+def tiny_config(set_file, **vmc_changes):
+    settings = dict(float64=True, checkpoint_every=3, n_walkers=16, hf_fit_steps=4)
     settings.update(vmc_changes)
-    return shared.preset_config("tiny", shared.SystemSetConfig(set_file), shared.ScheduleConfig(2), **settings)
+    return preset_config("tiny", SystemsConfig(set_file), ScheduleConfig(2), **settings)
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +42,11 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("shared")
     config = tiny_config(write_set(base / "set.xyz"))
     straight, resumed = str(base / "straight"), str(base / "resumed")
-    result = shared.train_shared(straight, config, max_steps=6, progress=False)
-    shared.train_shared(resumed, config, max_steps=3, progress=False)
-    shared.train_shared(resumed, config, max_steps=6, progress=False)
-    return config, result, straight, resumed
+    problem = train.Problem.build(config, train.run_systems(straight, config), progress=False)
+    result = train.train(straight, config, max_steps=6, progress=False, problem=problem)
+    train.train(resumed, config, max_steps=3, progress=False, problem=problem)
+    train.train(resumed, config, max_steps=6, progress=False, problem=problem)
+    return config, result, straight, resumed, problem
 
 
 def test_batched_geometries_give_the_mean_of_one_system_losses():
@@ -56,7 +59,7 @@ def test_batched_geometries_give_the_mean_of_one_system_losses():
         fns = geometries.functions(network, "hessian")
         walkers = jnp.stack([mcmc.init_walkers(jax.random.PRNGKey(i), s.positions, s.charges, 1, 1, 8,
                                                dtype=jnp.float64) for i, s in enumerate(pair)])
-        params = shared._init_params(jax.random.PRNGKey(3), network, train.VMCConfig(float64=True))
+        params = train.init_params(jax.random.PRNGKey(3), network, True)
         batch = geometries.GeometryBatch(walkers, group.geometries)
         grouped = loss.make_energy_loss(None, fns.local_energy, 5.0,
                                         batched_log_psi=geometries.over_batch(fns.log_psi))
@@ -91,52 +94,44 @@ def test_schedule_round_robin_then_largest_spread():
     groups = [_Group([0, 2, 3]), _Group([1])]
     inf = np.inf
     # First pass: the least-visited (then first) geometry leads; its group fills the batch.
-    g, rows = shared.choose_geometries(np.full(4, inf), np.zeros(4, int), groups, 2, by_spread=True)
+    g, rows = train.choose_geometries(np.full(4, inf), np.zeros(4, int), groups, 2, by_spread=True)
     assert g == 0 and rows.tolist() == [0, 1]
-    g, rows = shared.choose_geometries(np.full(4, inf), np.array([1, 0, 1, 0]), groups, 2, by_spread=True)
+    g, rows = train.choose_geometries(np.full(4, inf), np.array([1, 0, 1, 0]), groups, 2, by_spread=True)
     assert g == 1 and rows.tolist() == [0]  # a group smaller than the batch gives what it has
-    g, rows = shared.choose_geometries(np.full(4, inf), np.array([1, 1, 1, 0]), groups, 2, by_spread=True)
+    g, rows = train.choose_geometries(np.full(4, inf), np.array([1, 1, 1, 0]), groups, 2, by_spread=True)
     assert g == 0 and rows.tolist() == [2, 0]
     # Everything visited: the largest spread leads, then its group by spread.
     spread = np.array([0.1, 0.9, 0.5, 0.3])
-    g, rows = shared.choose_geometries(spread, np.ones(4, int), groups, 2, by_spread=True)
+    g, rows = train.choose_geometries(spread, np.ones(4, int), groups, 2, by_spread=True)
     assert g == 1 and rows.tolist() == [0]
     spread = np.array([0.1, 0.2, 0.5, 0.3])
-    g, rows = shared.choose_geometries(spread, np.ones(4, int), groups, 2, by_spread=True)
+    g, rows = train.choose_geometries(spread, np.ones(4, int), groups, 2, by_spread=True)
     assert g == 0 and rows.tolist() == [1, 2]
     # Round-robin ignores the spread.
-    g, rows = shared.choose_geometries(spread, np.array([2, 1, 2, 2]), groups, 2, by_spread=False)
+    g, rows = train.choose_geometries(spread, np.array([2, 1, 2, 2]), groups, 2, by_spread=False)
     assert g == 1
     # A geometry below the minimum share of the mean visits (4 < 0.5 x 13) leads whatever the
     # spreads; at the share (7 >= 0.5 x 13.75) the spread decides again.
     spread = np.array([0.1, 0.9, 0.5, 0.3])
-    g, rows = shared.choose_geometries(spread, np.array([16, 16, 16, 4]), groups, 2, by_spread=True,
+    g, rows = train.choose_geometries(spread, np.array([16, 16, 16, 4]), groups, 2, by_spread=True,
                                        min_share=0.5)
     assert g == 0 and rows.tolist() == [2, 0]
-    g, rows = shared.choose_geometries(spread, np.array([16, 16, 16, 7]), groups, 2, by_spread=True,
+    g, rows = train.choose_geometries(spread, np.array([16, 16, 16, 7]), groups, 2, by_spread=True,
                                        min_share=0.5)
     assert g == 1
-    g, rows = shared.choose_geometries(spread, np.array([16, 16, 16, 4]), groups, 2, by_spread=True)
+    g, rows = train.choose_geometries(spread, np.array([16, 16, 16, 4]), groups, 2, by_spread=True)
     assert g == 1  # without a minimum share the spread alone decides
 
 
-def test_configs_stored_before_the_minimum_visit_share_keep_the_spread_alone():
-    config = shared.preset_config("tiny", shared.SystemSetConfig("hchains:2@1.4"))
-    assert config.schedule.min_visit_share == 0.5
-    record = json.loads(json.dumps(config.to_record()))
-    del record["schedule"]["min_visit_share"]
-    assert shared.SharedRunConfig.from_record(record).schedule.min_visit_share == 0.0
-
-
 def test_shared_run_directory_schedule_and_resume(runs):
-    config, result, straight, resumed = runs
-    assert result.pretrain_steps == 4 and result.steps == 6 and result.stopped_because == "max_steps"
-    assert shared.load_config(straight) == config
+    config, result, straight, resumed, _ = runs
+    assert result.hf_fit_steps == 4 and result.steps == 6 and result.stopped_because == "max_steps"
+    assert load_config(straight) == config
     assert [s.name for s in system_sets.read_system_set(os.path.join(straight, "systems.xyz"))] == NAMES
     assert os.path.isfile(os.path.join(straight, "energy.png"))
     entries = log_lines(straight)
-    pretraining = [e for e in entries if e["phase"] == "pretrain"]
-    assert [e["systems"] for e in pretraining[:2]] == [["H2_a", "H2_b"], ["H3"]]
+    hf_fit = [e for e in entries if e["phase"] == "hf_fit"]
+    assert [e["systems"] for e in hf_fit[:2]] == [["H2_a", "H2_b"], ["H3"]]
     vmc_entries = [e for e in entries if e["phase"] == "vmc"]
     # Round-robin over the compositions first; two geometries of H2 in one step.
     assert vmc_entries[0]["systems"] == ["H2_a", "H2_b"] and vmc_entries[1]["systems"] == ["H3"]
@@ -151,12 +146,12 @@ def test_shared_run_directory_schedule_and_resume(runs):
 def test_evaluation_per_system_keeps_systems_apart(runs):
     """Every system of the set is evaluated separately: the same systems in reverse order give
     the same energies (within error bars) under their names."""
-    config, _, straight, _ = runs
-    network, params, _ = shared.load_model(straight)
+    config, _, straight, _, _ = runs
+    network, params, _ = evaluate.load_model(straight)
     pair = SET[:2]
     options = dict(n_steps=50, n_walkers=64, burn_in_sweeps=20, progress=False)
-    forward = shared.evaluate_model(network, params, config.vmc, pair, **options)
-    backward = shared.evaluate_model(network, params, config.vmc, pair[::-1], seed=2, **options)
+    forward = evaluate.evaluate_model(network, params, config.vmc, pair, **options)
+    backward = evaluate.evaluate_model(network, params, config.vmc, pair[::-1], seed=2, **options)
     assert [r.name for r in forward] == ["H2_a", "H2_b"]
     assert [r.name for r in backward] == ["H2_b", "H2_a"]
     for a, b in zip(forward, backward[::-1]):
@@ -167,14 +162,14 @@ def test_evaluation_per_system_keeps_systems_apart(runs):
 
 
 def test_cli_pretrain_resume_finetune_and_zero_shot(runs, tmp_path, capsys):
-    config, _, straight, _ = runs
+    config, _, straight, _, _ = runs
     run_dir = str(tmp_path / "base")
     args = ["pretrain", config.systems.spec, "--run-dir", run_dir, "--preset", "tiny", "--float64",
-            "--geometries-per-step", "2", "--walkers", "16", "--pretrain-steps", "4",
+            "--geometries-per-step", "2", "--walkers", "16", "--hf-fit-steps", "4",
             "--set", "checkpoint_every=3", "--set", "laplacian=hessian", "--steps", "3", "--json"]
     code, out, _ = run_vmc_cli(args, capsys)
     assert code == 0 and json.loads(out)["steps"] == 3
-    assert shared.load_config(run_dir) == config
+    assert load_config(run_dir) == config
     code, out, _ = run_vmc_cli(["pretrain", "--run-dir", run_dir, "--steps", "6", "--json"], capsys)
     assert code == 0 and json.loads(out)["steps"] == 6
     assert without_timings(log_lines(run_dir)) == without_timings(log_lines(straight))
@@ -182,17 +177,17 @@ def test_cli_pretrain_resume_finetune_and_zero_shot(runs, tmp_path, capsys):
     record = json.loads(out)
     assert code == 0 and record["parameters"] == "vmc step 6"
     assert record["systems"][0]["reference"] == pytest.approx(-1.1744757)
-    # Fine-tuning starts from every weight of the base model, without HF pretraining.
+    # Fine-tuning starts from every weight of the base model, without an HF fit.
     finetuned = str(tmp_path / "finetuned")
     code, out, _ = run_vmc_cli(["finetune", run_dir, "H2", "--run-dir", finetuned, "--steps", "0", "--json"], capsys)
-    assert code == 0 and json.loads(out)["pretrain_steps"] == 0
-    tuned = shared.load_config(finetuned)
+    assert code == 0 and json.loads(out)["hf_fit_steps"] == 0
+    tuned = load_config(finetuned)
     assert tuned.init_from == os.path.abspath(run_dir)
     assert (tuned.ansatz, tuned.kfac, tuned.adam) == (config.ansatz, config.kfac, config.adam)
-    assert tuned.vmc == dataclasses.replace(config.vmc, pretrain_steps=0)
+    assert tuned.vmc == dataclasses.replace(config.vmc, hf_fit_steps=0)
     assert (tuned.systems.basis, tuned.systems.localization) == (config.systems.basis, config.systems.localization)
-    _, base_params, _ = shared.load_model(run_dir)
-    _, params, origin = shared.load_model(finetuned)
+    _, base_params, _ = evaluate.load_model(run_dir)
+    _, params, origin = evaluate.load_model(finetuned)
     assert origin == "vmc step 0"
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base_params)):
         np.testing.assert_array_equal(a, b)
@@ -200,14 +195,35 @@ def test_cli_pretrain_resume_finetune_and_zero_shot(runs, tmp_path, capsys):
     assert code == 0 and json.loads(out)["steps"] == 2
 
 
+def test_sigint_then_kill_9_then_resume_gives_the_uninterrupted_run(runs, tmp_path):
+    """``vmc pretrain`` stopped by Ctrl-C and then by kill -9, each at a random moment, and run
+    again ends with the state and log of a run that was never interrupted."""
+    config, _, _, _, problem = runs
+    steps = 16
+    reference = str(tmp_path / "reference")
+    train.train(reference, config, max_steps=steps, progress=False, problem=problem)
+    run_dir = str(tmp_path / "run")
+    command = ["vmc", "pretrain", config.systems.spec, "--run-dir", run_dir, "--preset", "tiny", "--float64",
+               "--geometries-per-step", "2", "--walkers", "16", "--hf-fit-steps", "4",
+               "--set", "checkpoint_every=3", "--set", "laplacian=hessian", "--steps", str(steps)]
+    last_line = config.vmc.hf_fit_steps + steps - 2
+    for seed, signal_number, code in ((3, signal.SIGINT, 130), (4, signal.SIGKILL, -signal.SIGKILL)):
+        alive, out = interrupt_at_random_moment(command, os.path.join(run_dir, "log.jsonl"), signal_number,
+                                                seed, last_line)
+        assert alive and out.returncode == code, out.stderr[-3000:]
+    train.train(run_dir, config, max_steps=steps, progress=False, problem=problem)
+    assert without_timings(log_lines(run_dir)) == without_timings(log_lines(reference))
+    assert_same_checkpoints(reference, run_dir, ("hf_fit", "vmc"))
+
+
 @pytest.mark.parametrize("args, message", [
     (["pretrain", "hchains:x@1", "--steps", "3"], "hydrogen chain length"),
-    (["pretrain", "nonsense", "--steps", "3"], "unknown system set"),
+    (["pretrain", "nonsense", "--steps", "3"], "or a system set"),
     (["pretrain", "H2", "--steps", "3", "--geometries-per-step", "0"], "geometries_per_step"),
     (["pretrain", "H2", "--steps", "3", "--set", "schedule.schedule=random"], "unknown schedule"),
     (["finetune", "missing_base", "H2", "--steps", "3"], "not a VMC run directory"),
     (["finetune", "missing_base", "--steps", "3"], "SYSTEMS is needed"),
-    (["pretrain", "H2", "--steps", "3", "--orbitals", "missing_phisnet_run"], "not a training run directory"),
+    (["pretrain", "H2", "--steps", "3", "--orbitals", "missing_phisnet_run"], "not a PhiSNet training run directory"),
 ])
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
     run_dir = tmp_path / "run"

@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from phisnet_jax import molecules
-from phisnet_jax.errors import InputError
+from molfoundation import molecules
+from molfoundation.errors import InputError
 from vmc import system_sets, systems
 
 # Covalent radii (Cordero et al. 2008), angstrom, for bond graphs of H, C, N, O compounds.

@@ -7,9 +7,9 @@ import pytest
 from pyscf import gto, scf
 from scipy.spatial.transform import Rotation
 
-from phisnet_jax import molecules
-from phisnet_jax.basis import ao_rotation
-from phisnet_jax.errors import InputError
+from molfoundation import molecules
+from molfoundation.basis import ao_rotation
+from molfoundation.errors import InputError
 from vmc import orbitals, systems
 
 HF_SYSTEMS = ("H", "H2", "LiH", "Li", "Be", "N2", "H2O", "CH4", "H5")

@@ -1,33 +1,36 @@
-"""VMC training runs: run directory, exact resume, divergence handling, walker sharding over two
-devices, evaluation with blocking error bars, and the ``vmc`` command line.
+"""VMC training of one system (a set of one): run directory, exact resume, divergence handling,
+walker sharding over two devices, evaluation with blocking error bars, and the ``vmc`` command
+line.
 
-One configuration (H2, tiny network, KFAC, float64) is used throughout, so its functions are
-traced and compiled once per process (:func:`vmc.train.problem_for` keeps them)."""
+One configuration (H2, tiny network, KFAC, float64) is used throughout; its
+:class:`vmc.train.Problem` is built once per module and passed to every run, so its functions
+are traced and compiled once."""
 
-import dataclasses
 import json
 import os
+import shutil
+import signal
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import background_run_for, log_lines, run_vmc_cli, without_timings
+from conftest import (assert_same_checkpoints, background_run_for, directory_digest, interrupt_at_random_moment,
+                      log_lines, run_vmc_cli, without_timings)
 
+from molfoundation.errors import InputError, TrainingDiverged
 from vmc import evaluate, mcmc, train
+from vmc.config import SCHEMA_VERSION, SystemsConfig, load_config, preset_config, run_directory
+from vmc.geometries import GeometryBatch
 
 
-def tiny_config(**vmc_changes) -> train.RunConfig:
-    return train.preset_config("tiny", train.SystemConfig("H2"), float64=True, checkpoint_every=2, **vmc_changes)
+def tiny_config(**vmc_changes):
+    return preset_config("tiny", SystemsConfig("H2"), float64=True, checkpoint_every=2, **vmc_changes)
 
 
 def final_params(run_dir):
-    config = train.load_run_config(run_dir)
-    with train.precision(config.vmc):
-        problem = train.problem_for(config)
-        template = jax.eval_shape(lambda: problem.init_params(jax.random.PRNGKey(0)))
-        return train.restore_params(run_dir, "vmc", template)
+    return evaluate.load_model(run_dir)[1]
 
 
 TWO_DEVICE_RUN = textwrap.dedent("""
@@ -52,34 +55,55 @@ def two_device_run(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def problem(tmp_path_factory):
+    config = tiny_config()
+    return train.Problem.build(config, train.run_systems(str(tmp_path_factory.mktemp("none")), config),
+                               progress=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, problem):
     """The same 6-step run made twice: straight through, and stopped after 3 steps and resumed."""
     base = tmp_path_factory.mktemp("vmc")
     straight, resumed = str(base / "straight"), str(base / "resumed")
-    config = tiny_config()
-    result = train.train(straight, config, max_steps=6, progress=False)
-    train.train(resumed, config, max_steps=3, progress=False)
-    train.train(resumed, config, max_steps=6, progress=False)
+    config = problem.config
+    result = train.train(straight, config, max_steps=6, progress=False, problem=problem)
+    train.train(resumed, config, max_steps=3, progress=False, problem=problem)
+    train.train(resumed, config, max_steps=6, progress=False, problem=problem)
     return config, result, straight, resumed
 
 
 def test_run_directory_is_complete(runs):
     config, result, straight, _ = runs
-    assert result.pretrain_steps == config.vmc.pretrain_steps and result.steps == 6
-    assert result.stopped_because == "max_steps"
-    assert train.load_run_config(straight) == config
+    assert result.hf_fit_steps == config.vmc.hf_fit_steps and result.steps == 6
+    assert result.stopped_because == "max_steps" and result.visits == {"H2": 6}
+    assert load_config(straight) == config
     assert os.path.isfile(os.path.join(straight, "energy.png"))
     entries = log_lines(straight)
     phases = [e["phase"] for e in entries]
-    assert phases == ["pretrain"] * config.vmc.pretrain_steps + ["vmc"] * 6
+    assert phases == ["hf_fit"] * config.vmc.hf_fit_steps + ["vmc"] * 6
     vmc_entries = [e for e in entries if e["phase"] == "vmc"]
     for key in ("energy", "variance", "acceptance", "step_size", "n_nonfinite", "n_walkers_reset",
                 "learning_rate", "damping", "seconds"):
         assert key in vmc_entries[0]
-    assert all(np.isfinite(e["energy"]) and e["n_nonfinite"] == 0 for e in vmc_entries)
-    # Energies of a pretrained H2 wavefunction: near the HF energy (-1.117 Ha in STO-6G), above
+    assert all(e["systems"] == ["H2"] and np.isfinite(e["energy"][0]) and e["n_nonfinite"] == 0
+               for e in vmc_entries)
+    # Energies of an HF-fitted H2 wavefunction: near the HF energy (-1.117 Ha in STO-6G), above
     # the exact -1.1745 Ha up to the noise of 32 walkers.
-    assert -1.5 < np.mean([e["energy"] for e in vmc_entries]) < -0.8
+    assert -1.5 < np.mean([e["energy"][0] for e in vmc_entries]) < -0.8
+    assert result.energies["H2"] == vmc_entries[-1]["energy"][0]  # the last 10 % of 6 visits: one
+
+
+def test_run_directory_of_another_schema_version_is_refused(runs, tmp_path):
+    _, _, straight, _ = runs
+    path = os.path.join(straight, "config.json")
+    record = json.load(open(path))
+    assert record["kind"] == "vmc" and record["schema_version"] == SCHEMA_VERSION
+    record["schema_version"] = SCHEMA_VERSION + 1
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    with pytest.raises(InputError, match=f"holds schema version {SCHEMA_VERSION + 1}; this version of "
+                                         f"the code reads VMC runs of schema version {SCHEMA_VERSION}"):
+        load_config(str(tmp_path))
 
 
 def test_resume_is_exact(runs):
@@ -98,58 +122,82 @@ def test_log_lines_after_the_last_checkpoint_are_dropped_on_resume(runs, tmp_pat
     shutil.copytree(straight, run_dir)
     with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps({"phase": "vmc", "step": 7, "energy": 0.0}) + "\n" + '{"phase": "vm')
-    train.train(run_dir, config, max_steps=6, progress=False)  # nothing left to do
+    train.train(run_dir, config, max_steps=6, progress=False)  # nothing left to do (problem built anew)
     assert log_lines(run_dir) == log_lines(straight)
 
 
 def test_other_configuration_in_run_dir_is_rejected(runs):
     _, _, straight, _ = runs
-    with pytest.raises(train.InputError, match="another configuration"):
+    with pytest.raises(InputError, match="another configuration"):
         train.train(straight, tiny_config(seed=1), max_steps=6, progress=False)
 
 
-def test_divergence_stops_and_keeps_the_last_checkpoint(runs, tmp_path, monkeypatch):
+def test_divergence_stops_and_keeps_the_last_checkpoint(runs, problem, tmp_path, monkeypatch):
     config, _, straight, _ = runs
     import shutil
 
     run_dir = str(tmp_path / "run")
     shutil.copytree(straight, run_dir)
-    with train.precision(config.vmc):
-        problem = train.problem_for(config)
     good_step = problem.optimizer.step
     calls = []
 
-    def poisoned_step(params, state, key, walkers):
+    def poisoned_step(params, state, key, batch):
         calls.append(1)
-        params, state, stats = good_step(params, state, key, walkers)
+        params, state, stats = good_step(params, state, key, batch)
         if len(calls) == 2:  # the second step of this resumed run returns NaN parameters
             params = jax.tree.map(lambda x: x * jnp.nan, params)
         return params, state, stats
 
     monkeypatch.setitem(problem.__dict__, "optimizer", problem.optimizer._replace(step=poisoned_step))
     # Step 7 succeeds (checkpoints every 2 steps: the last one is 6); step 8 diverges.
-    with pytest.raises(train.TrainingDiverged, match=r"non-finite parameters after VMC step 7; "
-                                                      r"the last checkpoint \(vmc step 6\) is kept"):
-        train.train(run_dir, config, max_steps=10, progress=False)
-    assert train.restore_step(run_dir, "vmc") == 6
+    with pytest.raises(TrainingDiverged, match=r"non-finite parameters after VMC step 7; "
+                                                r"the last checkpoint \(vmc step 6\) is kept"):
+        train.train(run_dir, config, max_steps=10, progress=False, problem=problem)
+    assert run_directory(run_dir).latest_step("vmc") == 6
     monkeypatch.undo()
-    train.train(run_dir, config, max_steps=7, progress=False)  # resumes from step 6
+    train.train(run_dir, config, max_steps=7, progress=False, problem=problem)  # resumes from step 6
     steps = [e["step"] for e in log_lines(run_dir) if e["phase"] == "vmc"]
     assert steps == list(range(1, 8))
 
 
-def test_stored_configs_without_newer_ansatz_options_load_without_them():
-    """A config.json written before an ansatz option existed describes a network trained
-    without it, so loading it must switch the option off (the defaults are on)."""
-    record = tiny_config().to_record()
-    newer = ("smooth_distance_features", "atom_messages", "local_pooling")
-    assert all(record["ansatz"][name] for name in newer)
-    for name in newer:
-        del record["ansatz"][name]
-    loaded = train.RunConfig.from_record(json.loads(json.dumps(record)))
-    assert not any(getattr(loaded.ansatz, name) for name in newer)
-    assert dataclasses.replace(loaded.ansatz, smooth_distance_features=True, atom_messages=True,
-                               local_pooling=True) == tiny_config().ansatz
+def test_sigint_then_kill_9_then_resume_gives_the_uninterrupted_run(problem, tmp_path):
+    """``vmc train`` stopped by Ctrl-C and then by kill -9, each at a random moment, and run
+    again ends with the state and log of a run that was never interrupted."""
+    config, steps = problem.config, 30
+    reference = str(tmp_path / "reference")
+    train.train(reference, config, max_steps=steps, progress=False, problem=problem)
+    run_dir = str(tmp_path / "run")
+    command = ["vmc", "train", "H2", "--run-dir", run_dir, "--preset", "tiny", "--float64",
+               "--set", "checkpoint_every=2", "--steps", str(steps)]
+    last_line = config.vmc.hf_fit_steps + steps - 2
+    for seed, signal_number, code in ((1, signal.SIGINT, 130), (2, signal.SIGKILL, -signal.SIGKILL)):
+        alive, out = interrupt_at_random_moment(command, os.path.join(run_dir, "log.jsonl"), signal_number,
+                                                seed, last_line)
+        assert alive and out.returncode == code, out.stderr[-3000:]
+    train.train(run_dir, config, max_steps=steps, progress=False, problem=problem)
+    assert without_timings(log_lines(run_dir)) == without_timings(log_lines(reference))
+    assert_same_checkpoints(reference, run_dir, ("hf_fit", "vmc"))
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_damaged_checkpoints_are_one_line_errors_and_nothing_is_written(runs, tmp_path, capsys, damage):
+    _, _, straight, _ = runs
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(straight, run_dir)
+    checkpoints = os.path.join(run_dir, "checkpoints", "vmc")
+    if damage == "missing":
+        shutil.rmtree(checkpoints)
+        expected = "vmc checkpoints of"
+    else:
+        for root, _, files in os.walk(os.path.join(checkpoints, "6")):
+            for name in files:
+                with open(os.path.join(root, name), "wb") as f:
+                    f.write(b"not a checkpoint")
+        expected = "cannot restore checkpoint 6"
+    before = directory_digest(run_dir)
+    code, out, err = run_vmc_cli(["train", "--run-dir", run_dir, "--steps", "8"], capsys)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    assert directory_digest(run_dir) == before
 
 
 def test_nonfinite_walkers_are_replaced_by_finite_ones():
@@ -184,16 +232,17 @@ def test_blocking_error_of_correlated_series():
     assert abs(evaluate.blocking_error(iid) - 1 / np.sqrt(n)) < 0.15 / np.sqrt(n)
 
 
-def test_evaluate_gives_energy_with_error_bar(runs):
+def test_evaluate_gives_energy_with_error_bar(runs, problem):
     _, _, straight, _ = runs
-    result = evaluate.evaluate(straight, n_steps=40, progress=False)
-    assert result.checkpoint_step == 6 and result.n_nonfinite == 0
+    result = evaluate.evaluate_run(straight, n_steps=40, progress=False)
+    h2, = result.systems
+    assert result.parameters == "vmc step 6" and h2.name == "H2" and h2.n_nonfinite == 0
     assert result.burn_in_sweeps == evaluate.MIN_BURN_IN_SWEEPS  # the tiny preset's 4 is raised
-    assert result.reference == pytest.approx(-1.1744757)
-    assert 0 < result.error < 0.05 and result.variance > 0
+    assert h2.reference == pytest.approx(-1.1744757)
+    assert 0 < h2.error < 0.05 and h2.variance > 0
     # A variational estimate: not below the exact energy by more than 4 error bars.
-    assert result.energy > result.reference - 4 * result.error
-    assert 0.2 < result.acceptance < 0.9
+    assert h2.energy > h2.reference - 4 * h2.error
+    assert 0.2 < h2.acceptance < 0.9
 
 
 def test_cli_train_resume_and_evaluate(runs, tmp_path, capsys):
@@ -203,13 +252,13 @@ def test_cli_train_resume_and_evaluate(runs, tmp_path, capsys):
             "--set", "checkpoint_every=2", "--steps", "3", "--json"]
     code, out, _ = run_vmc_cli(args, capsys)
     assert code == 0 and json.loads(out)["steps"] == 3
-    assert train.load_run_config(run_dir) == config
+    assert load_config(run_dir) == config
     code, out, _ = run_vmc_cli(["train", "--run-dir", run_dir, "--steps", "6", "--json"], capsys)
     assert code == 0 and json.loads(out)["steps"] == 6
     assert without_timings(log_lines(run_dir)) == without_timings(log_lines(straight))
     code, out, _ = run_vmc_cli(["evaluate", run_dir, "--steps", "10", "--burn-in", "3", "--json"], capsys)
     record = json.loads(out)
-    assert code == 0 and record["checkpoint_step"] == 6 and np.isfinite(record["energy"])
+    assert code == 0 and record["parameters"] == "vmc step 6" and np.isfinite(record["systems"][0]["energy"])
     assert record["burn_in_sweeps"] == 3
     code, out, _ = run_vmc_cli(["evaluate", run_dir, "--steps", "10"], capsys)
     assert code == 0 and "exact -1.174476 Ha" in out
@@ -222,7 +271,7 @@ def test_cli_train_resume_and_evaluate(runs, tmp_path, capsys):
     (["train", "H2", "--steps", "3", "--set", "learning_rate=0.1"], "ambiguous"),
     (["train", "H2", "--steps", "3", "--set", "vmc.optimizer=sgd"], "unknown optimizer"),
     (["train", "H2", "--steps", "3", "--set", "nonsense=1"], "unknown setting"),
-    (["train", "Na", "--steps", "3"], "slots"),
+    (["train", "Na", "--steps", "3"], "supports only H-Ne"),
 ])
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
     run_dir = tmp_path / "run"
@@ -252,18 +301,21 @@ def test_walkers_sharded_over_two_devices_give_the_same_run(runs, two_device_run
                 assert b[key] == pytest.approx(a[key], rel=1e-8, abs=1e-10), (a, b)
 
 
-def test_pretraining_fits_the_hartree_fock_orbitals():
+def test_hf_fit_reaches_the_hartree_fock_orbitals():
     """LiH (1s and a Li-H bond orbital, s and p coefficients): 150 supervised steps on walkers
     from the HF density bring the squared orbital-matrix error below 1 % of its start."""
-    config = train.preset_config("tiny", train.SystemConfig("LiH"), n_walkers=64, pretrain_learning_rate=3e-3)
-    problem = train.problem_for(config)
-    params = problem.init_params(jax.random.PRNGKey(0))
-    opt_state = problem.pretrain_transform.init(params)
-    sampler = mcmc.init_state(problem.hartree_fock_log_psi(), None,
-                              problem.init_walkers(jax.random.PRNGKey(1)), 0.2)
+    config = preset_config("tiny", SystemsConfig("LiH"), n_walkers=64, hf_fit_learning_rate=3e-3)
+    problem = train.Problem.build(config, progress=False)
+    group = problem.groups[0]
+    rows = jnp.zeros((1,), jnp.int32)
+    params = train.init_params(jax.random.PRNGKey(0), config.ansatz, False)
+    opt_state = problem.hf_fit_transform.init(params)
+    sampler = problem.init_sampler(group, params, problem.init_walkers(jax.random.PRNGKey(1), group),
+                                   hartree_fock=True)
+    sample, update = problem.sampler(group, hartree_fock=True), problem.hf_fit_update(group)
     losses = []
     for key in jax.random.split(jax.random.PRNGKey(2), 150):
-        sampler, _, _ = problem.sample_hartree_fock(None, sampler, key)
-        params, opt_state, value = problem.pretrain_update(params, opt_state, sampler.walkers)
+        sampler, _, _ = sample(None, sampler, rows, key)
+        params, opt_state, value = update(params, opt_state, GeometryBatch(sampler.walkers, group.geometries))
         losses.append(float(value))
     assert np.mean(losses[-10:]) < 1e-2 * losses[0]

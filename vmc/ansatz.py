@@ -14,7 +14,7 @@ electron-electron cusp Jastrow factor.
 
 Pipeline, per orbital k:
 
-1. **Orbital features** (``phisnet_jax.orbital_features``): the AO coefficients of orbital k on
+1. **Orbital features** (``molfoundation.orbital_features``): the AO coefficients of orbital k on
    each atom, as e3nn irreps in element-independent slots (``2x0e+1x1o`` for a minimal basis).
 2. **Orbital GNN** over atoms (``gnn_iterations`` rounds, 2 in the reference): E(3)-equivariant
    message passing. Node features start from the orbital features and a learned embedding of
@@ -58,9 +58,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phisnet_jax.basis import AOLayout
-from phisnet_jax.errors import InputError
-from phisnet_jax.orbital_features import MINIMAL_BASIS_SLOTS, FeatureSlots, orbital_features
+from molfoundation.basis import AOLayout
+from molfoundation.errors import InputError
+from molfoundation.orbital_features import MINIMAL_BASIS_SLOTS, FeatureSlots, orbital_features
 
 Params = Any
 
@@ -88,22 +88,6 @@ class AnsatzConfig:
       backflow_vectors: equivariant (1o) backflow channels per (atom, orbital, determinant);
         0 keeps only the invariant h_i . f part.
       jastrow: add the electron-electron cusp Jastrow factor.
-      smooth_distance_features: feed the electron streams features that are smooth where two
-        particles meet (functions of d^2), so that the cusps come from the Jastrow factor
-        (electron-electron, exact) and the envelope exponents (electron-nucleus) alone; with
-        False, features of d itself add learned cusps of their own (models stored before the
-        option existed).
-      atom_messages: the electron-nucleus stream of each atom also sees the spin means of all
-        electrons' features at that atom, so an electron's embedding can tell whether others
-        are near the same nucleus as it; summing over atoms alone cannot (for H2 it loses which
-        nucleus each electron is near). False: models stored before the option existed.
-      local_pooling: every sum or mean over atoms or other electrons in the electron embedding
-        becomes a sum weighted by a smooth envelope exp(-a_c (sqrt(1 + d^2) - 1)) of the
-        distance d, with a learnable decay a_c per channel (initially 0.5 / bohr): an
-        electron's features then depend on its surroundings, not on how many atoms and
-        electrons the molecule has further away, so a network trained on small molecules
-        transfers to larger ones. False: unweighted sums over atoms and means over electrons
-        (models stored before the option existed).
       slots: per-atom orbital-feature layout (must match the orbitals' basis).
     """
 
@@ -122,9 +106,6 @@ class AnsatzConfig:
     head_depth: int = 2
     backflow_vectors: int = 8
     jastrow: bool = True
-    smooth_distance_features: bool = True
-    atom_messages: bool = True
-    local_pooling: bool = True
     slots: FeatureSlots = MINIMAL_BASIS_SLOTS
 
     def __post_init__(self):
@@ -362,16 +343,15 @@ class OrbitalHeads(nn.Module):
 # Electron side: FermiNet-like embedding on distances only.
 
 
-def _spin_pool(x, n_up: int, axis: int, reduce: Callable = jnp.mean):
-    """``reduce`` (mean or sum) over the spin-up and spin-down slices along ``axis`` (zeros for
-    an empty one)."""
+def _spin_pool(x, n_up: int, axis: int):
+    """Sums over the spin-up and spin-down slices along ``axis`` (zeros for an empty one)."""
     up = jax.lax.slice_in_dim(x, 0, n_up, axis=axis)
     down = jax.lax.slice_in_dim(x, n_up, x.shape[axis], axis=axis)
 
     def pool(part):
         if part.shape[axis] == 0:  # an empty spin channel contributes nothing (not 0/0)
             return jnp.zeros(np.delete(x.shape, axis), x.dtype)
-        return reduce(part, axis=axis)
+        return jnp.sum(part, axis=axis)
 
     return pool(up), pool(down)
 
@@ -392,17 +372,16 @@ class DistanceEnvelope(nn.Module):
         return jnp.exp(-decay * (jnp.sqrt(1.0 + d[..., None] ** 2) - 1.0))
 
 
-def _distance_features(d, smooth: bool):
+def _distance_features(d):
     """(..., 2) features of distances d (bohr): one for range, one for short-range detail.
 
-    Smooth: with u = sqrt(1 + d^2), log u and exp(1 - u) (like log d and e exp(-d) far away),
-    even in d and so differentiable where the particles meet: they add no cusp. Otherwise
-    log(1 + d) and exp(-d), whose slope at d = 0 is a cusp the network must learn to cancel.
+    With u = sqrt(1 + d^2), log u and exp(1 - u) (like log d and e exp(-d) far away): even in d
+    and so differentiable where two particles meet, they add no cusp of their own; the cusps
+    come from the Jastrow factor (electron-electron, exact) and the envelope exponents
+    (electron-nucleus) alone.
     """
-    if smooth:
-        u = jnp.sqrt(1.0 + d**2)
-        return jnp.stack([jnp.log(u), jnp.exp(1.0 - u)], axis=-1)
-    return jnp.stack([jnp.log1p(d), jnp.exp(-d)], axis=-1)
+    u = jnp.sqrt(1.0 + d**2)
+    return jnp.stack([jnp.log(u), jnp.exp(1.0 - u)], axis=-1)
 
 
 class ElectronEmbedding(nn.Module):
@@ -411,10 +390,17 @@ class ElectronEmbedding(nn.Module):
 
     The initial one-electron feature is one learned vector shared by all electrons; the
     nuclei enter through the electron-nucleus stream (distances and the embedding of Z),
-    summed over atoms, and with ``atom_messages`` each atom's stream also sees the spin-pooled
-    streams of all electrons at that atom; no parameter shape depends on the number of atoms.
-    With ``local_pooling`` every such pooling is weighted by a decaying envelope of the
-    distance (see :class:`AnsatzConfig`).
+    summed over atoms; no parameter shape depends on the number of atoms.
+
+    Each atom's electron-nucleus stream also sees the spin-pooled streams of all electrons at
+    that atom, so an electron's embedding can tell whether others are near the same nucleus as
+    it (summing over atoms alone cannot: for H2 it loses which nucleus each electron is near).
+
+    Every sum or mean over atoms or other electrons is weighted by a smooth envelope
+    exp(-a_c (sqrt(1 + d^2) - 1)) of the distance d, with a learnable decay a_c per channel
+    (initially 0.5 / bohr): an electron's features then depend on its surroundings, not on how
+    many atoms and electrons the molecule has further away, so a network trained on small
+    molecules transfers to larger ones.
 
     Returns h: (n_el, one_electron_width) and g_en: (n_el, n_atoms, pair_width).
     """
@@ -435,10 +421,9 @@ class ElectronEmbedding(nn.Module):
         spin = (jnp.arange(n_el) < n_up).astype(electrons.dtype)
         same_spin = (spin[:, None] == spin[None, :]).astype(electrons.dtype)
 
-        smooth = cfg.smooth_distance_features
-        ee_input = jnp.concatenate([_distance_features(d_ee, smooth), same_spin[..., None]], axis=-1)
+        ee_input = jnp.concatenate([_distance_features(d_ee), same_spin[..., None]], axis=-1)
         en_input = jnp.concatenate(
-            [_distance_features(d_en, smooth),
+            [_distance_features(d_en),
              jnp.broadcast_to(elements[None], (n_el,) + elements.shape).astype(electrons.dtype)],
             axis=-1,
         )
@@ -447,25 +432,17 @@ class ElectronEmbedding(nn.Module):
         h0 = self.param("initial_electron", nn.initializers.normal(1.0), (w1,))
         h = jnp.broadcast_to(h0.astype(electrons.dtype), (n_el, w1))
 
-        # Pooling weights (None: plain means over electrons and sums over atoms).
-        en_weights = ee_weights = h_weights = None
-        if cfg.local_pooling:
-            en_weights = DistanceEnvelope(w2, name="en_envelope")(d_en)  # (i, I, w2)
-            ee_weights = DistanceEnvelope(w2, name="ee_envelope")(d_ee)  # (i, j, w2)
-            h_weights = DistanceEnvelope(w1, name="one_electron_envelope")(d_ee)  # (i, j, w1)
+        en_weights = DistanceEnvelope(w2, name="en_envelope")(d_en)  # (i, I, w2)
+        ee_weights = DistanceEnvelope(w2, name="ee_envelope")(d_ee)  # (i, j, w2)
+        h_weights = DistanceEnvelope(w1, name="one_electron_envelope")(d_ee)  # (i, j, w1)
 
         def spin_pool(x, weights, axis):
-            if weights is None:
-                return _spin_pool(x, n_up, axis=axis)
-            return _spin_pool(weights * x, n_up, axis=axis, reduce=jnp.sum)
+            return _spin_pool(weights * x, n_up, axis=axis)
 
         for layer in range(cfg.embedding_layers):
-            if h_weights is None:
-                h_up, h_down = (jnp.broadcast_to(x, (n_el, w1)) for x in spin_pool(h, None, 0))
-            else:
-                h_up, h_down = spin_pool(h[None], h_weights, 1)
+            h_up, h_down = spin_pool(h[None], h_weights, 1)
             g_up, g_down = spin_pool(g_ee, ee_weights, 1)
-            g_atoms = jnp.sum(g_en if en_weights is None else en_weights * g_en, axis=1)
+            g_atoms = jnp.sum(en_weights * g_en, axis=1)
             f = jnp.concatenate([h, h_up, h_down, g_up, g_down, g_atoms], axis=-1)
             h = h + jnp.tanh(nn.Dense(w1, name=f"one_electron_{layer}")(f))
             if layer < cfg.embedding_layers - 1:
@@ -474,10 +451,8 @@ class ElectronEmbedding(nn.Module):
             # weights the equivariant backflow) carries correlation as well as distance.
             en_update = nn.Dense(w2, name=f"en_{layer}")(g_en) + nn.Dense(
                 w2, use_bias=False, name=f"en_from_electron_{layer}")(h)[:, None, :]
-            if cfg.atom_messages:
-                at_atom = jnp.concatenate(spin_pool(g_en, en_weights, 0), axis=-1)  # (I, 2 w2)
-                en_update = en_update + nn.Dense(
-                    w2, use_bias=False, name=f"en_from_atom_{layer}")(at_atom)[None]
+            at_atom = jnp.concatenate(spin_pool(g_en, en_weights, 0), axis=-1)  # (I, 2 w2)
+            en_update = en_update + nn.Dense(w2, use_bias=False, name=f"en_from_atom_{layer}")(at_atom)[None]
             g_en = g_en + jnp.tanh(en_update)
         return h, g_en
 

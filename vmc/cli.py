@@ -13,41 +13,9 @@ import sys
 
 import click
 
-from phisnet_jax.cli import _apply_overrides, _parse_settings, run_cli
-from phisnet_jax.errors import InputError
-
-
-def apply_settings(config, settings: tuple[str, ...]):
-    """``config`` (a :class:`vmc.train.RunConfig` or :class:`vmc.shared.SharedRunConfig`) with
-    ``--set`` overrides applied. Keys are ``section.field`` (sections: the config's parts, e.g.
-    vmc, ansatz, kfac, adam, system / systems, schedule) or a bare field name that only one
-    section has."""
-    sections = tuple(f.name for f in dataclasses.fields(config)
-                     if dataclasses.is_dataclass(getattr(config, f.name)))
-    overrides: dict[str, dict[str, str]] = {}
-    for key, value in _parse_settings(settings).items():
-        if "." in key:
-            section, field = key.split(".", 1)
-            if section not in sections:
-                raise InputError(f"unknown settings section {section!r} in {key!r}; expected one of {sections}")
-            candidates = [section]
-        else:
-            field = key
-            candidates = sections
-        owners = [s for s in candidates
-                  if field in {f.name for f in dataclasses.fields(getattr(config, s))} and field != "slots"]
-        if not owners:
-            raise InputError(f"unknown setting {key!r}")
-        if len(owners) > 1:
-            raise InputError(f"setting {key!r} is ambiguous; write one of {', '.join(f'{s}.{field}' for s in owners)}")
-        overrides.setdefault(owners[0], {})[field] = value
-    changes = {}
-    for section, values in overrides.items():
-        try:
-            changes[section] = _apply_overrides(getattr(config, section), values)
-        except ValueError as exc:  # a dataclass's own validation
-            raise InputError(str(exc)) from None
-    return dataclasses.replace(config, **changes)
+from molfoundation.cli import print_error, run_cli, settings_option
+from molfoundation.errors import InputError, TrainingDiverged
+from molfoundation.settings import apply_settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,135 +23,129 @@ def vmc():
     """Transferable neural wavefunctions trained by variational Monte Carlo."""
 
 
+def _with_options(*options):
+    """A decorator applying click ``options`` in the order listed."""
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+# The options of a new training run (vmc train and vmc pretrain).
+NEW_RUN_OPTIONS = _with_options(
+    click.option("--run-dir", required=True, help="Run directory (created, or resumed if it exists)."),
+    click.option("--preset", type=click.Choice(["paper", "small", "tiny"]), default="small", show_default=True,
+                 help="Network and sampling size: the reference recipe or smaller ones for CPU runs "
+                      "(see vmc.config.preset_config)."),
+    click.option("--basis", default="sto-6g", show_default=True, help="Minimal basis of the HF orbitals."),
+    click.option("--optimizer", type=click.Choice(["kfac", "adam"]), default="kfac", show_default=True),
+    click.option("--walkers", type=int, help="Walkers per geometry [default: the preset's]."),
+    click.option("--hf-fit-steps", type=int, help="Supervised steps towards the HF orbitals [default: the preset's]."),
+    click.option("--float64", is_flag=True, help="Run in double precision."),
+)
+# The options of every training command, after its own.
+RUN_OPTIONS = _with_options(
+    click.option("--steps", type=int, required=True, help="Stop at this total number of VMC optimisation steps."),
+    click.option("--time-budget", type=float, help="Stop after this many seconds (HF fit included)."),
+    settings_option("Override any setting, e.g. --set kfac.learning_rate=0.05 --set n_determinants=8."),
+    click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout."),
+)
+
+
 @vmc.command()
 @click.argument("system", required=False)
-@click.option("--run-dir", required=True, help="Run directory (created, or resumed if it exists).")
-@click.option("--preset", type=click.Choice(["paper", "small", "tiny"]), default="small", show_default=True,
-              help="Network and sampling size: the reference recipe or smaller ones for CPU runs "
-                   "(see vmc.train.preset_config).")
+@NEW_RUN_OPTIONS
 @click.option("--charge", default=0, show_default=True)
 @click.option("--spin", type=int, help="2S = N_up - N_down [default: the system's usual spin].")
-@click.option("--basis", default="sto-6g", show_default=True, help="Minimal basis of the HF orbitals.")
-@click.option("--optimizer", type=click.Choice(["kfac", "adam"]), default="kfac", show_default=True)
-@click.option("--walkers", type=int, help="Number of walkers [default: the preset's].")
-@click.option("--pretrain-steps", type=int, help="Supervised steps towards the HF orbitals [default: the preset's].")
-@click.option("--steps", type=int, required=True, help="Stop at this total number of VMC steps.")
-@click.option("--time-budget", type=float, help="Stop after this many seconds (pretraining included).")
-@click.option("--float64", is_flag=True, help="Run in double precision.")
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
-              help="Override any setting, e.g. --set kfac.learning_rate=0.05 --set n_determinants=8.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def train(system, run_dir, preset, charge, spin, basis, optimizer, walkers, pretrain_steps, steps,
+@RUN_OPTIONS
+def train(system, run_dir, preset, charge, spin, basis, optimizer, walkers, hf_fit_steps, steps,
           time_budget, float64, settings, as_json):
-    """Pretrain to Hartree-Fock, then optimise the energy by VMC (or resume --run-dir).
+    """Fit the orbitals to Hartree-Fock, then optimise the energy by VMC (or resume --run-dir).
 
     SYSTEM is a name (H, H2, LiH, Li, Be, N2, H2O, CH4, H<n> chains) or an XYZ file in
     angstrom. Without SYSTEM, the run in --run-dir continues with its stored configuration.
     """
-    from vmc import train as training
+    from vmc import config as configs
 
     if system is None:
-        if settings:
-            raise InputError("--set needs SYSTEM (a resumed run keeps its configuration)")
-        config = training.load_run_config(run_dir)
+        config = _stored_config(run_dir, settings)
     else:
-        sampling = dict(optimizer=optimizer, float64=float64)
-        if walkers is not None:
-            sampling["n_walkers"] = walkers
-        if pretrain_steps is not None:
-            sampling["pretrain_steps"] = pretrain_steps
-        config = training.preset_config(
-            preset, training.SystemConfig(system, charge=charge, spin=spin, basis=basis), **sampling)
+        config = configs.preset_config(
+            preset, configs.SystemsConfig(system, charge=charge, spin=spin, basis=basis),
+            **_sampling(walkers, hf_fit_steps, optimizer=optimizer, float64=float64))
         config = apply_settings(config, settings)
+    _run(run_dir, config, steps, time_budget, as_json)
+
+
+def _stored_config(run_dir: str, settings):
+    from vmc import config as configs
+
+    if settings:
+        raise InputError("--set needs the systems (a resumed run keeps its configuration)")
+    return configs.load_config(run_dir)
+
+
+def _run(run_dir, config, steps, time_budget, as_json):
+    """Train ``config`` in ``run_dir`` and report the result."""
+    from vmc import train as training
+
     try:
         result = training.train(run_dir, config, max_steps=steps, time_budget=time_budget)
-    except training.TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except TrainingDiverged as exc:
+        print_error(str(exc))
         sys.exit(1)
-    if as_json:
-        click.echo(json.dumps(dataclasses.asdict(result)))
-    else:
-        energy = "n/a" if result.energy is None else f"{result.energy:.5f} Ha"
-        click.echo(f"pretrained {result.pretrain_steps} steps; VMC at step {result.steps} "
-                   f"({result.stopped_because}); energy of the last 10 % of steps {energy}")
-
-
-def _report_shared(result, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(result)))
         return
-    click.echo(f"pretrained {result.pretrain_steps} steps; VMC at step {result.steps} ({result.stopped_because})")
+    click.echo(f"HF fit: {result.hf_fit_steps} steps; VMC at step {result.steps} ({result.stopped_because})")
     for name, energy in result.energies.items():
-        click.echo(f"  {name}: {energy:.5f} Ha (mean of the last visits; {result.visits[name]} visits)")
+        click.echo(f"  {name}: {energy:.5f} Ha (mean of the last 10 % of its {result.visits[name]} visits)")
 
 
-def _run_shared(run_dir, config, steps, time_budget, as_json):
-    from vmc import shared
-    from vmc import train as training
-
-    try:
-        result = shared.train_shared(run_dir, config, max_steps=steps, time_budget=time_budget)
-    except training.TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    _report_shared(result, as_json)
-
-
-def _sampling(walkers, pretrain_steps, **fixed) -> dict:
+def _sampling(walkers, hf_fit_steps, **fixed) -> dict:
     settings = dict(fixed)
     if walkers is not None:
         settings["n_walkers"] = walkers
-    if pretrain_steps is not None:
-        settings["pretrain_steps"] = pretrain_steps
+    if hf_fit_steps is not None:
+        settings["hf_fit_steps"] = hf_fit_steps
     return settings
 
 
 @vmc.command()
 @click.argument("systems", required=False)
-@click.option("--run-dir", required=True, help="Run directory (created, or resumed if it exists).")
-@click.option("--preset", type=click.Choice(["paper", "small", "tiny"]), default="small", show_default=True,
-              help="Network and sampling size (see vmc.train.preset_settings).")
+@NEW_RUN_OPTIONS
 @click.option("--seed", "set_seed", default=0, show_default=True,
               help="Seed of the rotations and distortions of generated geometries.")
-@click.option("--basis", default="sto-6g", show_default=True, help="Minimal basis of the HF orbitals.")
 @click.option("--orbitals", "orbitals_from", metavar="PHISNET_RUN",
               help="Take the orbitals from this trained PhiSNet model instead of Hartree-Fock.")
-@click.option("--optimizer", type=click.Choice(["kfac", "adam"]), default="kfac", show_default=True)
-@click.option("--walkers", type=int, help="Walkers per geometry [default: the preset's].")
 @click.option("--geometries-per-step", type=int, default=1, show_default=True,
               help="Geometries of one composition batched into one optimisation step.")
 @click.option("--schedule", type=click.Choice(["spread", "round_robin"]), default="spread", show_default=True,
               help="Which geometries a step takes (spread: round-robin first, then the largest energy spread).")
-@click.option("--pretrain-steps", type=int, help="Supervised steps towards the HF orbitals [default: the preset's].")
-@click.option("--steps", type=int, required=True, help="Stop at this total number of VMC optimisation steps.")
-@click.option("--time-budget", type=float, help="Stop after this many seconds (pretraining included).")
-@click.option("--float64", is_flag=True, help="Run in double precision.")
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
-              help="Override any setting, e.g. --set kfac.learning_rate=0.05.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@RUN_OPTIONS
 def pretrain(systems, run_dir, preset, set_seed, basis, orbitals_from, optimizer, walkers, geometries_per_step,
-             schedule, pretrain_steps, steps, time_budget, float64, settings, as_json):
-    """Train a base model: one wavefunction over a set of molecules and geometries (HF
-    pretraining, then shared VMC), or resume --run-dir.
+             schedule, hf_fit_steps, steps, time_budget, float64, settings, as_json):
+    """Train a base model: one wavefunction over a set of molecules and geometries (HF fit,
+    then shared VMC), or resume --run-dir.
 
     SYSTEMS is an XYZ system-set file, 'hchains:6@1.4,1.6,1.8' (hydrogen chains: lengths @
     spacings in bohr) or 'molecules:CH4,H2Ox5' (compounds, randomly rotated and distorted
     geometries); see docs/system_sets.md.
     """
-    from vmc import shared
+    from vmc import config as configs
 
     if systems is None:
-        if settings:
-            raise InputError("--set needs SYSTEMS (a resumed run keeps its configuration)")
-        config = shared.load_config(run_dir)
+        config = _stored_config(run_dir, settings)
     else:
-        config = shared.preset_config(
-            preset, shared.SystemSetConfig(systems, seed=set_seed, basis=basis,
-                                           orbitals=orbitals_from and os.path.abspath(orbitals_from)),
-            shared.ScheduleConfig(geometries_per_step, schedule),
-            **_sampling(walkers, pretrain_steps, optimizer=optimizer, float64=float64))
+        config = configs.preset_config(
+            preset, configs.SystemsConfig(systems, seed=set_seed, basis=basis,
+                                          orbitals=orbitals_from and os.path.abspath(orbitals_from)),
+            configs.ScheduleConfig(geometries_per_step, schedule),
+            **_sampling(walkers, hf_fit_steps, optimizer=optimizer, float64=float64))
         config = apply_settings(config, settings)
-    _run_shared(run_dir, config, steps, time_budget, as_json)
+    _run(run_dir, config, steps, time_budget, as_json)
 
 
 @vmc.command()
@@ -198,35 +160,28 @@ def pretrain(systems, run_dir, preset, set_seed, basis, orbitals_from, optimizer
 @click.option("--geometries-per-step", type=int, default=1, show_default=True,
               help="Geometries of one composition batched into one optimisation step.")
 @click.option("--schedule", type=click.Choice(["spread", "round_robin"]), default="spread", show_default=True)
-@click.option("--pretrain-steps", type=int, default=0, show_default=True,
+@click.option("--hf-fit-steps", type=int, default=0, show_default=True,
               help="Supervised steps towards the HF orbitals before VMC (fine-tuning usually needs none).")
-@click.option("--steps", type=int, required=True, help="Stop at this total number of VMC optimisation steps.")
-@click.option("--time-budget", type=float, help="Stop after this many seconds.")
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
-              help="Override a setting of the fine-tuning run, e.g. --set kfac.damping=1e-3.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@RUN_OPTIONS
 def finetune(base_run, systems, run_dir, set_seed, orbitals_from, walkers, geometries_per_step, schedule,
-             pretrain_steps, steps, time_budget, settings, as_json):
+             hf_fit_steps, steps, time_budget, settings, as_json):
     """Fine-tune the model of BASE_RUN (any vmc train / pretrain / finetune run directory;
     every weight is reused) on SYSTEMS, or resume --run-dir (then SYSTEMS is left out).
 
     The network, sampling and optimiser settings are the base run's unless overridden.
     """
-    from vmc import shared
+    from vmc import config as configs
 
-    config_exists = os.path.exists(os.path.join(run_dir, "config.json"))
     if systems is None:
-        if not config_exists:
+        if not configs.run_directory(run_dir).has_config():
             raise InputError(f"SYSTEMS is needed to start fine-tuning in {run_dir}")
-        if settings:
-            raise InputError("--set needs SYSTEMS (a resumed run keeps its configuration)")
-        config = shared.load_config(run_dir)
+        config = _stored_config(run_dir, settings)
     else:
-        config = shared.finetuning_config(
+        config = configs.finetuning_config(
             base_run, systems, set_seed=set_seed, orbitals_from=orbitals_from,
-            schedule=shared.ScheduleConfig(geometries_per_step, schedule), **_sampling(walkers, pretrain_steps))
+            schedule=configs.ScheduleConfig(geometries_per_step, schedule), **_sampling(walkers, hf_fit_steps))
         config = apply_settings(config, settings)
-    _run_shared(run_dir, config, steps, time_budget, as_json)
+    _run(run_dir, config, steps, time_budget, as_json)
 
 
 @vmc.command()
@@ -240,43 +195,27 @@ def finetune(base_run, systems, run_dir, set_seed, orbitals_from, walkers, geome
 @click.option("--seed", default=1, show_default=True, help="Seed of the fresh walkers.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def evaluate(run_dir, systems_spec, seed_systems, steps, walkers, burn_in, seed, as_json):
-    """Energy of the latest checkpoint in RUN_DIR from fresh MCMC, with a blocking error bar:
-    of its system, of every system of a shared run, or of --systems (zero-shot)."""
+    """Energies of the latest checkpoint in RUN_DIR from fresh MCMC, with blocking error bars:
+    of its systems, or of --systems (zero-shot)."""
     from vmc import evaluate as evaluation
-    from vmc import shared
-    from vmc import train as training
 
-    if systems_spec is not None or shared.is_shared_run(run_dir):
-        try:
-            origin, results = shared.evaluate_run(run_dir, systems_spec, seed_systems, n_steps=steps,
-                                                  n_walkers=walkers, burn_in_sweeps=burn_in, seed=seed)
-        except training.TrainingDiverged as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(1)
-        if as_json:
-            click.echo(json.dumps({"parameters": origin, "systems": [dataclasses.asdict(r) for r in results]}))
-            return
-        click.echo(f"parameters of {origin}; {steps} steps per system")
-        for r in results:
-            line = f"  {r.name}: E = {r.energy:.6f} +- {r.error:.6f} Ha (variance {r.variance:.4f} Ha^2)"
-            if r.reference is not None:
-                line += f"; exact {r.reference:.6f} Ha, error {1000 * (r.energy - r.reference):.2f} mHa"
-            click.echo(line)
-        return
     try:
-        result = evaluation.evaluate(run_dir, n_steps=steps, n_walkers=walkers, burn_in_sweeps=burn_in, seed=seed)
-    except training.TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        result = evaluation.evaluate_run(run_dir, systems_spec, seed_systems, n_steps=steps, n_walkers=walkers,
+                                         burn_in_sweeps=burn_in, seed=seed)
+    except TrainingDiverged as exc:
+        print_error(str(exc))
         sys.exit(1)
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(result)))
         return
-    line = (f"E = {result.energy:.6f} +- {result.error:.6f} Ha (variance {result.variance:.4f} Ha^2; "
-            f"{result.n_steps} steps x {result.n_walkers} walkers; checkpoint step {result.checkpoint_step})")
-    if result.reference is not None:
-        line += (f"; exact {result.reference:.6f} Ha, error "
-                 f"{1000 * (result.energy - result.reference):.2f} +- {1000 * result.error:.2f} mHa")
-    click.echo(line)
+    click.echo(f"parameters of {result.parameters}; {steps} steps x {result.n_walkers} walkers per system "
+               f"after {result.burn_in_sweeps} calls of burn-in")
+    for r in result.systems:
+        line = f"  {r.name}: E = {r.energy:.6f} +- {r.error:.6f} Ha (variance {r.variance:.4f} Ha^2)"
+        if r.reference is not None:
+            line += (f"; exact {r.reference:.6f} Ha, error {1000 * (r.energy - r.reference):.2f} "
+                     f"+- {1000 * r.error:.2f} mHa")
+        click.echo(line)
 
 
 def main(argv: list[str] | None = None) -> None:

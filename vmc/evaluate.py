@@ -1,4 +1,5 @@
-"""Energy of a trained wavefunction from fresh MCMC samples, with a blocking error bar.
+"""Energies of a trained wavefunction from fresh MCMC samples, with blocking error bars, on
+the systems it was trained on or on others (zero-shot).
 
 The walkers start from scratch (not from the training walkers), are equilibrated for
 ``burn_in_sweeps`` MCMC calls (:func:`evaluation_burn_in`) and then sampled for ``n_steps``
@@ -12,13 +13,18 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
-from phisnet_jax.errors import InputError
-from vmc import mcmc, train
+from molfoundation import checkpoints, runs
+from molfoundation.errors import InputError, TrainingDiverged
+from vmc import ansatz
+from vmc.config import RunConfig, SystemsConfig, VMCConfig, load_config, run_directory
+from vmc.geometries import GeometryBatch
 from vmc.references import exact_energy
 
 # Blocking stops while at least this many blocks are left (fewer give a noisy error of the
@@ -59,82 +65,140 @@ def blocking_error(series: np.ndarray) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class Evaluation:
-    """Energies in hartree; ``reference`` is the exact energy of a named system if known."""
+class SystemEvaluation:
+    """One system's energy from fresh walkers (hartree), with a blocking error bar;
+    ``reference`` is the exact energy where :mod:`vmc.references` knows it."""
 
+    name: str
     energy: float
     error: float
     variance: float
+    n_nonfinite: int
+    acceptance: float
+    reference: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """The evaluation of one set of parameters (``parameters``: where they come from, e.g.
+    "vmc step 600") on every system of a set."""
+
+    parameters: str
     n_steps: int
     n_walkers: int
     burn_in_sweeps: int
-    n_nonfinite: int
-    acceptance: float
-    checkpoint_step: int
-    reference: float | None
+    seed: int
     seconds: float
+    systems: list[SystemEvaluation]
 
 
-def evaluate(run_dir: str, n_steps: int = 200, n_walkers: int | None = None,
-             burn_in_sweeps: int | None = None, seed: int = 1, progress: bool = True) -> Evaluation:
-    """Evaluate the latest VMC checkpoint of ``run_dir`` (or the pretrained parameters if VMC
-    has not started) with fresh walkers; ``n_walkers`` defaults to the run's own and the
-    burn-in is :func:`evaluation_burn_in`."""
-    from tqdm import tqdm
+def load_model(run_dir: str) -> tuple[ansatz.AnsatzConfig, Any, str]:
+    """(network config, parameters, phase and step they come from) of a VMC run directory:
+    the latest VMC checkpoint, else the latest HF-fit one."""
+    from vmc.train import init_params
 
-    config = train.load_run_config(run_dir)
-    cfg = config.vmc
-    n_walkers = n_walkers or cfg.n_walkers
-    burn_in_sweeps = evaluation_burn_in(burn_in_sweeps, cfg.burn_in_sweeps)
-    if n_steps < 2:
-        raise InputError("evaluation needs at least 2 steps")
-    started = time.perf_counter()
-    with train.precision(cfg):
-        problem = train.problem_for(config)
-        params, step = _load_params(run_dir, problem)
-        devices = train.WalkerParallel()
-        if n_walkers % devices.n_devices:
-            raise InputError(f"{n_walkers} walkers do not divide over {devices.n_devices} devices")
-        key_walkers, key = jax.random.split(jax.random.PRNGKey(seed))
-        sampler = mcmc.init_state(problem.log_psi, params, problem.init_walkers(key_walkers, n_walkers),
-                                  cfg.initial_step_size)
-        state = devices.place(train.TrainState(jnp.asarray(step), params, None, sampler, key))
-        sample = problem.sample
-        local_energy = jax.jit(problem.local_energy)
-        state = train.burn_in(sample, state.params, state, burn_in_sweeps)
-        means, variances, acceptances, n_nonfinite = [], [], [], 0
-        key = state.key
-        sampler = state.sampler
-        for _ in tqdm(range(n_steps), desc="evaluate", unit="step", file=sys.stderr,
-                      disable=None if progress else True, dynamic_ncols=True):
-            key, key_sample = jax.random.split(key)
-            sampler, acceptance, _ = sample(state.params, sampler, key_sample)
-            energies = np.asarray(local_energy(state.params, sampler.walkers), np.float64)
-            finite = np.isfinite(energies)
-            n_nonfinite += int((~finite).sum())
-            if finite.any():
-                means.append(energies[finite].mean())
-                variances.append(energies[finite].var())
-            acceptances.append(float(acceptance))
-    if len(means) < 2:
-        raise train.TrainingDiverged("fewer than two evaluation steps had a finite local energy")
-    means = np.asarray(means)
-    return Evaluation(
-        energy=float(means.mean()), error=blocking_error(means), variance=float(np.mean(variances)),
-        n_steps=n_steps, n_walkers=n_walkers, burn_in_sweeps=burn_in_sweeps, n_nonfinite=n_nonfinite,
-        acceptance=float(np.mean(acceptances)), checkpoint_step=step,
-        reference=exact_energy(problem.system), seconds=time.perf_counter() - started,
-    )
-
-
-def _load_params(run_dir: str, problem: train.Problem):
-    """(parameters, VMC step) of the latest VMC checkpoint, or of the latest pretraining one
-    (step 0) when there is no VMC checkpoint."""
-    for phase in ("vmc", "pretrain"):
-        step = train.restore_step(run_dir, phase)
+    cfg = load_config(run_dir)
+    run = run_directory(run_dir)
+    for phase in ("vmc", "hf_fit"):
+        step = run.latest_step(phase)
         if step is None:
             continue
-        template = jax.eval_shape(lambda: problem.init_params(jax.random.PRNGKey(0)))
-        params = train.restore_params(run_dir, phase, template)
-        return params, (step if phase == "vmc" else 0)
-    raise InputError(f"{run_dir} has no checkpoint to evaluate")
+        with runs.precision(cfg.vmc.float64):
+            template = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), cfg.ansatz, cfg.vmc.float64))
+            saved = checkpoints.restore_raw(run.checkpoint_dir(phase))["params"]
+            try:
+                params = jax.tree.map(lambda t, x: jnp.asarray(x, t.dtype).reshape(t.shape), template, saved)
+            except (ValueError, TypeError) as exc:
+                raise InputError(f"the {phase} checkpoint of {run_dir} does not fit its network: "
+                                 f"{str(exc).splitlines()[0]}") from None
+        return cfg.ansatz, params, f"{phase} step {step}"
+    raise InputError(f"{run_dir} has no checkpoint to start from")
+
+
+def evaluate_model(network: ansatz.AnsatzConfig, params, vmc_config: VMCConfig, system_set,
+                   systems_config: SystemsConfig | None = None, n_steps: int = 200, n_walkers: int | None = None,
+                   burn_in_sweeps: int | None = None, seed: int = 1, progress: bool = True,
+                   problem=None) -> list[SystemEvaluation]:
+    """Energies of the wavefunction ``params`` on every system of ``system_set``: fresh
+    walkers per system, ``burn_in_sweeps`` MCMC calls, then ``n_steps`` calls each followed
+    by a local-energy evaluation (all geometries of a composition at once). Sampling settings
+    default to ``vmc_config``'s, the burn-in to :func:`evaluation_burn_in`; orbitals come from
+    ``systems_config`` (its basis, localisation and orbital source; default Hartree-Fock in
+    the default basis). ``problem``: a :class:`vmc.train.Problem` of these settings built
+    before (its compiled functions are reused)."""
+    from vmc.train import Problem, WalkerParallel, _rows
+
+    if n_steps < 2:
+        raise InputError("evaluation needs at least 2 steps")
+    cfg = dataclasses.replace(vmc_config, n_walkers=n_walkers or vmc_config.n_walkers,
+                              burn_in_sweeps=evaluation_burn_in(burn_in_sweeps, vmc_config.burn_in_sweeps))
+    config = RunConfig(systems_config or SystemsConfig("evaluation"), ansatz=network, vmc=cfg)
+    results: dict[int, SystemEvaluation] = {}
+    with runs.precision(cfg.float64):
+        devices = WalkerParallel()
+        devices.check_walkers(cfg.n_walkers)
+        if problem is None or problem.config != config:
+            problem = Problem.build(config, system_set, progress)
+        params = devices.replicate(params)
+        key = jax.random.PRNGKey(seed)
+        bar = tqdm(total=len(problem.groups) * (cfg.burn_in_sweeps + n_steps), desc="evaluate",
+                   unit="call", file=sys.stderr, disable=None if progress else True, dynamic_ncols=True)
+        for group in problem.groups:
+            key, key_walkers = jax.random.split(key)
+            sampler = problem.init_sampler(group, params, problem.init_walkers(key_walkers, group))
+            sampler = devices.put_split(sampler.replace(step_size=None), axis=1).replace(
+                step_size=sampler.step_size)
+            sample, rows = problem.sampler(group), _rows(np.arange(group.size))
+            means, variances, acceptances = [], [], []
+            n_nonfinite = np.zeros(group.size, int)
+            for call in range(cfg.burn_in_sweeps + n_steps):
+                key, key_sample = jax.random.split(key)
+                sampler, acceptance, _ = sample(params, sampler, rows, key_sample)
+                bar.update(1)
+                if call < cfg.burn_in_sweeps:
+                    continue
+                energies = np.asarray(problem.local_energy(params, GeometryBatch(sampler.walkers, group.geometries)),
+                                      np.float64)
+                finite = np.isfinite(energies)
+                n_nonfinite += (~finite).sum(axis=1)
+                means.append(np.where(finite.any(1), np.where(finite, energies, 0).sum(1)
+                                      / np.maximum(finite.sum(1), 1), np.nan))
+                variances.append([e[f].var() if f.any() else np.nan for e, f in zip(energies, finite)])
+                acceptances.append(np.asarray(acceptance))
+            means, variances = np.asarray(means), np.asarray(variances)
+            for row, member in enumerate(group.members):
+                system = group.systems[row]
+                series = means[:, row][np.isfinite(means[:, row])]
+                if series.size < 2:
+                    raise TrainingDiverged(f"fewer than two evaluation steps of {system.name} had a finite "
+                                           "local energy")
+                results[member] = SystemEvaluation(
+                    name=system.name, energy=float(series.mean()), error=blocking_error(series),
+                    variance=float(np.nanmean(variances[:, row])), n_nonfinite=int(n_nonfinite[row]),
+                    acceptance=float(np.mean(np.asarray(acceptances)[:, row])), reference=exact_energy(system))
+        bar.close()
+    return [results[i] for i in range(len(system_set))]
+
+
+def evaluate_run(run_dir: str, systems_spec: str | None = None, seed_systems: int = 0, n_steps: int = 200,
+                 n_walkers: int | None = None, burn_in_sweeps: int | None = None, seed: int = 1,
+                 progress: bool = True, problem=None) -> Evaluation:
+    """Evaluate the latest parameters of a VMC run directory on its own systems, or on the
+    systems of ``systems_spec`` (zero-shot, geometries generated with ``seed_systems``)."""
+    from vmc.train import run_systems
+
+    started = time.perf_counter()
+    network, params, origin = load_model(run_dir)
+    cfg = load_config(run_dir)
+    if systems_spec is None:
+        system_set = run_systems(run_dir, cfg)
+    else:
+        system_set = dataclasses.replace(cfg.systems, spec=systems_spec, seed=seed_systems, charge=0,
+                                         spin=None).load()
+    n_walkers = n_walkers or cfg.vmc.n_walkers
+    burn_in = evaluation_burn_in(burn_in_sweeps, cfg.vmc.burn_in_sweeps)
+    results = evaluate_model(network, params, cfg.vmc, system_set, cfg.systems, n_steps=n_steps,
+                             n_walkers=n_walkers, burn_in_sweeps=burn_in, seed=seed, progress=progress,
+                             problem=problem)
+    return Evaluation(parameters=origin, n_steps=n_steps, n_walkers=n_walkers, burn_in_sweeps=burn_in,
+                      seed=seed, seconds=time.perf_counter() - started, systems=results)

@@ -16,7 +16,6 @@ and the geometry it is evaluated on. A batch of walkers over G geometries is a
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 from typing import Callable, Sequence
 
@@ -81,7 +80,7 @@ class GeometryGroup:
       members: indices of the group's systems in the system set, in set order.
       systems: the systems themselves.
       hartree_fock: their occupied orbitals (Hartree-Fock, or from another source such as a
-        PhiSNet prediction): the pretraining targets, and the source of the orbital features.
+        PhiSNet prediction): the HF-fit targets, and the source of the orbital features.
       geometries: :class:`Geometry` stacked over the members (leading axis ``size``).
       ao_values: ``fn(atom_positions (n_atoms, 3), points (P, 3)) -> (P, n_ao)``, the AOs of
         the composition's basis (the same shells for every member).
@@ -131,20 +130,19 @@ def geometry_of(hf: orbitals.HartreeFockOrbitals, config: ansatz.AnsatzConfig, d
 def build_groups(
     system_set: Sequence[System],
     config: ansatz.AnsatzConfig,
-    basis: str = orbitals.DEFAULT_BASIS,
-    localization: str | None = "boys",
+    orbital_source: Callable[[System], orbitals.HartreeFockOrbitals] | None = None,
     dtype=jnp.float32,
     progress: bool = True,
-    orbital_source: Callable[[System], orbitals.HartreeFockOrbitals] | None = None,
 ) -> list[GeometryGroup]:
-    """Occupied orbitals of every system (Hartree-Fock, or ``orbital_source(system)``, e.g.
-    :func:`vmc.orbitals.predicted_orbitals`) and the systems grouped by :func:`composition`,
-    groups in the order of their first member. Raises InputError for a system the orbital
-    source or the ansatz cannot take."""
+    """Occupied orbitals of every system (``orbital_source(system)``, e.g. Hartree-Fock through
+    :func:`vmc.orbitals.hartree_fock` or :func:`vmc.orbitals.predicted_orbitals`; default
+    Hartree-Fock in the default basis) and the systems grouped by :func:`composition`, groups in
+    the order of their first member. Raises InputError for a system the orbital source or the
+    ansatz cannot take."""
     from tqdm import tqdm
 
     if orbital_source is None:
-        orbital_source = functools.partial(orbitals.hartree_fock, basis=basis, localization=localization)
+        orbital_source = orbitals.hartree_fock
     by_key: dict[tuple, list[int]] = {}
     solved = []
     for index, system in enumerate(tqdm(system_set, desc="orbitals", unit="system",
@@ -204,7 +202,15 @@ def over_batch(fn: Callable) -> Callable:
 
 def make_kfac_log_psi(config: ansatz.AnsatzConfig) -> Callable:
     """``fn(params, batch) -> (G, W)`` log|psi| with every geometry's inputs copied to each of
-    its walkers, the form KFAC needs (see :func:`vmc.optimizers.make_kfac_log_psi`)."""
+    its walkers: the curvature function of :func:`vmc.optimizers.make_kfac`.
+
+    Why: under a plain vmap over walkers the orbital half of the network (GNN and heads), which
+    does not depend on the electrons, stays unbatched and is evaluated once. KFAC's dense-layer
+    blocks need per-walker layer inputs and output derivatives (their Kronecker factors are
+    averages over the batch), so kfac-jax rejects unbatched layers. Copying the inputs batches
+    every layer; the values are unchanged. The price, the orbital half evaluated (and
+    differentiated) once per walker, is paid in the curvature estimate only: the loss and its
+    gradient keep the plain vmap."""
     wavefunction = ansatz.make_wavefunction(config)
 
     def per_walker(params, electrons, inputs):
@@ -238,7 +244,7 @@ def make_hartree_fock_log_psi(ao_values: Callable, n_up: int) -> Callable:
     return log_psi
 
 
-def make_pretrain_loss(config: ansatz.AnsatzConfig, ao_values: Callable, n_up: int) -> Callable:
+def make_hf_fit_loss(config: ansatz.AnsatzConfig, ao_values: Callable, n_up: int) -> Callable:
     """``fn(params, batch: GeometryBatch) -> mean over geometries and walkers of
     sum_d ||Phi^d - Phi_HF||^2``, the squared distance of every determinant's neural orbital
     matrix from the HF orbital matrix (spin-diagonal blocks; zero spin-mixing blocks)."""
@@ -255,17 +261,16 @@ def make_pretrain_loss(config: ansatz.AnsatzConfig, ao_values: Callable, n_up: i
         reference = jax.vmap(target, in_axes=(None, 0))(geometry, walkers)[:, None]
         return jnp.mean(jnp.sum((predicted - reference) ** 2, axis=(-2, -1)))
 
-    def pretrain_loss(params, batch: GeometryBatch):
+    def hf_fit_loss(params, batch: GeometryBatch):
         per_geometry = jax.vmap(one_geometry, in_axes=(None, 0, 0))(
             params, batch.geometry, batch.walkers)
         return jnp.mean(per_geometry)
 
-    return pretrain_loss
+    return hf_fit_loss
 
 
-@functools.lru_cache(maxsize=8)
 def functions(config: ansatz.AnsatzConfig, laplacian: str) -> "GeometryFunctions":
-    """The composition-independent functions for ``config`` (cached per process)."""
+    """The composition-independent functions for ``config``."""
     return GeometryFunctions(
         log_psi=make_log_psi(config),
         local_energy=over_batch(make_local_energy(config, laplacian)),

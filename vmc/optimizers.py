@@ -25,8 +25,8 @@ is not used here. Note that importing kfac-jax 0.0.8 switches JAX's ``jax_pmap_s
 flag off for the whole process (legacy pmap), which matters only to code that uses pmap.
 
 KFAC takes the gradient from the loss and the curvature from a second function, the
-per-walker log|psi| of :func:`make_kfac_log_psi` (see there why), so the orbital half of the
-network is evaluated once per walker only where the curvature needs it.
+per-walker log|psi| of :func:`vmc.geometries.make_kfac_log_psi` (see there why), so the orbital
+half of the network is evaluated once per walker only where the curvature needs it.
 """
 
 from __future__ import annotations
@@ -119,36 +119,6 @@ def _energy_stats(aux) -> dict:
     )
 
 
-def make_kfac_log_psi(config, inputs) -> Callable[[Params, jax.Array], jax.Array]:
-    """``fn(params, walkers: (n_walkers, n_electrons, 3) bohr) -> (n_walkers,)`` log|psi| of
-    :mod:`vmc.ansatz` with the molecule's inputs copied to every walker; pass it as
-    ``curvature_log_psi`` to :func:`make_kfac`.
-
-    Why: under a plain vmap over walkers the orbital half of the network (GNN and heads), which
-    does not depend on the electrons, stays unbatched and is evaluated once. KFAC's dense-layer
-    blocks need per-walker layer inputs and output derivatives (their Kronecker factors are
-    averages over the batch), so kfac-jax rejects unbatched layers. Copying the inputs batches
-    every layer; the values are unchanged. The price, the orbital half evaluated (and
-    differentiated) once per walker, is paid in the curvature estimate only: the loss and its
-    gradient keep the plain vmap.
-    """
-    from vmc import ansatz
-
-    wavefunction = ansatz.make_wavefunction(config)
-
-    def per_walker(params, electrons, walker_inputs):
-        return wavefunction(params, electrons, walker_inputs)[1]
-
-    def batched_log_psi(params, walkers):
-        n_walkers = walkers.shape[0]
-        copies = jax.tree_util.tree_map(
-            lambda x: jnp.broadcast_to(x, (n_walkers,) + x.shape), inputs
-        )
-        return jax.vmap(per_walker, in_axes=(None, 0, 0))(params, walkers, copies)
-
-    return batched_log_psi
-
-
 @functools.cache
 def repeated_dense_block() -> type:
     """kfac-jax's curvature block for dense layers applied over extra axes, safe when no
@@ -173,7 +143,7 @@ def make_kfac(loss: EnergyLoss, curvature_log_psi: Callable[[Params, Any], jax.A
               config: KFACConfig = KFACConfig(),
               batch_size: Callable[[Any], int] | None = None) -> Optimizer:
     """KFAC on ``loss`` (from :func:`vmc.loss.make_energy_loss`), with the curvature of
-    ``curvature_log_psi(params, batch)`` (:func:`make_kfac_log_psi`; any shape, one value
+    ``curvature_log_psi(params, batch)`` (:func:`vmc.geometries.make_kfac_log_psi`; any shape, one value
     per walker, equal to the log|psi| of the loss).
 
     ``batch_size(batch) -> int`` is the number of walkers in a batch, the count of the

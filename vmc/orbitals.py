@@ -29,8 +29,8 @@ from typing import Callable
 
 import numpy as np
 
-from phisnet_jax.basis import AOLayout, parity_letter, pyscf_to_e3nn
-from phisnet_jax.errors import InputError
+from molfoundation.basis import AOLayout, parity_letter, pyscf_to_e3nn
+from molfoundation.errors import InputError
 from vmc.systems import System
 
 DEFAULT_BASIS = "sto-6g"

@@ -12,7 +12,7 @@ A system set is a ``list[System]`` with unique names. It comes from
 
 Positions are in bohr inside (as in :class:`~vmc.systems.System`) and in angstrom in files.
 Elements are limited to H-Ne, the elements the minimal-basis (STO-6G) orbital featurizer
-covers. Every problem raises :class:`~phisnet_jax.errors.InputError` with a one-line message.
+covers. Every problem raises :class:`~molfoundation.errors.InputError` with a one-line message.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from phisnet_jax import molecules
-from phisnet_jax.errors import InputError
+from molfoundation import molecules
+from molfoundation.errors import InputError
 from vmc import systems
 from vmc.systems import System
 
-# The minimal-basis featurizer (phisnet_jax.orbital_features.MINIMAL_BASIS_SLOTS) holds
+# The minimal-basis featurizer (molfoundation.orbital_features.MINIMAL_BASIS_SLOTS) holds
 # 1s, 2s and 2p shells: STO-nG covers exactly the elements H-Ne with these.
 MAX_ATOMIC_NUMBER = 10
 

@@ -9,7 +9,7 @@ Systems come from a pyscf ``Mole`` (:func:`from_mole`), an XYZ file in angstrom
 (:func:`from_xyz`), a name (:func:`from_name`: single atoms by element symbol, a few small
 molecules at fixed reference geometries, and hydrogen chains ``H<n>``), or any of these through
 :func:`load`. Every constructor validates its input and raises
-:class:`~phisnet_jax.errors.InputError` with a one-line message for anything no calculation
+:class:`~molfoundation.errors.InputError` with a one-line message for anything no calculation
 should be attempted on.
 """
 
@@ -21,9 +21,9 @@ import re
 
 import numpy as np
 
-from phisnet_jax import molecules
-from phisnet_jax.elements import AUFBAU_ORDER
-from phisnet_jax.errors import InputError
+from molfoundation import molecules
+from molfoundation.elements import AUFBAU_ORDER
+from molfoundation.errors import InputError
 
 DEFAULT_CHAIN_SPACING = 1.8  # bohr; the spacing of the H6/H10 chains of the reference work
 
@@ -115,7 +115,7 @@ class System:
         return self.to_molecule().symbols
 
     def to_molecule(self) -> molecules.Molecule:
-        """The same geometry as a :class:`phisnet_jax.molecules.Molecule`."""
+        """The same geometry as a :class:`molfoundation.molecules.Molecule`."""
         return molecules.Molecule(self.atomic_numbers, self.positions, self.charge, self.spin)
 
     def to_pyscf(self, basis: str, verbose: int = 0):

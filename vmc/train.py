@@ -1,37 +1,48 @@
-"""Training a transferable wavefunction on one system: supervised pretraining to the
-Hartree-Fock orbitals, then variational Monte Carlo with KFAC (or Adam).
+"""Training one wavefunction over a set of systems by variational Monte Carlo (after Scherbela,
+Gerard and Grohs 2023); a single system is a set of one, trained by the same code.
 
-Pretraining fits the neural orbital matrices [phi_k^d(r_i)] of every determinant d to the HF
-orbital matrix (spin-up electrons x spin-up orbitals and spin-down x spin-down blocks, zero
-spin-mixing blocks) by least squares, with Adam, on walkers sampled from the HF density
-|det Phi_up|^2 |det Phi_down|^2. VMC then starts from the pretrained parameters with the walkers
-re-equilibrated under the network (burn-in), and alternates one MCMC call (``mcmc_steps``
-Metropolis steps) and one optimiser step on the fresh walkers.
+Every geometry keeps its own walkers, MCMC step size and clipping window (the local energies
+of a step are clipped and centred per geometry, :mod:`vmc.loss`). One optimisation *step*
+updates the parameters once, from ``geometries_per_step`` geometries of one composition
+batched together (the reference code uses one). Which geometries: the least-visited first
+until every geometry has been visited once (round-robin), then the geometry whose local
+energies had the largest standard deviation at its last visit, together with the
+next-largest of its composition (``schedule="spread"``, the reference's rule), except that the
+least-visited lead again while one has had fewer than ``min_visit_share`` of the mean visits;
+or always the least-visited (``schedule="round_robin"``). Geometries of one composition share
+compiled functions (:mod:`vmc.geometries`): a set of H6 chains at ten spacings compiles one step.
 
-A run directory holds ``config.json`` (system, ansatz, sampling and optimiser settings),
-``log.jsonl`` (one JSON object per step, ``"phase": "pretrain"`` or ``"vmc"``),
-``energy.png`` (VMC energy against step) and orbax checkpoints in ``checkpoints/pretrain`` and
-``checkpoints/vmc``. Each checkpoint holds the whole state: parameters, optimiser state,
-walkers with their step size, the PRNG key and the step, so running again on the same
-directory continues exactly where the last checkpoint was written (log lines written after it
-are dropped). Walkers are split over all local devices (data parallel through ``jax.sharding``;
-the same code runs multi-host after ``jax.distributed.initialize()``).
+Phases (:data:`vmc.config.PHASES`): the *HF fit*, supervised steps that fit the neural orbital
+matrices [phi_k^d(r_i)] of every determinant d to the HF orbital matrix (spin-diagonal blocks,
+zero spin-mixing blocks) by least squares with Adam, on walkers sampled from the HF density,
+one geometry group after another; then VMC, from the fitted parameters with the walkers
+re-equilibrated under the network (burn-in), alternating one MCMC call (``mcmc_steps``
+Metropolis steps) and one optimiser step on the fresh walkers. Fine-tuning starts from the
+parameters of a base run (``init_from``: every weight reused) and by default skips the HF fit.
+
+A run directory (:mod:`molfoundation.runs`) holds ``config.json``, ``systems.xyz`` (the
+resolved system set, read back on resume), ``log.jsonl`` (one line per step with per-geometry
+lists: ``systems``, ``energy``, ``variance``, ``acceptance``, ...), ``energy.png`` and orbax
+checkpoints of both phases with the whole state (parameters, optimiser state, every geometry's
+walkers and step size, the schedule's statistics, PRNG key, step), so running again on the same
+directory continues exactly where the last checkpoint was written. Walkers are split over all
+devices (data parallel through ``jax.sharding``; the same code runs multi-host after
+``jax.distributed.initialize()``).
 
 Non-finite values are never averaged: walkers whose position or log|psi| is not finite are
 replaced by copies of finite walkers (counted as ``n_walkers_reset``), local energies that are
 not finite are left out of the energy and gradient (counted as ``n_nonfinite``), and a step
-whose energy or new parameters are not finite, or where more than half of the local energies
-are not finite, stops the run with :class:`TrainingDiverged`, keeping the last checkpoint.
+whose energy or new parameters are not finite, or where more than half of a geometry's local
+energies are not finite, stops the run with :class:`molfoundation.errors.TrainingDiverged`,
+keeping the last checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import json
 import os
-import sys
+import tempfile
 import time
 from typing import Any
 
@@ -41,175 +52,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from phisnet_jax import checkpoints, parallel
-from phisnet_jax.errors import InputError
-from phisnet_jax.orbital_features import FeatureSlots
-from vmc import ansatz, hamiltonian, loss, mcmc, optimizers, orbitals, systems
+from molfoundation import runs, sharding
+from molfoundation.errors import InputError, TrainingDiverged
+from vmc import ansatz, geometries, loss, mcmc, optimizers, system_sets, systems
+from vmc.config import RunConfig, run_directory
+from vmc.geometries import GeometryBatch, GeometryGroup
 from vmc.references import exact_energy
 
-OPTIMIZERS = ("kfac", "adam")
-# A step where more than this fraction of local energies is not finite is treated as diverged.
+SYSTEMS_FILE = "systems.xyz"
+# A step where more than this fraction of a geometry's local energies is not finite diverged.
 MAX_NONFINITE_FRACTION = 0.5
-
-
-@dataclasses.dataclass(frozen=True)
-class SystemConfig:
-    """Which system, and the Hartree-Fock calculation its orbital features come from.
-
-    Attributes:
-      spec: a name (``H2``, ``LiH``, ``H6``, ``Be``, ...) or an XYZ file (angstrom); see
-        :func:`vmc.systems.load`.
-      charge, spin: total charge and 2S (None: the default of :func:`vmc.systems.load`).
-      basis: minimal basis of the HF orbitals (pyscf name).
-      localization: "boys" or None (canonical orbitals).
-    """
-
-    spec: str
-    charge: int = 0
-    spin: int | None = None
-    basis: str = orbitals.DEFAULT_BASIS
-    localization: str | None = "boys"
-
-
-@dataclasses.dataclass(frozen=True)
-class VMCConfig:
-    """Sampling, pretraining and VMC settings (defaults: the reference recipe).
-
-    Attributes:
-      n_walkers: walkers (the batch of every step); must divide evenly over the devices.
-      mcmc_steps: Metropolis steps between two optimiser steps.
-      burn_in_sweeps: MCMC calls of ``mcmc_steps`` steps before VMC starts (and before
-        pretraining, on the HF density).
-      initial_step_size: bohr, of the Gaussian proposals (then adapted to 50 % acceptance).
-      walker_init_width: bohr, spread of the starting walkers around their atoms.
-      pretrain_steps: supervised steps towards the HF orbitals (0 to skip).
-      pretrain_learning_rate: Adam's rate during pretraining.
-      optimizer: "kfac" or "adam".
-      laplacian: "folx" (forward Laplacian) or "hessian" (reference loop).
-      clip_scale: local energies clipped at median +- clip_scale x mean absolute deviation
-        for the gradient.
-      checkpoint_every: steps between checkpoints (also written at the end of every run).
-      seed: PRNG seed of parameters, walkers and sampling.
-      float64: run in double precision.
-    """
-
-    n_walkers: int = 2048
-    mcmc_steps: int = 40
-    burn_in_sweeps: int = 50
-    initial_step_size: float = 0.2
-    walker_init_width: float = 1.0
-    pretrain_steps: int = 1000
-    pretrain_learning_rate: float = 3e-4
-    optimizer: str = "kfac"
-    laplacian: str = "folx"
-    clip_scale: float = loss.DEFAULT_CLIP_SCALE
-    checkpoint_every: int = 500
-    seed: int = 0
-    float64: bool = False
-
-    def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
-            raise InputError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
-        if self.laplacian not in hamiltonian.METHODS:
-            raise InputError(f"unknown laplacian {self.laplacian!r}; expected one of {hamiltonian.METHODS}")
-        if self.n_walkers < 2 or self.mcmc_steps < 1 or self.burn_in_sweeps < 0 or self.pretrain_steps < 0:
-            raise InputError("n_walkers >= 2, mcmc_steps >= 1, burn_in_sweeps >= 0 and pretrain_steps >= 0 needed")
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """Everything a run is defined by; stored as ``config.json``."""
-
-    system: SystemConfig
-    ansatz: ansatz.AnsatzConfig = ansatz.AnsatzConfig()
-    vmc: VMCConfig = VMCConfig()
-    kfac: optimizers.KFACConfig = optimizers.KFACConfig()
-    adam: optimizers.AdamConfig = optimizers.AdamConfig()
-
-    def to_record(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_record(cls, record: dict) -> "RunConfig":
-        return cls(system=SystemConfig(**record["system"]), **model_sections(record))
-
-
-def model_sections(record: dict) -> dict:
-    """The network, sampling and optimiser sections of a stored run configuration (shared by
-    one-system and shared runs), as their dataclasses."""
-    ansatz_record = dict(record["ansatz"])
-    ansatz_record["slots"] = FeatureSlots(tuple(ansatz_record["slots"]["channels"]))
-    # Models stored before these options existed were trained without them.
-    ansatz_record.setdefault("smooth_distance_features", False)
-    ansatz_record.setdefault("atom_messages", False)
-    ansatz_record.setdefault("local_pooling", False)
-    return dict(
-        ansatz=ansatz.AnsatzConfig(**ansatz_record),
-        vmc=VMCConfig(**record["vmc"]),
-        kfac=optimizers.KFACConfig(**record["kfac"]),
-        adam=optimizers.AdamConfig(**record["adam"]),
-    )
-
-
-PRESET_NAMES = ("paper", "small", "tiny")
-
-
-def preset_config(name: str, system: SystemConfig, **vmc_settings) -> RunConfig:
-    """A named configuration for ``system``; ``vmc_settings`` override :class:`VMCConfig` fields
-    (presets: :func:`preset_settings`)."""
-    network, sampling, kfac = preset_settings(name, **vmc_settings)
-    return RunConfig(system=system, ansatz=network, vmc=sampling, kfac=kfac)
-
-
-def preset_settings(name: str, **vmc_settings) -> tuple[ansatz.AnsatzConfig, VMCConfig, optimizers.KFACConfig]:
-    """The network, sampling and KFAC settings of a named preset; ``vmc_settings`` override
-    :class:`VMCConfig` fields.
-
-    - ``paper``: the reference network and recipe (2048 walkers, 40 Metropolis steps per
-      update, KFAC damping decaying from 1 to 2e-3 over ~5000-step time constants: made for
-      runs of 10^5 steps).
-    - ``small``: a CPU-sized network with 256 walkers and 10 Metropolis steps, and FermiNet's
-      constant KFAC damping 1e-3, which suits runs of a few thousand steps (on H2 it reaches the
-      energy plateau within 250 steps, where the decaying damping needs about 1000).
-    - ``tiny``: for tests; the Hessian-loop Laplacian, which compiles in about half the time
-      of folx's at these sizes and is as fast to run.
-    """
-    if name == "paper":
-        network, sampling, kfac = ansatz.AnsatzConfig(), {}, {}
-    elif name == "small":
-        network = ansatz.small_config()
-        sampling = dict(n_walkers=256, mcmc_steps=10, burn_in_sweeps=20, pretrain_steps=200,
-                        checkpoint_every=200)
-        kfac = dict(damping=1e-3, min_damping=1e-3)
-    elif name == "tiny":
-        network = ansatz.small_config(n_determinants=1, embedding_layers=1, gnn_iterations=1)
-        sampling = dict(n_walkers=32, mcmc_steps=5, burn_in_sweeps=4, pretrain_steps=10,
-                        checkpoint_every=50, laplacian="hessian")
-        kfac = {}
-    else:
-        raise InputError(f"unknown preset {name!r}; expected one of {PRESET_NAMES}")
-    return network, VMCConfig(**{**sampling, **vmc_settings}), optimizers.KFACConfig(**kfac)
-
-
-def load_run_config(run_dir: str) -> RunConfig:
-    return read_config(run_dir, RunConfig.from_record)
-
-
-def read_config(run_dir: str, from_record):
-    """``from_record`` of the run directory's config.json; InputError if it is missing or
-    does not parse."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        raise InputError(f"{run_dir} is not a VMC run directory (no config.json)")
-    try:
-        with open(path) as f:
-            return from_record(json.load(f))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"corrupt run configuration {path}: {exc}") from None
-
-
-class TrainingDiverged(RuntimeError):
-    """Energies or parameters became non-finite; the last good checkpoint is kept."""
+# Scalar log entries shown next to the progress bar.
+PROGRESS_KEYS = ("loss", "mean_energy")
 
 
 @flax.struct.dataclass
@@ -217,170 +71,208 @@ class TrainState:
     """The whole state of one phase (a pytree, saved whole by orbax).
 
     Attributes:
-      step: scalar int32, steps done in this phase.
+      step: scalar int32, optimisation steps done in this phase.
       params: wavefunction parameters.
-      opt_state: optimiser state (optax Adam in pretraining; KFAC or Adam in VMC).
-      sampler: walkers (n_walkers, n_electrons, 3) bohr, their log|psi| and the step size.
+      opt_state: optimiser state (optax Adam in the HF fit; KFAC or Adam in VMC).
+      samplers: one :class:`vmc.mcmc.MCMCState` per composition group, stacked over its
+        geometries: walkers (size, W, n_el, 3) bohr, log_psi (size, W), step_size (size,).
+      spread: (n_systems,) standard deviation of the local energies at each geometry's last
+        visit, hartree (inf before the first visit; unused in the HF fit).
+      visits: (n_systems,) int32, steps that included each geometry.
       key: PRNG key of the next step.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
-    sampler: mcmc.MCMCState
+    samplers: tuple
+    spread: jax.Array
+    visits: jax.Array
     key: jax.Array
 
 
-def precision(cfg: VMCConfig):
-    """float64 (jax's x64 mode) for the duration of a block when the run asks for it."""
-    return jax.enable_x64(True) if cfg.float64 else contextlib.nullcontext()
+def choose_geometries(spread: np.ndarray, visits: np.ndarray, groups: list[GeometryGroup],
+                      per_step: int, by_spread: bool, min_share: float = 0.0) -> tuple[int, np.ndarray]:
+    """(group index, rows within the group) of the next step.
+
+    The least-visited geometry leads (ties: the first in set order) while any geometry is
+    unvisited, has fewer than ``min_share`` x the mean visits, or ``by_spread`` is False;
+    otherwise the one with the largest spread. Its group then contributes
+    ``min(per_step, group size)`` geometries ranked the same way."""
+    if len(groups) == 1 and groups[0].size <= per_step:
+        return 0, np.arange(groups[0].size)  # every geometry, every step
+    spread, visits = np.asarray(spread), np.asarray(visits)
+    use_spread = (by_spread and bool(np.all(visits > 0))
+                  and bool(visits.min() >= min_share * visits.mean()))
+    priority = spread if use_spread else -visits.astype(np.float64)
+    # lexsort: the last key is primary; -priority ranks high priority first, index breaks ties.
+    order = np.lexsort((np.arange(priority.size), -priority))
+    leader = int(order[0])
+    group_index = next(g for g, group in enumerate(groups) if leader in group.members)
+    members = np.asarray(groups[group_index].members)
+    ranked = [int(np.flatnonzero(members == i)[0]) for i in order if i in set(members.tolist())]
+    return group_index, np.asarray(ranked[: min(per_step, members.size)])
 
 
-def float_dtype(cfg: VMCConfig):
-    return jnp.float64 if cfg.float64 else jnp.float32
-
-
-class WalkerParallel(parallel.FirstAxisSharding):
-    """Walkers split over all devices along axis 0; everything else replicated."""
+class WalkerParallel(sharding.FirstAxisSharding):
+    """Every geometry's walkers split over all devices along the walker axis; everything else
+    replicated."""
 
     def __init__(self):
         super().__init__("walkers")
 
     def place(self, state: TrainState) -> TrainState:
-        """The state with walkers (and their log|psi|) sharded and everything else replicated."""
-        walkers, log_psi = self.put_split((state.sampler.walkers, state.sampler.log_psi))
-        rest = self.replicate(state.replace(sampler=state.sampler.replace(walkers=None, log_psi=None)))
-        return rest.replace(sampler=rest.sampler.replace(walkers=walkers, log_psi=log_psi))
+        walkers = self.put_split([(s.walkers, s.log_psi) for s in state.samplers], axis=1)
+        rest = self.replicate(state.replace(
+            samplers=tuple(s.replace(walkers=None, log_psi=None) for s in state.samplers)))
+        samplers = tuple(s.replace(walkers=w, log_psi=v) for s, (w, v) in zip(rest.samplers, walkers))
+        return rest.replace(samplers=samplers)
+
+    def check_walkers(self, n_walkers: int) -> None:
+        if n_walkers % self.n_devices:
+            raise InputError(f"{n_walkers} walkers do not divide over {self.n_devices} devices")
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def init_params(key, network: ansatz.AnsatzConfig, float64: bool):
+    """Parameters of ``network`` (their shapes do not depend on the molecule: H2 serves).
+    Compiled: flax's initialisation run eagerly, operation by operation, is far slower."""
+    dtype = runs.float_dtype(float64)
+    h2 = systems.from_name("H2")
+    slots = network.slots.dim
+    inputs = ansatz.AnsatzInputs(jnp.asarray(h2.positions, dtype), jnp.asarray(h2.atomic_numbers, jnp.int32),
+                                 jnp.zeros((1, 2, slots), dtype), jnp.zeros((1, 2, slots), dtype))
+    params = ansatz.init_params(key, network, inputs)
+    return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+# ----------------------------------------------------------------------------------------------
+# The problem: geometries and compiled functions.
 
 
 @dataclasses.dataclass(eq=False)
 class Problem:
-    """The system with its HF orbitals and the functions every phase needs."""
+    """The system set with its orbitals, grouped by composition, and the functions every phase
+    needs, compiled once per composition and batch size. Build it once and pass it to
+    :func:`train` and :func:`vmc.evaluate.evaluate_model` again to reuse what was compiled."""
 
     config: RunConfig
-    system: systems.System
-    hartree_fock: orbitals.HartreeFockOrbitals
-    inputs: ansatz.AnsatzInputs
-    log_psi: Any  # fn(params, electrons (n_el, 3)) -> log|psi|
+    system_set: list
+    groups: list[GeometryGroup]
 
     @classmethod
-    def build(cls, config: RunConfig) -> "Problem":
-        """Load the system and run Hartree-Fock (call inside :func:`precision`)."""
-        s = config.system
-        system = systems.load(s.spec, charge=s.charge, spin=s.spin)
-        hf = orbitals.hartree_fock(system, basis=s.basis, localization=s.localization)
-        inputs = ansatz.inputs_from_hartree_fock(hf, config.ansatz)
-        inputs = jax.tree.map(lambda x: x.astype(float_dtype(config.vmc)) if jnp.issubdtype(x.dtype, jnp.floating) else x, inputs)
-        return cls(config, system, hf, inputs, ansatz.make_log_psi(config.ansatz, inputs).log_psi)
+    def build(cls, config: RunConfig, system_set=None, progress: bool = True) -> "Problem":
+        """Load the set (unless given) and solve for every system's orbitals."""
+        s = config.systems
+        if system_set is None:
+            system_set = config.systems.load()
+        with runs.precision(config.vmc.float64):
+            groups = geometries.build_groups(system_set, config.ansatz, s.orbital_source(),
+                                             runs.float_dtype(config.vmc.float64), progress)
+        return cls(config, list(system_set), groups)
 
-    def init_params(self, key):
-        params = ansatz.init_params(key, self.config.ansatz, self.inputs)
-        return jax.tree.map(lambda x: x.astype(float_dtype(self.config.vmc)), params)
-
-    def init_walkers(self, key, n_walkers: int | None = None):
-        """Starting walkers (n_walkers, n_electrons, 3) bohr; default: the run's number."""
-        cfg = self.config.vmc
-        return mcmc.init_walkers(
-            key, self.system.positions, self.system.charges, self.system.n_up, self.system.n_down,
-            n_walkers or cfg.n_walkers, width=cfg.walker_init_width, dtype=float_dtype(cfg),
-        )
-
-    def hartree_fock_log_psi(self):
-        """``fn(params (ignored), electrons (n_el, 3)) -> log|det Phi_up det Phi_down|`` of HF."""
-        values = orbitals.make_orbital_values(self.hartree_fock)
-        n_up = self.system.n_up
-
-        def log_psi(params, electrons):
-            del params
-            up, down = values(electrons)
-            return jnp.linalg.slogdet(up[:n_up])[1] + jnp.linalg.slogdet(down[n_up:])[1]
-
-        return log_psi
-
-    def pretrain_loss(self):
-        """``fn(params, walkers (W, n_el, 3)) -> mean_walkers sum_d ||Phi^d - Phi_HF||^2``."""
-        values = orbitals.make_orbital_values(self.hartree_fock)
-        matrices = ansatz.make_orbital_matrices(self.config.ansatz)
-        n_up, n_down = self.system.n_up, self.system.n_down
-        inputs = self.inputs
-
-        def target(electrons):
-            up, down = values(electrons)
-            dtype = up.dtype
-            top = jnp.concatenate([up[:n_up], jnp.zeros((n_up, n_down), dtype)], axis=1)
-            bottom = jnp.concatenate([jnp.zeros((n_down, n_up), dtype), down[n_up:]], axis=1)
-            return jnp.concatenate([top, bottom], axis=0)
-
-        def pretrain_loss(params, walkers):
-            predicted = jax.vmap(matrices, in_axes=(None, 0, None))(params, walkers, inputs)
-            reference = jax.vmap(target)(walkers)[:, None]
-            return jnp.mean(jnp.sum((predicted - reference) ** 2, axis=(-2, -1)))
-
-        return pretrain_loss
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.system_set]
 
     @functools.cached_property
-    def local_energy(self):
-        """``fn(params, walkers (W, n_el, 3)) -> (W,)`` local energies, hartree."""
-        dtype = float_dtype(self.config.vmc)
-        return hamiltonian.make_batched_local_energy(
-            self.log_psi, jnp.asarray(self.system.positions, dtype),
-            jnp.asarray(self.system.charges, dtype), self.config.vmc.laplacian,
-        )
+    def functions(self) -> geometries.GeometryFunctions:
+        return geometries.functions(self.config.ansatz, self.config.vmc.laplacian)
+
+    def init_walkers(self, key, group: GeometryGroup) -> jax.Array:
+        """(size, W, n_el, 3) starting walkers around each geometry's atoms."""
+        cfg = self.config.vmc
+        keys = jax.random.split(key, group.size)
+        return jnp.stack([
+            mcmc.init_walkers(k, system.positions, system.charges, system.n_up, system.n_down,
+                              cfg.n_walkers, width=cfg.walker_init_width, dtype=runs.float_dtype(cfg.float64))
+            for k, system in zip(keys, group.systems)
+        ])
+
+    @functools.cached_property
+    def _compiled(self) -> dict:
+        return {}
+
+    def _log_psi(self, group: GeometryGroup, hartree_fock: bool):
+        return (geometries.make_hartree_fock_log_psi(group.ao_values, group.n_up)
+                if hartree_fock else self.functions.log_psi)
+
+    def sampler(self, group: GeometryGroup, hartree_fock: bool = False):
+        """``fn(params, sampler (G stacked), rows (G,), key) -> (sampler, acceptance (G,),
+        n_reset (G,))``: one MCMC call on the rows' geometries (under their HF orbitals with
+        ``hartree_fock``); jit-compiled per group."""
+        cache_key = (id(group), hartree_fock, "sample")
+        if cache_key not in self._compiled:
+            sample = make_sampler(self._log_psi(group, hartree_fock), self.config.vmc.mcmc_steps)
+            batched = jax.vmap(sample, in_axes=((None, 0), 0, 0))
+
+            @jax.jit
+            def run(params, sampler, rows, key):
+                return batched((params, group.select(rows)), sampler, jax.random.split(key, rows.shape[0]))
+
+            self._compiled[cache_key] = run
+        return self._compiled[cache_key]
+
+    def init_sampler(self, group: GeometryGroup, params, walkers, hartree_fock: bool = False) -> mcmc.MCMCState:
+        """The stacked sampler state of every geometry of ``group`` for ``walkers`` (size, W,
+        n_el, 3); jit-compiled per group."""
+        cache_key = (id(group), hartree_fock, "init")
+        if cache_key not in self._compiled:
+            log_psi = self._log_psi(group, hartree_fock)
+            step_size = self.config.vmc.initial_step_size
+
+            @jax.jit
+            def init(params, walkers):
+                return jax.vmap(lambda g, w: mcmc.init_state(log_psi, (params, g), w, step_size))(
+                    group.geometries, walkers)
+
+            self._compiled[cache_key] = init
+        return self._compiled[cache_key](params, walkers)
 
     @functools.cached_property
     def optimizer(self) -> optimizers.Optimizer:
         cfg = self.config
-        energy_loss = loss.make_energy_loss(self.log_psi, self.local_energy, cfg.vmc.clip_scale)
+        fns = self.functions
+        energy_loss = loss.make_energy_loss(None, fns.local_energy, cfg.vmc.clip_scale,
+                                            batched_log_psi=geometries.over_batch(fns.log_psi))
         if cfg.vmc.optimizer == "kfac":
-            return optimizers.make_kfac(
-                energy_loss, optimizers.make_kfac_log_psi(cfg.ansatz, self.inputs), cfg.kfac)
+            return optimizers.make_kfac(energy_loss, fns.kfac_log_psi, cfg.kfac, batch_size=geometries.walkers_in)
         return optimizers.make_adam(energy_loss, cfg.adam)
 
-    @functools.cached_property
-    def sample(self):
-        """The network's sampler (:func:`make_sampler`)."""
-        return make_sampler(self.log_psi, self.config.vmc.mcmc_steps)
-
-    @functools.cached_property
-    def sample_hartree_fock(self):
-        """The sampler of the HF density (parameters ignored)."""
-        return make_sampler(self.hartree_fock_log_psi(), self.config.vmc.mcmc_steps)
-
-    @functools.cached_property
-    def pretrain_update(self):
-        """``fn(params, opt_state, walkers) -> (params, opt_state, loss)``: one Adam step of
-        pretraining, jit-compiled."""
-        transform = self.pretrain_transform
-        value_and_grad = jax.value_and_grad(self.pretrain_loss())
-
-        @jax.jit
-        def update(params, opt_state, walkers):
-            value, grads = value_and_grad(params, walkers)
-            updates, opt_state = transform.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, value
-
-        return update
-
     @property
-    def pretrain_transform(self):
-        return optax.adam(self.config.vmc.pretrain_learning_rate)
+    def hf_fit_transform(self):
+        return optax.adam(self.config.vmc.hf_fit_learning_rate)
 
+    def hf_fit_update(self, group: GeometryGroup):
+        """``fn(params, opt_state, batch) -> (params, opt_state, loss)``: one Adam step of the
+        HF fit on a batch of the group's geometries, jit-compiled per group."""
+        cache_key = (id(group), "hf_fit")
+        if cache_key not in self._compiled:
+            value_and_grad = jax.value_and_grad(
+                geometries.make_hf_fit_loss(self.config.ansatz, group.ao_values, group.n_up))
+            transform = self.hf_fit_transform
 
-@functools.lru_cache(maxsize=4)
-def problem_for(config: RunConfig) -> Problem:
-    """The :class:`Problem` of ``config``, reused within a process so that repeated runs and
-    evaluations of one configuration (resumes, tests, notebooks) do not trace and compile
-    again. Call inside :func:`precision` (the precision is part of ``config``)."""
-    return Problem.build(config)
+            @jax.jit
+            def update(params, opt_state, batch):
+                value, grads = value_and_grad(params, batch)
+                updates, opt_state = transform.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state, value
+
+            self._compiled[cache_key] = update
+        return self._compiled[cache_key]
+
+    @functools.cached_property
+    def local_energy(self):
+        """``fn(params, batch) -> (G, W)`` local energies, jit-compiled."""
+        return jax.jit(self.functions.local_energy)
 
 
 def make_sampler(log_psi, n_steps: int):
     """``fn(params, sampler, key) -> (sampler, acceptance, n_walkers_reset)``: refresh log|psi|
     under ``params``, ``n_steps`` Metropolis steps with step-size adaptation, then replacement
-    of non-finite walkers. jit-compiled."""
+    of non-finite walkers."""
     mcmc_step = mcmc.make_mcmc_step(log_psi, n_steps)
 
-    @jax.jit
     def sample(params, sampler, key):
         key_move, key_repair = jax.random.split(key)
         sampler = mcmc.refresh(log_psi, params, sampler)
@@ -392,333 +284,318 @@ def make_sampler(log_psi, n_steps: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints and logs.
+# Phases.
 
 
-def _checkpoint_dir(run_dir: str, phase: str) -> str:
-    return os.path.join(run_dir, "checkpoints", phase)
+def _rows(group_rows) -> jax.Array:
+    return jnp.asarray(group_rows, jnp.int32)
 
 
-def restore(run_dir: str, phase: str, template) -> TrainState | None:
-    """The latest checkpoint of a phase, replicated on this process's devices (None if there
-    is none); ``template()`` gives shapes and dtypes, and is called only if there is one."""
-    return checkpoints.restore_latest(_checkpoint_dir(run_dir, phase), template)
+def _take(sampler: mcmc.MCMCState, rows: np.ndarray, size: int) -> mcmc.MCMCState:
+    """The rows' samplers; the whole stack (no copy) when the rows are all of it in order."""
+    if rows.size == size and np.array_equal(rows, np.arange(size)):
+        return sampler
+    return jax.tree.map(lambda x: x[rows], sampler)
 
 
-def restore_params(run_dir: str, phase: str, template):
-    """The parameters alone from the latest checkpoint of a phase (whatever optimiser state
-    it holds); ``template`` gives their structure, shapes and dtypes."""
-    saved = checkpoints.restore_raw(_checkpoint_dir(run_dir, phase))["params"]
-    try:
-        return jax.tree.map(lambda t, x: jnp.asarray(x, t.dtype).reshape(t.shape), template, saved)
-    except (ValueError, TypeError) as exc:
-        raise InputError(f"the {phase} checkpoint of {run_dir} does not fit this model: "
-                         f"{str(exc).splitlines()[0]}") from None
+def _put(sampler: mcmc.MCMCState, rows: np.ndarray, new: mcmc.MCMCState) -> mcmc.MCMCState:
+    if rows.size == sampler.walkers.shape[0] and np.array_equal(rows, np.arange(rows.size)):
+        return new
+    return jax.tree.map(lambda x, y: x.at[rows].set(y), sampler, new)
 
 
-def truncate_log(path: str, phase: str, step: int) -> None:
-    """Drop log lines of ``phase`` after ``step`` (written after the checkpoint resumed from),
-    and every line of later phases, so a resumed run's log has no duplicates."""
-    if not os.path.exists(path):
-        return
-    order = {"pretrain": 0, "vmc": 1}
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a kill
-            if order[entry["phase"]] < order[phase] or (entry["phase"] == phase and entry["step"] <= step):
-                kept.append(line if line.endswith("\n") else line + "\n")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
-
-
-def read_log(run_dir: str, phase: str = "vmc") -> list[dict]:
-    path = os.path.join(run_dir, "log.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        entries = [json.loads(line) for line in f if line.strip()]
-    return [e for e in entries if e["phase"] == phase]
-
-
-def plot_energy(run_dir: str, reference: float | None = None) -> None:
-    """energy.png from log.jsonl: VMC energy per step and its running mean; the reference
-    energy as a line when known."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    entries = read_log(run_dir, "vmc")
-    if not entries:
-        return
-    steps = np.array([e["step"] for e in entries])
-    energy = np.array([e["energy"] for e in entries])
-    window = max(1, len(energy) // 20)
-    smooth = np.convolve(energy, np.ones(window) / window, mode="valid")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, energy, alpha=0.3, label="energy per step")
-    ax.plot(steps[window - 1:], smooth, label=f"running mean ({window} steps)")
-    if reference is not None:
-        ax.axhline(reference, color="k", ls="--", lw=1, label=f"reference {reference:.5f}")
-    low, high = np.percentile(energy, [1, 99])
-    lower = min(low, reference) if reference is not None else low
-    ax.set_ylim(lower - 0.05 * (high - lower) - 1e-3, high + 0.05 * (high - lower))
-    ax.set_xlabel("VMC step")
-    ax.set_ylabel("energy (hartree)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "energy.png"), dpi=100)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
-# The two phases.
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainResult:
-    pretrain_steps: int
-    steps: int
-    stopped_because: str
-    energy: float | None  # mean energy of the last up to 10 % of logged VMC steps, hartree
-    seconds: float
-
-
-def all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def _fresh_pretrain_state(problem: Problem, transform) -> TrainState:
-    cfg = problem.config.vmc
-    key_params, key_walkers, key_run = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
-    params = problem.init_params(key_params)
-    walkers = problem.init_walkers(key_walkers)
-    sampler = mcmc.init_state(problem.hartree_fock_log_psi(), None, walkers, cfg.initial_step_size)
-    return TrainState(jnp.asarray(0, jnp.int32), params, transform.init(params), sampler, key_run)
-
-
-def burn_in(sample, params, state: TrainState, n_sweeps: int) -> TrainState:
-    """``n_sweeps`` calls of ``sample`` (from :func:`make_sampler`) under fixed ``params``,
-    taking keys from and advancing ``state.key``; parameters and optimiser state unchanged."""
+def _burn_in_all(problem: Problem, state: TrainState, params, n_sweeps: int, hartree_fock: bool) -> TrainState:
+    """``n_sweeps`` MCMC calls on every geometry under fixed ``params``."""
     key = state.key
-    sampler = state.sampler
-    for _ in range(n_sweeps):
-        key, key_sweep = jax.random.split(key)
-        sampler, _, _ = sample(params, sampler, key_sweep)
-    return state.replace(sampler=sampler, key=key)
+    samplers = list(state.samplers)
+    for g, group in enumerate(problem.groups):
+        sample = problem.sampler(group, hartree_fock)
+        rows = _rows(np.arange(group.size))
+        for _ in range(n_sweeps):
+            key, key_sweep = jax.random.split(key)
+            samplers[g], _, _ = sample(params, samplers[g], rows, key_sweep)
+    return state.replace(samplers=tuple(samplers), key=key)
 
 
-# Scalar log entries shown next to the progress bar.
-PROGRESS_KEYS = ("loss", "energy", "mean_energy", "acceptance")
+def _statistics(problem: Problem) -> tuple[jax.Array, jax.Array]:
+    """Fresh (spread, visits) of the schedule."""
+    n = len(problem.system_set)
+    return (jnp.full((n,), jnp.inf, runs.float_dtype(problem.config.vmc.float64)), jnp.zeros((n,), jnp.int32))
 
 
-class Phase:
-    """Shared bookkeeping of a training phase: log file, progress bar, checkpoints, budget."""
-
-    def __init__(self, run_dir, phase, total, time_budget, started, progress):
-        from tqdm import tqdm
-
-        self.run_dir, self.phase, self.total = run_dir, phase, total
-        self.time_budget, self.started = time_budget, started
-        self.manager = checkpoints.manager(_checkpoint_dir(run_dir, phase))
-        self.log = open(os.path.join(run_dir, "log.jsonl"), "a")
-        self.bar = tqdm(total=total, desc=phase, unit="step", file=sys.stderr,
-                        disable=None if progress else True, dynamic_ncols=True)
-
-    def out_of_time(self) -> bool:
-        return self.time_budget is not None and time.perf_counter() - self.started >= self.time_budget
-
-    def record(self, entry: dict) -> None:
-        self.log.write(json.dumps({"phase": self.phase, **entry}) + "\n")
-        self.log.flush()
-
-    def save(self, state: TrainState) -> None:
-        if int(state.step) != (self.manager.latest_step() or -1):
-            checkpoints.save(self.manager, state, int(state.step))
-
-    def close(self):
-        self.bar.close()
-        self.log.close()
-
-
-def run_phase(phase: Phase, state: TrainState, step_fn, checkpoint_every: int):
-    """Run ``step_fn(state) -> (state, log entry)`` until the phase's step total or the time
-    budget; checkpoint periodically and on the way out (also on Ctrl-C and divergence, with the
-    last good state). Returns (state, why it stopped)."""
-    phase.bar.update(int(state.step))
-    stopped = "max_steps"
-    try:
-        while int(state.step) < phase.total:
-            if phase.out_of_time():
-                stopped = "time_budget"
-                break
-            state, entry = step_fn(state)
-            phase.record(entry)
-            phase.bar.update(1)
-            phase.bar.set_postfix({k: f"{entry[k]:.5g}" for k in PROGRESS_KEYS
-                                   if isinstance(entry.get(k), (int, float))})
-            if int(state.step) % checkpoint_every == 0:
-                phase.save(state)
-    except TrainingDiverged as exc:
-        # The failed step may have consumed (donated) the last state: keep the checkpoint.
-        raise TrainingDiverged(f"{exc}; the last checkpoint ({phase.phase} step "
-                               f"{phase.manager.latest_step()}) is kept") from None
-    except KeyboardInterrupt:
-        if not is_deleted(state):
-            phase.save(state)
-        raise
-    else:
-        phase.save(state)
-    finally:
-        phase.close()
-    return state, stopped
-
-
-def is_deleted(tree) -> bool:
-    """Whether any array of ``tree`` was donated to a computation (and is gone)."""
-    return any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(tree))
-
-
-def pretrain(run_dir: str, problem: Problem, devices: WalkerParallel, time_budget, started, progress) -> tuple[Any, TrainState | None, str]:
-    """Supervised pretraining to the HF orbitals (resumable). Returns the parameters, the final
-    pretraining state (walkers on the HF density) and why it stopped."""
+def _fresh_hf_fit_state(problem: Problem, params_from) -> TrainState:
+    """Step 0 of the HF fit: parameters ``params_from(key)``, walkers on the HF densities."""
     cfg = problem.config.vmc
-    fresh = functools.partial(_fresh_pretrain_state, problem, problem.pretrain_transform)
-    state = restore(run_dir, "pretrain", lambda: jax.eval_shape(fresh))
-    hf_sample = problem.sample_hartree_fock
+    key_params, key = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    params = params_from(key_params)
+    key_walkers, key_run = jax.random.split(key)
+    keys = jax.random.split(key_walkers, len(problem.groups))
+    samplers = tuple(problem.init_sampler(group, params, problem.init_walkers(k, group), hartree_fock=True)
+                     for k, group in zip(keys, problem.groups))
+    return TrainState(jnp.asarray(0, jnp.int32), params, problem.hf_fit_transform.init(params), samplers,
+                      *_statistics(problem), key_run)
+
+
+def _initial_params(problem: Problem, key):
+    """Fresh parameters, or the base model's for a fine-tuning run."""
+    from vmc.evaluate import load_model
+
+    cfg = problem.config
+    if cfg.init_from is None:
+        return init_params(key, cfg.ansatz, cfg.vmc.float64)
+    network, params, _ = load_model(cfg.init_from)
+    if network != cfg.ansatz:
+        raise InputError(f"the base model in {cfg.init_from} has another network configuration")
+    return params
+
+
+def fit_hartree_fock(run: runs.RunDirectory, problem: Problem, devices: WalkerParallel, phase_options: dict
+                     ) -> tuple[TrainState, str]:
+    """The HF fit: supervised steps towards every geometry's HF orbitals, round-robin over
+    the geometries (resumable). Returns (state, why it stopped)."""
+    cfg = problem.config.vmc
+    # The template needs shapes only: no base model is read for it.
+    template = functools.partial(_fresh_hf_fit_state, problem,
+                                 lambda k: init_params(k, problem.config.ansatz, cfg.float64))
+    state = run.restore("hf_fit", lambda: jax.eval_shape(template))
     if state is None:
-        state = fresh()
-        state = devices.place(state)
-        state = burn_in(hf_sample, None, state, cfg.burn_in_sweeps)
+        state = devices.place(_fresh_hf_fit_state(problem, functools.partial(_initial_params, problem)))
+        state = _burn_in_all(problem, state, state.params, cfg.burn_in_sweeps, hartree_fock=True)
     else:
-        truncate_log(os.path.join(run_dir, "log.jsonl"), "pretrain", int(state.step))
         state = devices.place(state)
-    if int(state.step) >= cfg.pretrain_steps:
-        return state.params, state, "max_steps"
-    update = problem.pretrain_update
+    if int(state.step) >= cfg.hf_fit_steps:
+        return state, "max_steps"
+    per_step = problem.config.schedule.geometries_per_step
 
     def step_fn(state: TrainState):
         t = time.perf_counter()
+        g, rows = choose_geometries(state.spread, state.visits, problem.groups, per_step, by_spread=False)
+        group = problem.groups[g]
         key, key_sample = jax.random.split(state.key)
-        sampler, acceptance, _ = hf_sample(None, state.sampler, key_sample)
-        params, opt_state, value = update(state.params, state.opt_state, sampler.walkers)
+        picked = _take(state.samplers[g], rows, group.size)
+        picked, acceptance, _ = problem.sampler(group, hartree_fock=True)(None, picked, _rows(rows), key_sample)
+        batch = GeometryBatch(picked.walkers, group.select(_rows(rows)))
+        params, opt_state, value = problem.hf_fit_update(group)(state.params, state.opt_state, batch)
         value = float(value)
         if not np.isfinite(value):
-            raise TrainingDiverged(f"non-finite pretraining loss at step {int(state.step)}")
-        new = TrainState(state.step + 1, params, opt_state, sampler, key)
-        return new, {"step": int(new.step), "loss": value, "acceptance": float(acceptance),
-                     "seconds": time.perf_counter() - t}
+            raise TrainingDiverged(f"non-finite HF-fit loss at step {int(state.step)}")
+        members = np.asarray(group.members)[rows]
+        samplers = list(state.samplers)
+        samplers[g] = _put(samplers[g], rows, picked)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            samplers=tuple(samplers), visits=state.visits.at[members].add(1), key=key)
+        return new, [{"step": int(new.step), "systems": [problem.names[i] for i in members],
+                      "loss": value, "acceptance": np.asarray(acceptance).tolist(),
+                      "seconds": time.perf_counter() - t}]
 
-    phase = Phase(run_dir, "pretrain", cfg.pretrain_steps, time_budget, started, progress)
-    state, stopped = run_phase(phase, state, step_fn, cfg.checkpoint_every)
-    return state.params, state, stopped
+    phase = runs.Phase(run, "hf_fit", cfg.hf_fit_steps, checkpoint_every=cfg.checkpoint_every,
+                       shown=PROGRESS_KEYS, **phase_options)
+    return phase(state, step_fn)
 
 
-def _fresh_vmc_state(problem: Problem, optimizer: optimizers.Optimizer, params, walkers, key) -> TrainState:
+def _fresh_vmc_state(problem: Problem, params, samplers, key) -> TrainState:
+    """VMC state from ``params`` and walkers ``samplers`` (log|psi| recomputed for the network)."""
     key_opt, key_run = jax.random.split(key)
-    sampler = mcmc.init_state(problem.log_psi, params, walkers, problem.config.vmc.initial_step_size)
-    return TrainState(jnp.asarray(0, jnp.int32), params, optimizer.init(params, key_opt, walkers), sampler, key_run)
+    samplers = tuple(problem.init_sampler(g, params, s.walkers) for g, s in zip(problem.groups, samplers))
+    # KFAC is initialised on a batch shaped like the first group's steps.
+    first = problem.groups[0]
+    rows = _rows(np.arange(min(problem.config.schedule.geometries_per_step, first.size)))
+    example = GeometryBatch(samplers[0].walkers[rows], first.select(rows))
+    opt_state = problem.optimizer.init(params, key_opt, example)
+    return TrainState(jnp.asarray(0, jnp.int32), params, opt_state, samplers, *_statistics(problem), key_run)
 
 
-def run_vmc(run_dir: str, problem: Problem, devices: WalkerParallel, start: TrainState | None,
-            max_steps: int, time_budget, started, progress) -> tuple[TrainState, str]:
-    """VMC steps up to ``max_steps`` in all (resumable). ``start`` is the pretraining state
-    (parameters and HF walkers), None when a VMC checkpoint exists."""
-    cfg = problem.config.vmc
+def run_vmc(run: runs.RunDirectory, problem: Problem, devices: WalkerParallel, start: TrainState | None,
+            max_steps: int, phase_options: dict) -> tuple[TrainState, str]:
+    """VMC up to ``max_steps`` optimisation steps in all (resumable); ``start`` is the HF-fit
+    state, None when a VMC checkpoint exists."""
+    cfg = problem.config
     optimizer = problem.optimizer
-    sample = problem.sample
+    by_spread = cfg.schedule.schedule == "spread"
 
     def template():
-        params = problem.init_params(jax.random.PRNGKey(0))
-        walkers = problem.init_walkers(jax.random.PRNGKey(0))
-        return _fresh_vmc_state(problem, optimizer, params, walkers, jax.random.PRNGKey(0))
+        params = init_params(jax.random.PRNGKey(0), cfg.ansatz, cfg.vmc.float64)
+        samplers = tuple(mcmc.MCMCState(problem.init_walkers(jax.random.PRNGKey(0), g), None, None)
+                         for g in problem.groups)
+        return _fresh_vmc_state(problem, params, samplers, jax.random.PRNGKey(0))
 
-    state = restore(run_dir, "vmc", lambda: jax.eval_shape(template))
+    state = run.restore("vmc", lambda: jax.eval_shape(template))
     if state is None:
         if start is None:
-            raise InputError(f"{run_dir} has no pretraining state to start VMC from")
+            raise InputError(f"{run.path} has no HF-fit state to start VMC from")
         key_start, key_burn = jax.random.split(start.key)
-        state = _fresh_vmc_state(problem, optimizer, start.params, start.sampler.walkers, key_start)
+        state = _fresh_vmc_state(problem, start.params, start.samplers, key_start)
         state = devices.place(state.replace(key=key_burn))
-        state = burn_in(sample, state.params, state, cfg.burn_in_sweeps)
+        state = _burn_in_all(problem, state, state.params, cfg.vmc.burn_in_sweeps, hartree_fock=False)
     else:
-        truncate_log(os.path.join(run_dir, "log.jsonl"), "vmc", int(state.step))
         state = devices.place(state)
-    params_finite = jax.jit(all_finite)
+    all_finite = jax.jit(runs.all_finite)
+    n_walkers = cfg.vmc.n_walkers
 
     def step_fn(state: TrainState):
         t = time.perf_counter()
         step = int(state.step)
+        g, rows = choose_geometries(state.spread, state.visits, problem.groups,
+                                    cfg.schedule.geometries_per_step, by_spread, cfg.schedule.min_visit_share)
+        group = problem.groups[g]
+        members = np.asarray(group.members)[rows]
+        names = [problem.names[i] for i in members]
         key, key_sample, key_opt = jax.random.split(state.key, 3)
-        sampler, acceptance, n_reset = sample(state.params, state.sampler, key_sample)
-        if int(n_reset) == cfg.n_walkers:
-            raise TrainingDiverged(f"no walker has a finite wavefunction at VMC step {step}")
-        params, opt_state, stats = optimizer.step(state.params, state.opt_state, key_opt, sampler.walkers)
-        energy, n_nonfinite = float(stats["energy"]), int(stats["n_nonfinite"])
-        if not np.isfinite(energy) or n_nonfinite > MAX_NONFINITE_FRACTION * cfg.n_walkers:
-            raise TrainingDiverged(f"{n_nonfinite} of {cfg.n_walkers} local energies not finite at VMC step {step}")
-        if not bool(params_finite(params)):
+        picked = _take(state.samplers[g], rows, group.size)
+        picked, acceptance, n_reset = problem.sampler(group)(state.params, picked, _rows(rows), key_sample)
+        n_reset = np.asarray(n_reset)
+        if np.any(n_reset == n_walkers):
+            raise TrainingDiverged(f"no walker of {names[int(np.argmax(n_reset))]} has a finite "
+                                   f"wavefunction at VMC step {step}")
+        batch = GeometryBatch(picked.walkers, group.select(_rows(rows)))
+        params, opt_state, stats = optimizer.step(state.params, state.opt_state, key_opt, batch)
+        energy = np.asarray(stats["energy"], np.float64)
+        n_nonfinite = np.asarray(stats["n_nonfinite"])
+        if not np.all(np.isfinite(energy)) or np.any(n_nonfinite > MAX_NONFINITE_FRACTION * n_walkers):
+            raise TrainingDiverged(f"local energies of {names} not finite at VMC step {step} "
+                                   f"({n_nonfinite.tolist()} of {n_walkers} walkers)")
+        if not bool(all_finite(params)):
             raise TrainingDiverged(f"non-finite parameters after VMC step {step}")
-        new = TrainState(state.step + 1, params, opt_state, sampler, key)
-        entry = {"step": step + 1, "energy": energy, "variance": float(stats["variance"]),
-                 "acceptance": float(acceptance), "step_size": float(sampler.step_size),
-                 "clipped_fraction": float(stats["clipped_fraction"]), "n_nonfinite": n_nonfinite,
-                 "n_walkers_reset": int(n_reset), "learning_rate": float(stats["learning_rate"])}
+        variance = np.asarray(stats["variance"], np.float64)
+        samplers = list(state.samplers)
+        samplers[g] = _put(samplers[g], rows, picked)
+        new = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, samplers=tuple(samplers),
+            spread=state.spread.at[members].set(jnp.sqrt(jnp.asarray(variance, state.spread.dtype))),
+            visits=state.visits.at[members].add(1), key=key)
+        entry = {"step": step + 1, "systems": names, "energy": energy.tolist(),
+                 "mean_energy": float(energy.mean()), "variance": variance.tolist(),
+                 "acceptance": np.asarray(acceptance).tolist(),
+                 "step_size": np.asarray(picked.step_size).tolist(),
+                 "clipped_fraction": np.asarray(stats["clipped_fraction"]).tolist(),
+                 "n_nonfinite": int(n_nonfinite.sum()), "n_walkers_reset": int(n_reset.sum()),
+                 "learning_rate": float(stats["learning_rate"])}
         if "damping" in stats:
             entry["damping"] = float(stats["damping"])
         entry["seconds"] = time.perf_counter() - t
-        return new, entry
+        return new, [entry]
 
-    phase = Phase(run_dir, "vmc", max_steps, time_budget, started, progress)
-    return run_phase(phase, state, step_fn, cfg.checkpoint_every)
+    phase = runs.Phase(run, "vmc", max_steps, checkpoint_every=cfg.vmc.checkpoint_every,
+                       shown=PROGRESS_KEYS, **phase_options)
+    return phase(state, step_fn)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs.
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """``energies``: per system, the mean energy of its last 10 % of VMC visits (at least
+    one; hartree); ``visits``: per system, VMC steps that included it."""
+
+    hf_fit_steps: int
+    steps: int
+    stopped_because: str
+    energies: dict
+    visits: dict
+    seconds: float
+
+
+def run_systems(run_dir: str, config: RunConfig) -> list:
+    """The system set of a run: read from its ``systems.xyz`` if there is one, else built from
+    ``config.systems`` and passed through the same file format (nothing is written to the run
+    directory), so a resumed run computes with the very same numbers."""
+    path = os.path.join(run_dir, SYSTEMS_FILE)
+    if os.path.exists(path):
+        return system_sets.read_system_set(path)
+    with tempfile.TemporaryDirectory() as scratch:
+        copy = os.path.join(scratch, SYSTEMS_FILE)
+        system_sets.write_system_set(copy, config.systems.load())
+        return system_sets.read_system_set(copy)
+
+
+def _same_systems(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        x.name == y.name and x.charge == y.charge and x.spin == y.spin
+        and np.array_equal(x.atomic_numbers, y.atomic_numbers) and np.array_equal(x.positions, y.positions)
+        for x, y in zip(a, b))
 
 
 def train(run_dir: str, config: RunConfig, max_steps: int, time_budget: float | None = None,
-          progress: bool = True) -> TrainResult:
-    """Pretrain (``config.vmc.pretrain_steps``) and then run VMC to ``max_steps`` steps in all,
-    or until ``time_budget`` seconds (both phases together) have passed; resume whatever the
-    run directory already holds. A different configuration in an existing run directory is
-    rejected (use a new directory)."""
-    config_path = os.path.join(run_dir, "config.json")
-    if os.path.exists(config_path):
-        if load_run_config(run_dir) != config:
-            raise InputError(f"{run_dir} holds a run with another configuration; use a new run directory")
-    started = time.perf_counter()
-    with precision(config.vmc):
-        problem = problem_for(config)  # validates the system and runs HF before anything is written
+          progress: bool = True, problem: Problem | None = None) -> TrainResult:
+    """The HF fit (``config.vmc.hf_fit_steps``), then VMC to ``max_steps`` optimisation steps or
+    ``time_budget`` seconds (both phases together); resume whatever ``run_dir`` holds. A
+    different configuration in an existing run directory is rejected. ``problem``: a
+    :class:`Problem` of ``config`` on :func:`run_systems` built before (its compiled functions
+    are reused)."""
+    run = run_directory(run_dir)
+    run.check(config.to_record())
+    if config.init_from is not None and os.path.abspath(config.init_from) == os.path.abspath(run_dir):
+        raise InputError("a fine-tuning run needs its own run directory, not the base model's")
+    phase_options = dict(time_budget=time_budget, started=time.perf_counter(), progress=progress)
+    with runs.precision(config.vmc.float64):
+        system_set = run_systems(run_dir, config)
+        if problem is not None and (problem.config != config or not _same_systems(problem.system_set, system_set)):
+            raise ValueError("the problem was built for another configuration or other systems than the "
+                             "run's; build it from run_systems(run_dir, config)")
+        if config.init_from is not None:
+            from vmc.evaluate import load_model
+
+            load_model(config.init_from)  # a missing or unreadable base fails before any output
         devices = WalkerParallel()
-        if config.vmc.n_walkers % devices.n_devices:
-            raise InputError(f"{config.vmc.n_walkers} walkers do not divide over {devices.n_devices} devices")
-        os.makedirs(run_dir, exist_ok=True)
-        if not os.path.exists(config_path):
-            with open(config_path + ".tmp", "w") as f:
-                json.dump(config.to_record(), f, indent=2)
-            os.replace(config_path + ".tmp", config_path)
-        has_vmc = restore_step(run_dir, "vmc") is not None
-        start = None
-        pretrain_stopped = "max_steps"
-        if not has_vmc:
-            _, start, pretrain_stopped = pretrain(run_dir, problem, devices, time_budget, started, progress)
-        if pretrain_stopped != "max_steps":
-            state, stopped = start, pretrain_stopped
-            vmc_steps = 0
-        else:
-            state, stopped = run_vmc(run_dir, problem, devices, start, max_steps, time_budget, started, progress)
+        devices.check_walkers(config.vmc.n_walkers)
+        if problem is None:
+            problem = Problem.build(config, system_set, progress)  # orbitals before anything is written
+        run.claim(config.to_record())
+        if not os.path.exists(os.path.join(run_dir, SYSTEMS_FILE)):
+            system_sets.write_system_set(os.path.join(run_dir, SYSTEMS_FILE), system_set)
+        start, stopped = None, "max_steps"
+        if run.latest_step("vmc") is None:
+            start, stopped = fit_hartree_fock(run, problem, devices, phase_options)
+        vmc_steps = 0
+        if stopped == "max_steps":
+            state, stopped = run_vmc(run, problem, devices, start, max_steps, phase_options)
             vmc_steps = int(state.step)
-        plot_energy(run_dir, exact_energy(problem.system))
-    energies = [e["energy"] for e in read_log(run_dir, "vmc")]
-    tail = energies[-max(1, len(energies) // 10):] if energies else []
-    return TrainResult(
-        pretrain_steps=restore_step(run_dir, "pretrain") or 0, steps=vmc_steps, stopped_because=stopped,
-        energy=float(np.mean(tail)) if tail else None, seconds=time.perf_counter() - started,
-    )
+        plot_energies(run_dir, {s.name: exact_energy(s) for s in system_set})
+    energies, visits = recent_energies(run.read_log("vmc"))
+    return TrainResult(hf_fit_steps=run.latest_step("hf_fit") or 0, steps=vmc_steps, stopped_because=stopped,
+                       energies=energies, visits=visits, seconds=time.perf_counter() - phase_options["started"])
 
 
-def restore_step(run_dir: str, phase: str) -> int | None:
-    """The step of the latest checkpoint of a phase, None if there is none."""
-    return checkpoints.latest_step(_checkpoint_dir(run_dir, phase))
+def energy_traces(entries: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per system, (VMC steps that visited it, its energy at those steps) from VMC log entries."""
+    traces: dict[str, tuple[list, list]] = {}
+    for entry in entries:
+        for name, energy in zip(entry["systems"], entry["energy"]):
+            steps, energies = traces.setdefault(name, ([], []))
+            steps.append(entry["step"])
+            energies.append(energy)
+    return {name: (np.asarray(s), np.asarray(e)) for name, (s, e) in traces.items()}
+
+
+def recent_energies(entries: list[dict]) -> tuple[dict, dict]:
+    """(per system: the mean energy of its last 10 % of visits, at least one; per system: its
+    visits) from VMC log entries."""
+    traces = energy_traces(entries)
+    return ({name: float(np.mean(e[-max(1, len(e) // 10):])) for name, (_, e) in traces.items()},
+            {name: len(e) for name, (_, e) in traces.items()})
+
+
+def plot_energies(run_dir: str, references: dict[str, float | None], max_lines: int = 12) -> None:
+    """energy.png: each system's energy (running mean over its visits) against the step, and
+    its exact energy as a dashed line where ``references`` knows it."""
+    traces = energy_traces(run_directory(run_dir).read_log("vmc"))
+    if not traces:
+        return
+    fig, ax = runs.figure(7, 4.5)
+    values = []
+    for color, (name, (steps, energies)) in enumerate(list(traces.items())[:max_lines]):
+        window, smooth = runs.running_mean(energies)
+        ax.plot(steps[window - 1:], smooth, lw=1, color=f"C{color % 10}", label=name)
+        values.append(energies)
+        if references.get(name) is not None:
+            ax.axhline(references[name], color=f"C{color % 10}", ls="--", lw=1,
+                       label=f"{name} exact {references[name]:.5f}")
+            values.append([references[name]])
+    low, high = np.percentile(np.concatenate(values), [1, 99])
+    ax.set_ylim(low - 0.05 * (high - low) - 1e-3, high + 0.05 * (high - low) + 1e-3)
+    ax.set_xlabel("VMC step")
+    ax.set_ylabel("energy (hartree), running mean over visits")
+    ax.legend(fontsize="small", ncol=2)
+    runs.save_figure(fig, os.path.join(run_dir, "energy.png"))

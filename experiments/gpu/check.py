@@ -121,7 +121,7 @@ def load_geometry(name: str):
     no RDKit)."""
     import numpy as np
 
-    from phisnet_jax import molecules
+    from molfoundation import molecules
 
     with open(os.path.join(ROOT, "tests", "fixtures", "named_geometries.json")) as f:
         geometry = json.load(f)[name]
@@ -132,8 +132,7 @@ def stage_phisnet(molecule: str, sizes: dict, work: str, deadline: float) -> dic
     sys.path.insert(0, EXPERIMENTS)
     from phisnet_speed import measure_model
 
-    from phisnet_jax.cli import MODEL_PRESETS
-    from phisnet_jax.model import PhiSNetConfig
+    from phisnet_jax.model import MODEL_PRESETS, PhiSNetConfig
 
     cfg = PhiSNetConfig(elements=(1, 6, 8), **MODEL_PRESETS[sizes["phisnet_preset"]])
     mol = load_geometry(molecule)
@@ -146,9 +145,9 @@ def stage_vmc(system: str, sizes: dict, work: str, deadline: float) -> dict:
     sys.path.insert(0, EXPERIMENTS)
     from vmc_speed import time_config
 
-    from vmc import train
+    from vmc.config import SystemsConfig, preset_config
 
-    config = train.preset_config(sizes["vmc_preset"], train.SystemConfig(system), pretrain_steps=0)
+    config = preset_config(sizes["vmc_preset"], SystemsConfig(system), hf_fit_steps=0)
     row = compiled_then_timed(lambda: time_config(config, sizes["vmc_repeats"]), work)
     return {"preset": sizes["vmc_preset"], "system": system, **row}
 
@@ -157,13 +156,14 @@ def stage_vmc_shared(sizes: dict, work: str, deadline: float) -> dict:
     sys.path.insert(0, EXPERIMENTS)
     from shared_throughput import time_shared
 
-    from vmc import shared, system_sets
+    from vmc import system_sets
+    from vmc.config import SystemsConfig
 
     spec = "hchains:4@1.6,1.8,2.0"
-    system_set = shared.load_systems(spec)
+    system_set = SystemsConfig(spec).load()
     set_file = os.path.join(work, "h4_chains.xyz")
     system_sets.write_system_set(set_file, system_set)
-    sampling = dict(pretrain_steps=0, burn_in_sweeps=2, checkpoint_every=10**6)
+    sampling = dict(hf_fit_steps=0, burn_in_sweeps=2, checkpoint_every=10**6)
     runs = iter(range(2))
     row = compiled_then_timed(
         lambda: time_shared(set_file, len(system_set), len(system_set), sizes["vmc_preset"], sampling,
@@ -176,11 +176,10 @@ def stage_burst(sizes: dict, work: str, deadline: float) -> dict:
     import jax
 
     from phisnet_jax import train as training
-    from phisnet_jax.cli import MODEL_PRESETS
     from phisnet_jax.data import SplitSpec, load_splits
     from phisnet_jax.dataset import read_file_info
     from phisnet_jax.evaluate import accuracy, load_trained_model
-    from phisnet_jax.model import PhiSNetConfig
+    from phisnet_jax.model import MODEL_PRESETS, PhiSNetConfig
 
     dataset = os.path.join(DATA, "water.h5")
     info = read_file_info(dataset)
@@ -283,7 +282,7 @@ def cpu_figures() -> dict[str, dict]:
     with open(path) as f:
         rows = json.load(f)["results"]
     return {f"phisnet_{row['molecule']}": dict(row, source=path) for row in rows
-            if row["config"] == "paper" and row.get("block_layout", "original") == "original"}
+            if row["config"] == "paper"}
 
 
 def with_cpu_reference(report: dict) -> dict:

@@ -7,7 +7,7 @@ import functools
 
 import numpy as np
 
-from phisnet_jax.errors import InputError
+from molfoundation.errors import InputError
 
 # Subshells in Aufbau (Madelung) filling order: (n, l).
 AUFBAU_ORDER = [
@@ -71,8 +71,8 @@ class ElementBasis:
 @functools.lru_cache(maxsize=None)
 def element_basis(elements: tuple[int, ...], basis: str) -> ElementBasis:
     """Shells of every element in ``basis``, from pyscf (one contraction per shell)."""
-    from phisnet_jax.basis import AOLayout
-    from phisnet_jax.molecules import Molecule, check_basis_covers, to_pyscf
+    from molfoundation.basis import AOLayout
+    from molfoundation.molecules import Molecule, check_basis_covers, to_pyscf
     from pyscf.data.elements import ELEMENTS
 
     check_basis_covers(basis, {ELEMENTS[z] for z in elements})
@@ -89,7 +89,7 @@ def onsite_overlap_blocks(element_basis_: ElementBasis) -> np.ndarray:
     These blocks do not depend on geometry, so the model uses them as they are; their diagonal
     is exactly 1 because pyscf's AOs are normalised.
     """
-    from phisnet_jax.molecules import Molecule, to_pyscf
+    from molfoundation.molecules import Molecule, to_pyscf
 
     A = element_basis_.max_atom_ao
     blocks = np.zeros((len(element_basis_.elements), A, A))

@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 
-from phisnet_jax.errors import InputError
+from molfoundation.errors import InputError
 
 BOHR_PER_ANGSTROM = 1.0 / 0.52917721092
 MIN_DISTANCE_ANGSTROM = 0.3

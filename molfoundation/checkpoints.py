@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 import jax
 
-from phisnet_jax.errors import InputError
-from phisnet_jax.parallel import FirstAxisSharding
+from molfoundation.errors import InputError
+from molfoundation.sharding import FirstAxisSharding
 
 
 def manager(directory: str):

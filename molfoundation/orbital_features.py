@@ -29,8 +29,8 @@ import functools
 
 import numpy as np
 
-from phisnet_jax.basis import AOLayout, pyscf_to_e3nn
-from phisnet_jax.errors import InputError
+from molfoundation.basis import AOLayout, pyscf_to_e3nn
+from molfoundation.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,50 @@
+"""Command-line plumbing shared by the ``phisnet`` and ``vmc`` commands.
+
+The error contract of both: bad input (an :class:`~molfoundation.errors.InputError` or a click
+usage error) ends with one line ``error: ...`` on stderr and exit code 2, Ctrl-C with exit code
+130; the commands themselves end a diverged training run with exit code 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from molfoundation.errors import InputError
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def run_cli(group: click.Group, argv: list[str] | None = None) -> None:
+    """Run a click group (``sys.argv`` by default, ``--help`` when no arguments are given) with
+    the error contract above; always ends with ``sys.exit``."""
+    argv = sys.argv[1:] if argv is None else argv
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's informational messages
+    try:
+        code = group.main(args=argv or ["--help"], standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        print_error(exc.format_message())
+        code = EXIT_BAD_INPUT
+    except InputError as exc:
+        print_error(str(exc))
+        code = EXIT_BAD_INPUT
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        print("interrupted; re-run the same command to continue", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def print_error(message: str) -> None:
+    """``error: message`` on stderr, on one line whatever line breaks the message has."""
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+
+
+def settings_option(help_text: str):
+    """The repeatable ``--set KEY=VALUE`` option (values typed by
+    :mod:`molfoundation.settings`), passed to the command as ``settings``."""
+    return click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help=help_text)
