@@ -79,6 +79,8 @@ def main():
     parser.add_argument("--vmc-steps", type=int, default=60)
     parser.add_argument("--phisnet-steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each version per case, alternating; the median step time is kept")
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="engine_speed_")
@@ -104,11 +106,14 @@ def main():
         }
         results = {}
         for name, case in cases.items():
-            row = {}
-            for label, tree in trees.items():
-                case_dir = os.path.join(work, f"{name}_{label}")
-                os.makedirs(case_dir)
-                row[label] = case(tree, case_dir)
+            runs = {label: [] for label in trees}
+            for repeat in range(args.repeats):
+                for label, tree in trees.items():
+                    case_dir = os.path.join(work, f"{name}_{label}_{repeat}")
+                    os.makedirs(case_dir)
+                    runs[label].append(case(tree, case_dir))
+            row = {label: {"step_seconds": statistics.median(r["step_seconds"] for r in rows),
+                           "runs": rows} for label, rows in runs.items()}
             row["ratio_this_to_baseline"] = row["this"]["step_seconds"] / row["baseline"]["step_seconds"]
             results[name] = row
             print(name, json.dumps(row), flush=True)

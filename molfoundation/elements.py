@@ -71,9 +71,10 @@ class ElementBasis:
 @functools.lru_cache(maxsize=None)
 def element_basis(elements: tuple[int, ...], basis: str) -> ElementBasis:
     """Shells of every element in ``basis``, from pyscf (one contraction per shell)."""
+    from pyscf.data.elements import ELEMENTS
+
     from molfoundation.basis import AOLayout
     from molfoundation.molecules import Molecule, check_basis_covers, to_pyscf
-    from pyscf.data.elements import ELEMENTS
 
     check_basis_covers(basis, {ELEMENTS[z] for z in elements})
     shells = []

@@ -51,8 +51,8 @@ def generate(molecule, xyz_path, smiles, name, samples, method, basis, temperatu
     Give a MOLECULE name (water, ethanol, malondialdehyde, uracil, ...), --smiles or --xyz.
     Interrupted runs continue when the same command is run again.
     """
-    from phisnet_jax import generate as gen
     from molfoundation import molecules as mols
+    from phisnet_jax import generate as gen
     from phisnet_jax.reference import LevelOfTheory
     from phisnet_jax.sampling import TrajectoryEnsemble, thermal_ensemble
 

@@ -10,8 +10,8 @@ import dataclasses
 
 import numpy as np
 
-from phisnet_jax import dataset
 from molfoundation.errors import InputError
+from phisnet_jax import dataset
 from phisnet_jax.model import MoleculeInputs, PhiSNetConfig, make_inputs
 
 

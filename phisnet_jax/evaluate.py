@@ -21,7 +21,11 @@ from molfoundation.errors import InputError
 from phisnet_jax.data import HamiltonianData, SplitSpec, load_splits
 from phisnet_jax.model import MoleculeInputs, PhiSNet, PhiSNetConfig, make_phisnet
 from phisnet_jax.train import (
-    DataConfig, TrainConfig, cast_inputs, load_ema_parameters, make_energy_and_forces,
+    DataConfig,
+    TrainConfig,
+    cast_inputs,
+    load_ema_parameters,
+    make_energy_and_forces,
 )
 
 HARTREE_TO_MICRO = 1e6

@@ -27,10 +27,10 @@ from typing import Callable
 
 import numpy as np
 
-from phisnet_jax import dataset
 from molfoundation.basis import AOLayout
 from molfoundation.errors import InputError
 from molfoundation.molecules import Molecule, to_pyscf, validate
+from phisnet_jax import dataset
 from phisnet_jax.reference import LevelOfTheory, compute_labels
 from phisnet_jax.sampling import ensemble_from_arrays
 

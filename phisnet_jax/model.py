@@ -22,11 +22,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phisnet_jax.blocks import ExpansionTables, assemble_matrix, atom_pair_blocks, expansion_tables
 from molfoundation.elements import ElementBasis, electron_configuration, element_basis, onsite_overlap_blocks
 from molfoundation.errors import InputError
+from phisnet_jax.blocks import ExpansionTables, assemble_matrix, atom_pair_blocks, expansion_tables
 from phisnet_jax.layers import (
-    PerOrderLinear, RadialPathWeights, ScalarSwish, SelfMixing, cg_paths, order_slice,
+    PerOrderLinear,
+    RadialPathWeights,
+    ScalarSwish,
+    SelfMixing,
+    cg_paths,
+    order_slice,
     weighted_cg_product,
 )
 from phisnet_jax.radial import exponential_bernstein

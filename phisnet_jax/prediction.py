@@ -19,10 +19,10 @@ import numpy as np
 
 from molfoundation import runs
 from molfoundation.errors import InputError
+from molfoundation.molecules import Molecule, validate
 from phisnet_jax import observables
 from phisnet_jax.evaluate import TrainedModel
 from phisnet_jax.model import MoleculeInputs, make_inputs
-from molfoundation.molecules import Molecule, validate
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

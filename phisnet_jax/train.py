@@ -23,7 +23,6 @@ step, optimiser state, EMA, plateau state and the data order (a function of the 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import time

@@ -1,8 +1,8 @@
 """PhiSNet training: learning, exact resume, data parallelism, divergence handling, CLI."""
 
-import dataclasses
 import json
 import os
+import shutil
 import signal
 
 import jax
@@ -16,8 +16,8 @@ from phisnet_jax.generate import GenerationRequest, generate
 from phisnet_jax.model import PhiSNetConfig
 from phisnet_jax.reference import LevelOfTheory
 from phisnet_jax.sampling import thermal_ensemble
-from conftest import (assert_same_checkpoints, background_run_for, interrupt_at_random_moment, run_phisnet_cli,
-                      start_geometry, without_timings)
+from conftest import (assert_same_checkpoints, background_run_for, directory_digest, interrupt_at_random_moment,
+                      run_phisnet_cli, start_geometry, without_timings)
 
 # The CLI's "tiny" preset on water in STO-3G.
 TINY = PhiSNetConfig(basis="sto-3g", elements=(1, 8), features=8, max_order=2, num_modules=1,
@@ -171,6 +171,25 @@ def test_sigint_then_kill_9_then_resume_gives_the_uninterrupted_run(tmp_path, wa
     reference = [json.loads(line) for line in open(tmp_path / "reference" / "log.jsonl")]
     assert without_timings(log) == without_timings(reference)
     assert_same_checkpoints(str(tmp_path / "reference"), run_dir, (training.PHASE,))
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_damaged_checkpoints_are_one_line_errors_and_nothing_is_written(tmp_path, water_data, capsys, damage):
+    run_dir = tmp_path / "run"
+    run(run_dir, water_data, 4)
+    checkpoints = run_dir / "checkpoints" / training.PHASE
+    if damage == "missing":
+        shutil.rmtree(checkpoints)
+        expected = "train checkpoints of"
+    else:
+        for path in (checkpoints / "4").rglob("*"):
+            if path.is_file():
+                path.write_bytes(b"not a checkpoint")
+        expected = "cannot restore checkpoint 4"
+    before = directory_digest(str(run_dir))
+    code, _, err = run_phisnet_cli(["train", "--run-dir", str(run_dir), "--steps", "8"], capsys)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    assert directory_digest(str(run_dir)) == before
 
 
 def test_orbital_metrics_against_direct_solution():
