@@ -159,6 +159,16 @@ def interrupt_at_random_moment(args: list[str], log_path: str, signal_number: in
     return alive, subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
+def sigint_then_kill_9(args: list[str], log_path: str, last_line: int, seeds: tuple[int, int]) -> None:
+    """``python -m ARGS`` stopped by SIGINT (exit 130) and, started again, by SIGKILL, each at a
+    random moment of its training (:func:`interrupt_at_random_moment`)."""
+    import signal
+
+    for seed, signal_number, code in ((seeds[0], signal.SIGINT, 130), (seeds[1], signal.SIGKILL, -signal.SIGKILL)):
+        alive, out = interrupt_at_random_moment(args, log_path, signal_number, seed, last_line)
+        assert alive and out.returncode == code, out.stderr[-3000:]
+
+
 def assert_same_checkpoints(run_a: str, run_b: str, phases: tuple[str, ...]) -> None:
     """The newest checkpoint of every phase is the same state, bit for bit, in both runs."""
     import jax

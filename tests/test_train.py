@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import signal
 
 import jax
 import numpy as np
@@ -16,7 +15,7 @@ from phisnet_jax.generate import GenerationRequest, generate
 from phisnet_jax.model import PhiSNetConfig
 from phisnet_jax.reference import LevelOfTheory
 from phisnet_jax.sampling import thermal_ensemble
-from conftest import (assert_same_checkpoints, background_run_for, directory_digest, interrupt_at_random_moment,
+from conftest import (assert_same_checkpoints, background_run_for, directory_digest, sigint_then_kill_9,
                       run_phisnet_cli, start_geometry, without_timings)
 
 # The CLI's "tiny" preset on water in STO-3G.
@@ -162,10 +161,7 @@ def test_sigint_then_kill_9_then_resume_gives_the_uninterrupted_run(tmp_path, wa
                "--preset", "tiny", "--batch-size", "4", "--float64", "--set", "validate_every=4",
                "--set", "log_every=1", "--set", "learning_rate=3e-3", "--steps", str(steps)]
     last_line = steps + steps // 4 - 2  # a line per step and per validation
-    for seed, signal_number, code in ((1, signal.SIGINT, 130), (2, signal.SIGKILL, -signal.SIGKILL)):
-        alive, out = interrupt_at_random_moment(command, os.path.join(run_dir, "log.jsonl"), signal_number,
-                                                seed, last_line)
-        assert alive and out.returncode == code, out.stderr[-3000:]
+    sigint_then_kill_9(command, os.path.join(run_dir, "log.jsonl"), last_line, (1, 2))
     run(run_dir, water_data, steps)
     log = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
     reference = [json.loads(line) for line in open(tmp_path / "reference" / "log.jsonl")]

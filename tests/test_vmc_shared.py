@@ -9,13 +9,12 @@ module; its :class:`vmc.train.Problem` is built once and passed to every run."""
 import dataclasses
 import json
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_same_checkpoints, interrupt_at_random_moment, log_lines, run_vmc_cli, without_timings
+from conftest import assert_same_checkpoints, log_lines, run_vmc_cli, sigint_then_kill_9, without_timings
 
 from vmc import ansatz, cli, evaluate, geometries, hamiltonian, loss, mcmc, system_sets, systems, train
 from vmc.config import ScheduleConfig, SystemsConfig, load_config, preset_config
@@ -207,10 +206,7 @@ def test_sigint_then_kill_9_then_resume_gives_the_uninterrupted_run(runs, tmp_pa
                "--geometries-per-step", "2", "--walkers", "16", "--hf-fit-steps", "4",
                "--set", "checkpoint_every=3", "--set", "laplacian=hessian", "--steps", str(steps)]
     last_line = config.vmc.hf_fit_steps + steps - 2
-    for seed, signal_number, code in ((3, signal.SIGINT, 130), (4, signal.SIGKILL, -signal.SIGKILL)):
-        alive, out = interrupt_at_random_moment(command, os.path.join(run_dir, "log.jsonl"), signal_number,
-                                                seed, last_line)
-        assert alive and out.returncode == code, out.stderr[-3000:]
+    sigint_then_kill_9(command, os.path.join(run_dir, "log.jsonl"), last_line, (3, 4))
     train.train(run_dir, config, max_steps=steps, progress=False, problem=problem)
     assert without_timings(log_lines(run_dir)) == without_timings(log_lines(reference))
     assert_same_checkpoints(reference, run_dir, ("hf_fit", "vmc"))

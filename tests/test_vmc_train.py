@@ -9,14 +9,13 @@ are traced and compiled once."""
 import json
 import os
 import shutil
-import signal
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (assert_same_checkpoints, background_run_for, directory_digest, interrupt_at_random_moment,
+from conftest import (assert_same_checkpoints, background_run_for, directory_digest, sigint_then_kill_9,
                       log_lines, run_vmc_cli, without_timings)
 
 from molfoundation.errors import InputError, TrainingDiverged
@@ -170,10 +169,7 @@ def test_sigint_then_kill_9_then_resume_gives_the_uninterrupted_run(problem, tmp
     command = ["vmc", "train", "H2", "--run-dir", run_dir, "--preset", "tiny", "--float64",
                "--set", "checkpoint_every=2", "--steps", str(steps)]
     last_line = config.vmc.hf_fit_steps + steps - 2
-    for seed, signal_number, code in ((1, signal.SIGINT, 130), (2, signal.SIGKILL, -signal.SIGKILL)):
-        alive, out = interrupt_at_random_moment(command, os.path.join(run_dir, "log.jsonl"), signal_number,
-                                                seed, last_line)
-        assert alive and out.returncode == code, out.stderr[-3000:]
+    sigint_then_kill_9(command, os.path.join(run_dir, "log.jsonl"), last_line, (1, 2))
     train.train(run_dir, config, max_steps=steps, progress=False, problem=problem)
     assert without_timings(log_lines(run_dir)) == without_timings(log_lines(reference))
     assert_same_checkpoints(reference, run_dir, ("hf_fit", "vmc"))

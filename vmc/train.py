@@ -291,15 +291,19 @@ def _rows(group_rows) -> jax.Array:
     return jnp.asarray(group_rows, jnp.int32)
 
 
+def _whole(rows: np.ndarray, size: int) -> bool:
+    """Whether ``rows`` are all ``size`` rows of a stack, in order (then no copy is needed)."""
+    return rows.size == size and np.array_equal(rows, np.arange(size))
+
+
 def _take(sampler: mcmc.MCMCState, rows: np.ndarray, size: int) -> mcmc.MCMCState:
-    """The rows' samplers; the whole stack (no copy) when the rows are all of it in order."""
-    if rows.size == size and np.array_equal(rows, np.arange(size)):
-        return sampler
-    return jax.tree.map(lambda x: x[rows], sampler)
+    """The rows' samplers of a stack of ``size``."""
+    return sampler if _whole(rows, size) else jax.tree.map(lambda x: x[rows], sampler)
 
 
 def _put(sampler: mcmc.MCMCState, rows: np.ndarray, new: mcmc.MCMCState) -> mcmc.MCMCState:
-    if rows.size == sampler.walkers.shape[0] and np.array_equal(rows, np.arange(rows.size)):
+    """The stack with the rows' samplers replaced by ``new``."""
+    if _whole(rows, sampler.walkers.shape[0]):
         return new
     return jax.tree.map(lambda x, y: x.at[rows].set(y), sampler, new)
 
