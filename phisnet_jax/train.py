@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from molfoundation import runs, sharding
+from molfoundation import compiling, runs, sharding
 from molfoundation.errors import InputError, TrainingDiverged
 from phisnet_jax import observables
 from phisnet_jax.data import HamiltonianData, SplitSpec, batch_rows, distance_ranges, load_splits
@@ -297,11 +297,11 @@ def init_state(model: PhiSNet, cfg: TrainConfig, example: MoleculeInputs, optimi
 
     With ``data``, on-site scalar offsets of F (and of H_core, if the data has it) start at the
     data's means; with ``params`` (e.g. another run's), those are the starting parameters.
-    ``init``: a jitted ``model.init`` to reuse (default: a new one).
+    ``init``: a compiled ``model.init`` to reuse (default: a new one).
     """
     if params is None:
         single = jax.tree.map(lambda a: a[0], example)
-        params = (init or jax.jit(model.init))(jax.random.PRNGKey(cfg.seed), single)
+        params = (init or compiling.jit_once(model.init))(jax.random.PRNGKey(cfg.seed), single)
     else:
         params = jax.tree.map(lambda x: jnp.asarray(x, runs.float_dtype(cfg.float64)), params)
     if data is not None:
@@ -327,7 +327,7 @@ def init_state(model: PhiSNet, cfg: TrainConfig, example: MoleculeInputs, optimi
 
 def state_shapes(model: PhiSNet, cfg: TrainConfig, example: MoleculeInputs, optimizer) -> TrainState:
     """The shapes and dtypes of a fresh ``TrainState``, without compiling or running anything."""
-    return jax.eval_shape(lambda ex: init_state(model, cfg, ex, optimizer), example)
+    return jax.eval_shape(lambda ex: init_state(model, cfg, ex, optimizer, init=model.init), example)
 
 
 def _config_record(model_cfg: PhiSNetConfig, train_cfg: TrainConfig, data_cfg: DataConfig) -> dict:
@@ -403,7 +403,7 @@ class TrainingFunctions(NamedTuple):
     model: PhiSNet
     train_config: TrainConfig
     optimizer: optax.GradientTransformation
-    init: Callable  # jitted model.init
+    init: Callable  # model.init, compiled once (molfoundation.compiling.jit_once)
     step: Callable  # jitted (state, inputs, fock, overlap, labels) -> (state, metrics); donates state
     evaluate: Callable  # make_evaluator(model, cfg, cfg.batch_size)
 
@@ -412,7 +412,7 @@ def make_training_functions(model_cfg: PhiSNetConfig, train_cfg: TrainConfig) ->
     """The model, optimiser and jitted functions of a configuration."""
     model = make_phisnet(model_cfg)
     optimizer = make_optimizer(train_cfg)
-    return TrainingFunctions(model, train_cfg, optimizer, jax.jit(model.init),
+    return TrainingFunctions(model, train_cfg, optimizer, compiling.jit_once(model.init),
                              jax.jit(make_train_step(model, train_cfg, optimizer), donate_argnums=(0,)),
                              make_evaluator(model, train_cfg, train_cfg.batch_size))
 

@@ -183,6 +183,23 @@ def assert_same_checkpoints(run_a: str, run_b: str, phases: tuple[str, ...]) -> 
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def reuse_problems(monkeypatch, *problems) -> None:
+    """``vmc.train.Problem.build`` returns one of ``problems`` (already compiled) when asked for
+    its configuration and systems, so that CLI tests run in-process do not trace and compile
+    the same functions again; any other request builds a new problem."""
+    from vmc import train
+
+    build = train.Problem.build
+
+    def build_or_reuse(config, system_set=None, progress=True):
+        for problem in problems:
+            if problem.config == config and (system_set is None or train.same_systems(problem.system_set, system_set)):
+                return problem
+        return build(config, system_set, progress)
+
+    monkeypatch.setattr(train.Problem, "build", build_or_reuse)
+
+
 def directory_digest(path: str) -> dict[str, str]:
     """SHA-256 of every file under ``path``, by relative path."""
     digests = {}

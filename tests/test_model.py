@@ -39,9 +39,19 @@ def compiled(config_name, dtype_name):
     dtype = jnp.dtype(dtype_name)
     m = start_geometry("water")
     example = to_dtype(make_inputs(cfg, m.atomic_numbers, m.positions), dtype)
-    params = jax.jit(net.init)(jax.random.PRNGKey(0), example)
-    # Non-zero scalar offsets and self-mixing weights make the test sensitive to every path.
-    params = jax.tree.map(lambda p: p + 0.05 * jnp.sin(jnp.arange(p.size, dtype=p.dtype).reshape(p.shape)), params)
+    # Random parameters drawn here rather than by the model's initialisers (compiling those
+    # takes longer than the model itself): weights of scale 1/sqrt(fan-in), vectors and
+    # scalars (gates, offsets, self-mixing) near one and all non-zero, so that every path
+    # contributes to the output and the test is sensitive to it.
+    rng = np.random.default_rng(0)
+
+    def draw(shape):
+        if len(shape.shape) >= 2:
+            return rng.normal(0.0, 1.0 / np.sqrt(np.prod(shape.shape[:-1])), shape.shape)
+        return 1.0 + 0.2 * rng.normal(size=shape.shape)
+
+    shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0), example)
+    params = jax.tree.map(lambda s: jnp.asarray(draw(s), s.dtype), shapes)
     return cfg, params, jax.jit(net.apply)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import random_rotation, start_geometry
-from molfoundation import molecules
+from molfoundation import compiling, molecules
 from phisnet_jax.evaluate import TrainedModel
 from phisnet_jax.model import PhiSNetConfig, make_inputs, make_phisnet
 from phisnet_jax.prediction import predict
@@ -28,7 +28,7 @@ def trained():
         model = make_phisnet(CONFIG)
         m = start_geometry("water")
         example = cast_inputs(make_inputs(CONFIG, m.atomic_numbers, m.positions), np.float64)
-        params = jax.jit(model.init)(jax.random.PRNGKey(3), example)
+        params = compiling.jit_once(model.init)(jax.random.PRNGKey(3), example)
     return TrainedModel(CONFIG, TrainConfig(float64=True), model, params, step=0)
 
 

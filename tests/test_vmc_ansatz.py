@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from molfoundation import compiling
 from molfoundation.errors import InputError
 from molfoundation.orbital_features import FeatureSlots
 from vmc import ansatz, hamiltonian, orbitals, systems
@@ -231,7 +232,7 @@ def test_local_energy_stays_finite_where_electrons_meet(hf, params):
 def test_initial_parameters_give_a_finite_wavefunction(hf, params, wavefunction):
     system, orb = hf("LiH")
     inputs = ansatz.inputs_from_hartree_fock(orb, CONFIG)
-    initial = jax.jit(lambda key: ansatz.init_params(key, CONFIG, inputs))(jax.random.PRNGKey(3))
+    initial = compiling.jit_once(lambda key: ansatz.init_params(key, CONFIG, inputs))(jax.random.PRNGKey(3))
     assert jax.tree.structure(initial) == jax.tree.structure(params)
     sign, log_abs = wavefunction(initial, electrons_near(system, 7), inputs)
     assert np.isfinite(log_abs) and float(sign) in (-1.0, 1.0)

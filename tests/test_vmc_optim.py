@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vmc import ansatz, geometries, hamiltonian, kfac_compat, loss, mcmc, optimizers, orbitals, systems
+from vmc import ansatz, geometries, hamiltonian, kfac_compat, loss, mcmc, optimizers, orbitals, systems, train
 
 CLIP_SCALE = 5.0
 
@@ -31,10 +31,7 @@ def h2_problem(seed: int = 0, method: str = "hessian"):
     system = systems.from_name("H2")
     config = ansatz.small_config()
     inputs = ansatz.inputs_from_hartree_fock(h2_orbitals(), config)
-    params = ansatz.init_params(jax.random.PRNGKey(seed), config, inputs)
-    # flax creates float32 parameters whatever the inputs; cast to the default precision.
-    dtype = inputs.atom_positions.dtype
-    params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+    params = train.init_params(jax.random.PRNGKey(seed), config, inputs.atom_positions.dtype == jnp.float64)
     log_psi = ansatz.make_log_psi(config, inputs).log_psi
     local_energy = hamiltonian.make_batched_local_energy(
         log_psi, system.positions, system.charges, method

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from pyscf import scf
 
+from molfoundation import compiling
 from molfoundation.errors import InputError
 from phisnet_jax.evaluate import TrainedModel
 from phisnet_jax.model import PhiSNetConfig, make_inputs, make_phisnet
@@ -71,7 +72,7 @@ def test_phisnet_predicted_orbitals_feed_the_ansatz():
     with jax.enable_x64(True):
         model = make_phisnet(config)
         example = cast_inputs(make_inputs(config, water.atomic_numbers, water.positions), np.float64)
-        params = jax.jit(model.init)(jax.random.PRNGKey(0), example)
+        params = compiling.jit_once(model.init)(jax.random.PRNGKey(0), example)
     trained = TrainedModel(config, TrainConfig(float64=True), model, params, step=0)
     pair = [water, water.with_positions(water.positions * 1.05)]
     source = lambda system: orbitals.predicted_orbitals(system, trained)  # noqa: E731

@@ -1,6 +1,7 @@
 """Shared training over system sets: geometries batched as arguments (against the one-system
 functions), the schedule, exact resume, fine-tuning from a base model, per-system and zero-shot
-evaluation, and the ``vmc pretrain / finetune / evaluate --systems`` command line.
+evaluation, and the ``vmc pretrain / finetune / evaluate --systems`` command line. (Ctrl-C and
+kill -9 are tested on ``vmc train``, tests/test_vmc_train.py: the same engine and run layer.)
 
 One tiny configuration on one small set (H2 at 1.0 and 3.0 bohr, and H3: two compositions, so
 a step batches two geometries and one KFAC state serves both compositions) is trained once per
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_same_checkpoints, log_lines, run_vmc_cli, sigint_then_kill_9, without_timings
+from conftest import log_lines, reuse_problems, run_vmc_cli, without_timings
 
 from vmc import ansatz, cli, evaluate, geometries, hamiltonian, loss, mcmc, system_sets, systems, train
 from vmc.config import ScheduleConfig, SystemsConfig, load_config, preset_config
@@ -160,8 +161,9 @@ def test_evaluation_per_system_keeps_systems_apart(runs):
     assert abs(forward[0].energy - forward[1].energy) > 4 * np.hypot(forward[0].error, forward[1].error)
 
 
-def test_cli_pretrain_resume_finetune_and_zero_shot(runs, tmp_path, capsys):
-    config, _, straight, _, _ = runs
+def test_cli_pretrain_resume_finetune_and_zero_shot(runs, tmp_path, capsys, monkeypatch):
+    config, _, straight, _, problem = runs
+    reuse_problems(monkeypatch, problem)
     run_dir = str(tmp_path / "base")
     args = ["pretrain", config.systems.spec, "--run-dir", run_dir, "--preset", "tiny", "--float64",
             "--geometries-per-step", "2", "--walkers", "16", "--hf-fit-steps", "4",
@@ -192,24 +194,6 @@ def test_cli_pretrain_resume_finetune_and_zero_shot(runs, tmp_path, capsys):
         np.testing.assert_array_equal(a, b)
     code, out, _ = run_vmc_cli(["finetune", run_dir, "--run-dir", finetuned, "--steps", "2", "--json"], capsys)
     assert code == 0 and json.loads(out)["steps"] == 2
-
-
-def test_sigint_then_kill_9_then_resume_gives_the_uninterrupted_run(runs, tmp_path):
-    """``vmc pretrain`` stopped by Ctrl-C and then by kill -9, each at a random moment, and run
-    again ends with the state and log of a run that was never interrupted."""
-    config, _, _, _, problem = runs
-    steps = 16
-    reference = str(tmp_path / "reference")
-    train.train(reference, config, max_steps=steps, progress=False, problem=problem)
-    run_dir = str(tmp_path / "run")
-    command = ["vmc", "pretrain", config.systems.spec, "--run-dir", run_dir, "--preset", "tiny", "--float64",
-               "--geometries-per-step", "2", "--walkers", "16", "--hf-fit-steps", "4",
-               "--set", "checkpoint_every=3", "--set", "laplacian=hessian", "--steps", str(steps)]
-    last_line = config.vmc.hf_fit_steps + steps - 2
-    sigint_then_kill_9(command, os.path.join(run_dir, "log.jsonl"), last_line, (3, 4))
-    train.train(run_dir, config, max_steps=steps, progress=False, problem=problem)
-    assert without_timings(log_lines(run_dir)) == without_timings(log_lines(reference))
-    assert_same_checkpoints(reference, run_dir, ("hf_fit", "vmc"))
 
 
 @pytest.mark.parametrize("args, message", [

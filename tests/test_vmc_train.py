@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import (assert_same_checkpoints, background_run_for, directory_digest, sigint_then_kill_9,
-                      log_lines, run_vmc_cli, without_timings)
+                      log_lines, reuse_problems, run_vmc_cli, without_timings)
 
 from molfoundation.errors import InputError, TrainingDiverged
 from vmc import evaluate, mcmc, train
@@ -241,8 +241,9 @@ def test_evaluate_gives_energy_with_error_bar(runs, problem):
     assert 0.2 < h2.acceptance < 0.9
 
 
-def test_cli_train_resume_and_evaluate(runs, tmp_path, capsys):
+def test_cli_train_resume_and_evaluate(runs, problem, tmp_path, capsys, monkeypatch):
     config, _, straight, _ = runs
+    reuse_problems(monkeypatch, problem)
     run_dir = str(tmp_path / "cli")
     args = ["train", "H2", "--run-dir", run_dir, "--preset", "tiny", "--float64",
             "--set", "checkpoint_every=2", "--steps", "3", "--json"]

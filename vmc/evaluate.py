@@ -95,7 +95,7 @@ class Evaluation:
 def load_model(run_dir: str) -> tuple[ansatz.AnsatzConfig, Any, str]:
     """(network config, parameters, phase and step they come from) of a VMC run directory:
     the latest VMC checkpoint, else the latest HF-fit one."""
-    from vmc.train import init_params
+    from vmc.train import param_shapes
 
     cfg = load_config(run_dir)
     run = run_directory(run_dir)
@@ -104,7 +104,7 @@ def load_model(run_dir: str) -> tuple[ansatz.AnsatzConfig, Any, str]:
         if step is None:
             continue
         with runs.precision(cfg.vmc.float64):
-            template = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), cfg.ansatz, cfg.vmc.float64))
+            template = param_shapes(cfg.ansatz, cfg.vmc.float64)
             saved = checkpoints.restore_raw(run.checkpoint_dir(phase))["params"]
             try:
                 params = jax.tree.map(lambda t, x: jnp.asarray(x, t.dtype).reshape(t.shape), template, saved)

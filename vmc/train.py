@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from molfoundation import runs, sharding
+from molfoundation import compiling, runs, sharding
 from molfoundation.errors import InputError, TrainingDiverged
 from vmc import ansatz, geometries, loss, mcmc, optimizers, system_sets, systems
 from vmc.config import RunConfig, run_directory
@@ -133,10 +133,8 @@ class WalkerParallel(sharding.FirstAxisSharding):
             raise InputError(f"{n_walkers} walkers do not divide over {self.n_devices} devices")
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def init_params(key, network: ansatz.AnsatzConfig, float64: bool):
-    """Parameters of ``network`` (their shapes do not depend on the molecule: H2 serves).
-    Compiled: flax's initialisation run eagerly, operation by operation, is far slower."""
+def _init_params(key, network: ansatz.AnsatzConfig, float64: bool):
+    """Parameters of ``network`` (their shapes do not depend on the molecule: H2 serves)."""
     dtype = runs.float_dtype(float64)
     h2 = systems.from_name("H2")
     slots = network.slots.dim
@@ -144,6 +142,15 @@ def init_params(key, network: ansatz.AnsatzConfig, float64: bool):
                                  jnp.zeros((1, 2, slots), dtype), jnp.zeros((1, 2, slots), dtype))
     params = ansatz.init_params(key, network, inputs)
     return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+# Compiled: flax's initialisation run eagerly, operation by operation, is far slower.
+init_params = compiling.jit_once(_init_params, static_argnums=(1, 2))
+
+
+def param_shapes(network: ansatz.AnsatzConfig, float64: bool):
+    """The shapes and dtypes of :func:`init_params`'s parameters, without compiling anything."""
+    return jax.eval_shape(lambda key: _init_params(key, network, float64), jax.random.PRNGKey(0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,7 +367,7 @@ def fit_hartree_fock(run: runs.RunDirectory, problem: Problem, devices: WalkerPa
     cfg = problem.config.vmc
     # The template needs shapes only: no base model is read for it.
     template = functools.partial(_fresh_hf_fit_state, problem,
-                                 lambda k: init_params(k, problem.config.ansatz, cfg.float64))
+                                 lambda k: _init_params(k, problem.config.ansatz, cfg.float64))
     state = run.restore("hf_fit", lambda: jax.eval_shape(template))
     if state is None:
         state = devices.place(_fresh_hf_fit_state(problem, functools.partial(_initial_params, problem)))
@@ -418,7 +425,7 @@ def run_vmc(run: runs.RunDirectory, problem: Problem, devices: WalkerParallel, s
     by_spread = cfg.schedule.schedule == "spread"
 
     def template():
-        params = init_params(jax.random.PRNGKey(0), cfg.ansatz, cfg.vmc.float64)
+        params = _init_params(jax.random.PRNGKey(0), cfg.ansatz, cfg.vmc.float64)
         samplers = tuple(mcmc.MCMCState(problem.init_walkers(jax.random.PRNGKey(0), g), None, None)
                          for g in problem.groups)
         return _fresh_vmc_state(problem, params, samplers, jax.random.PRNGKey(0))
@@ -514,7 +521,9 @@ def run_systems(run_dir: str, config: RunConfig) -> list:
         return system_sets.read_system_set(copy)
 
 
-def _same_systems(a: list, b: list) -> bool:
+def same_systems(a: list, b: list) -> bool:
+    """Whether two system lists hold the same systems (names, charges, spins, geometries) in
+    the same order."""
     return len(a) == len(b) and all(
         x.name == y.name and x.charge == y.charge and x.spin == y.spin
         and np.array_equal(x.atomic_numbers, y.atomic_numbers) and np.array_equal(x.positions, y.positions)
@@ -535,7 +544,7 @@ def train(run_dir: str, config: RunConfig, max_steps: int, time_budget: float | 
     phase_options = dict(time_budget=time_budget, started=time.perf_counter(), progress=progress)
     with runs.precision(config.vmc.float64):
         system_set = run_systems(run_dir, config)
-        if problem is not None and (problem.config != config or not _same_systems(problem.system_set, system_set)):
+        if problem is not None and (problem.config != config or not same_systems(problem.system_set, system_set)):
             raise ValueError("the problem was built for another configuration or other systems than the "
                              "run's; build it from run_systems(run_dir, config)")
         if config.init_from is not None:
