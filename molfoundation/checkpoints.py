@@ -6,6 +6,7 @@ process's devices, whatever topology saved them; callers re-shard what they spli
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Callable
 
 import jax
@@ -36,28 +37,61 @@ def restore_latest(directory: str, template: Callable[[], Any]) -> Any | None:
     when there is a checkpoint to restore."""
     import orbax.checkpoint as ocp
 
-    step = latest_step(directory)
-    if step is None:
+    if latest_step(directory) is None:
         return None
     replicated = FirstAxisSharding("restore").replicated
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), template())
-    try:
-        return manager(directory).restore(step, args=ocp.args.StandardRestore(target))
-    except Exception as exc:
-        raise InputError(f"cannot restore checkpoint {step} in {directory}: {str(exc).splitlines()[0]}") from None
+    return _restore_newest(directory, lambda: ocp.args.StandardRestore(target))
 
 
 def restore_raw(directory: str) -> dict:
     """The newest state in ``directory`` as saved (nested dicts of arrays), without a template."""
     import orbax.checkpoint as ocp
 
-    step = latest_step(directory)
-    if step is None:
+    if latest_step(directory) is None:
         raise InputError(f"no checkpoint in {directory}")
+    return _restore_newest(directory, ocp.args.StandardRestore)
+
+
+def _restore_newest(directory: str, restore_args: Callable[[], Any]) -> Any:
+    """The newest checkpoint of ``directory``; if it cannot be read, an InputError that says
+    why and whether an older checkpoint there can (never restored silently in its place)."""
+    checkpoint_manager = manager(directory)
+    newest, *older = sorted(checkpoint_manager.all_steps(), reverse=True)
     try:
-        return manager(directory).restore(step, args=ocp.args.StandardRestore())
+        return checkpoint_manager.restore(newest, args=restore_args())
     except Exception as exc:
-        raise InputError(f"cannot read checkpoint {step} in {directory}: {str(exc).splitlines()[0]}") from None
+        _drop_reports_of_abandoned_reads()
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        reason = reason if len(reason) <= 200 else reason[:200] + "..."  # storage errors quote whole specs
+        message = f"cannot restore checkpoint {newest} in {directory}: {reason}"
+    for step in older:
+        try:
+            checkpoint_manager.restore(step, args=restore_args())
+        except Exception:
+            continue
+        message += (f"; checkpoint {step} there is intact: to go back to it, delete "
+                    f"{os.path.join(directory, str(newest))} (a training run then resumes from step {step})")
+        break
+    raise InputError(message)
+
+
+def _drop_reports_of_abandoned_reads() -> None:
+    """After a failed restore the checkpoint library has closed its event loop while reads it
+    started are still in flight; as they finish, their callbacks fail with "Event loop is
+    closed" on the storage library's threads, and Python would print each as a traceback
+    after the real error (dozens of them). Those reports, and only those, are dropped."""
+    if getattr(sys.unraisablehook, "drops_abandoned_reads", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
 
 
 def save(checkpoint_manager, state, step: int) -> None:

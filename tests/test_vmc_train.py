@@ -176,7 +176,8 @@ def test_sigint_then_kill_9_then_resume_gives_the_uninterrupted_run(problem, tmp
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "missing"])
-def test_damaged_checkpoints_are_one_line_errors_and_nothing_is_written(runs, tmp_path, capsys, damage):
+def test_damaged_checkpoints_are_one_line_errors_and_nothing_is_written(runs, problem, tmp_path, capsys,
+                                                                       monkeypatch, damage):
     _, _, straight, _ = runs
     run_dir = str(tmp_path / "run")
     shutil.copytree(straight, run_dir)
@@ -194,6 +195,16 @@ def test_damaged_checkpoints_are_one_line_errors_and_nothing_is_written(runs, tm
     code, out, err = run_vmc_cli(["train", "--run-dir", run_dir, "--steps", "8"], capsys)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
     assert directory_digest(run_dir) == before
+    if damage == "corrupt":
+        # The error names the older intact checkpoint; deleting the damaged one as it says
+        # resumes from there, and the log is trimmed to it.
+        damaged = os.path.join(checkpoints, "6")
+        assert f"checkpoint 4 there is intact: to go back to it, delete {damaged}" in err
+        shutil.rmtree(damaged)
+        reuse_problems(monkeypatch, problem)
+        code, _, err = run_vmc_cli(["train", "--run-dir", run_dir, "--steps", "8"], capsys)
+        assert code == 0, err
+        assert [e["step"] for e in log_lines(run_dir) if e["phase"] == "vmc"] == list(range(1, 9))
 
 
 def test_nonfinite_walkers_are_replaced_by_finite_ones():
