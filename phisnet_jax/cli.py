@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 
 import click
 
@@ -249,7 +250,7 @@ def predict(run_dir, xyz_path, dataset, molecule, indices, output, cube_dir, as_
     from molfoundation import molecules as mols
     from phisnet_jax import observables
     from phisnet_jax import prediction as predictions
-    from phisnet_jax.evaluate import distance_warnings, load_trained_model
+    from phisnet_jax.evaluate import load_trained_model
     from phisnet_jax.train import load_run_config
 
     if bool(xyz_path) == bool(dataset):
@@ -276,14 +277,14 @@ def predict(run_dir, xyz_path, dataset, molecule, indices, output, cube_dir, as_
     model_cfg.element_basis.index_of(geometries[0].atomic_numbers)  # elements the model knows
     trained = load_trained_model(run_dir)
 
-    n_outside = 0
-    for k, g in enumerate(geometries):
-        problems = distance_warnings(run_dir, g.atomic_numbers, g.positions)
-        n_outside += bool(problems)
-        if problems:
-            print(f"warning: geometry {k} is outside the training data: {problems[0]}"
-                  f"{f' (and {len(problems) - 1} more pairs)' if len(problems) > 1 else ''}", file=sys.stderr)
-    results = [predictions.predict(trained, g) for g in geometries]
+    with warnings.catch_warnings():  # said once per geometry below, from the predictions
+        warnings.simplefilter("ignore", predictions.ExtrapolationWarning)
+        results = [predictions.predict(trained, g) for g in geometries]
+    for k, p in enumerate(results):
+        if p.warnings:
+            print(f"warning: geometry {k} is outside the training data: {predictions.summarize(p.warnings)}",
+                  file=sys.stderr)
+    n_outside = sum(bool(p.warnings) for p in results)
     predictions.save_predictions(output, results)
     cube_files = []
     if cube_dir:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 
 import jax
 import numpy as np
@@ -18,9 +20,10 @@ import scipy.linalg
 
 from molfoundation import runs
 from molfoundation.errors import InputError
-from phisnet_jax.data import HamiltonianData, SplitSpec, load_splits
+from phisnet_jax.data import HamiltonianData, SplitSpec, load_splits, outside_distance_ranges
 from phisnet_jax.model import MoleculeInputs, PhiSNet, PhiSNetConfig, make_phisnet
 from phisnet_jax.train import (
+    DISTANCE_RANGES_FILE,
     DataConfig,
     TrainConfig,
     cast_inputs,
@@ -33,13 +36,25 @@ HARTREE_TO_MICRO = 1e6
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TrainedModel:
-    """A model with its (EMA) parameters and a jitted single-molecule apply."""
+    """A model with its (EMA) parameters and a jitted single-molecule apply.
+
+    ``distance_ranges``: for each element pair ("1-8"), the [shortest, longest] interatomic
+    distance (bohr) of the training data, so that predictions can tell when they extrapolate;
+    None for a model that no training run describes (then no such warnings)."""
 
     config: PhiSNetConfig
     train_config: TrainConfig
     model: PhiSNet
     params: object
     step: int
+    distance_ranges: dict[str, list[float]] | None = None
+
+    def extrapolation_warnings(self, atomic_numbers, positions) -> list[str]:
+        """The atom pairs of a geometry (positions in bohr) that lie outside the training data:
+        element pairs never seen and distances outside the training range (empty if none)."""
+        if self.distance_ranges is None:
+            return []
+        return outside_distance_ranges(atomic_numbers, positions, self.distance_ranges)
 
     @property
     def dtype(self):
@@ -77,9 +92,16 @@ class TrainedModel:
 
 
 def load_trained_model(run_dir: str) -> TrainedModel:
-    """The EMA parameters of the latest checkpoint of a training run."""
+    """The EMA parameters of the latest checkpoint of a training run, with the distances it
+    was trained on."""
     model_cfg, train_cfg, params, step = load_ema_parameters(run_dir)
-    return TrainedModel(model_cfg, train_cfg, make_phisnet(model_cfg), params, step)
+    path = os.path.join(run_dir, DISTANCE_RANGES_FILE)
+    try:
+        with open(path) as f:
+            ranges = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+    return TrainedModel(model_cfg, train_cfg, make_phisnet(model_cfg), params, step, ranges)
 
 
 def run_split(model_cfg: PhiSNetConfig, data_cfg: DataConfig, split: str, dataset: str | None = None,
@@ -165,20 +187,3 @@ def accuracy(trained: TrainedModel, data: HamiltonianData, batch_size: int = 16)
         "orbital_energy_mae_uha": float(np.concatenate(eps_err).mean() * HARTREE_TO_MICRO),
         "orbital_cosine_similarity": float(np.mean(psi)),
     }
-
-
-def distance_warnings(run_dir: str, atomic_numbers, positions) -> list[str]:
-    """Atom pairs of a geometry outside the distances the run was trained on (empty if none).
-
-    Runs without a recorded range (trained before it was recorded) give no warnings.
-    """
-    import json
-    import os
-
-    from phisnet_jax.data import outside_distance_ranges
-
-    path = os.path.join(run_dir, "distance_ranges.json")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return outside_distance_ranges(atomic_numbers, positions, json.load(f))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +36,8 @@ class Prediction:
       density_matrix: (M, M) closed-shell 2 C_occ C_occ^T; n_occupied: doubly occupied orbitals.
       homo_lumo_gap: hartree; mulliken_charges: (n,) e; dipole: (3,) e bohr about the origin.
       energy: hartree and forces: (n, 3) hartree/bohr, only with an H_core head (else None).
+      warnings: the atom pairs outside the model's training data (element pairs never seen,
+        distances outside the training range), where the prediction extrapolates; empty if none.
     """
 
     molecule: Molecule
@@ -51,6 +54,16 @@ class Prediction:
     dipole: np.ndarray
     energy: float | None
     forces: np.ndarray | None
+    warnings: tuple[str, ...] = ()
+
+
+class ExtrapolationWarning(UserWarning):
+    """A prediction for a geometry outside the model's training data."""
+
+
+def summarize(outside: tuple[str, ...]) -> str:
+    """The first of a prediction's warnings and how many more there are, on one line."""
+    return outside[0] + (f" (and {len(outside) - 1} more pairs)" if len(outside) > 1 else "")
 
 
 def _as_molecule(mol_or_molecule) -> Molecule:
@@ -62,7 +75,8 @@ def _as_molecule(mol_or_molecule) -> Molecule:
 
 
 def predict(trained: TrainedModel, mol_or_molecule) -> Prediction:
-    """Predict F, S (and H_core) for a molecule and derive the observables."""
+    """Predict F, S (and H_core) for a molecule and derive the observables. A geometry outside
+    the training data gets an :class:`ExtrapolationWarning` and ``Prediction.warnings``."""
     from molfoundation.molecules import to_pyscf
 
     molecule = _as_molecule(mol_or_molecule)
@@ -71,6 +85,10 @@ def predict(trained: TrainedModel, mol_or_molecule) -> Prediction:
         raise InputError("only closed-shell molecules (spin 0) are supported")
     n_occupied = molecule.n_electrons // 2
     inputs = make_inputs(trained.config, molecule.atomic_numbers, molecule.positions)
+    outside = tuple(trained.extrapolation_warnings(molecule.atomic_numbers, molecule.positions))
+    if outside:
+        warnings.warn(f"the geometry is outside the training data: {summarize(outside)}", ExtrapolationWarning,
+                      stacklevel=2)
     ao_atom = np.asarray(inputs.ao_atom)
     charges = np.asarray(molecule.atomic_numbers, np.float64)
     with runs.precision(trained.train_config.float64):
@@ -96,6 +114,7 @@ def predict(trained: TrainedModel, mol_or_molecule) -> Prediction:
             coefficients=as_np(coefficients), density_matrix=as_np(density), n_occupied=n_occupied,
             homo_lumo_gap=float(observables.homo_lumo_gap(eps, n_occupied)),
             mulliken_charges=as_np(mulliken), dipole=as_np(dip), energy=energy, forces=forces,
+            warnings=outside,
         )
 
 

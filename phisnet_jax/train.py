@@ -342,6 +342,9 @@ def _config_record(model_cfg: PhiSNetConfig, train_cfg: TrainConfig, data_cfg: D
 SCHEMA_VERSION = 1
 # The phase every log line and the checkpoints belong to.
 PHASE = "train"
+# [shortest, longest] distance (bohr) per element pair of the training data, written when the
+# run starts (evaluate.TrainedModel.distance_ranges).
+DISTANCE_RANGES_FILE = "distance_ranges.json"
 
 
 def run_directory(run_dir: str) -> runs.RunDirectory:
@@ -482,8 +485,8 @@ def train(
                                params=source, init=functions.init)
             ranges = distance_ranges(train_data, model_cfg.elements)
             if init_from is not None:
-                ranges = _merged_ranges(ranges, os.path.join(init_from, "distance_ranges.json"))
-            runs.write_json(os.path.join(run_dir, "distance_ranges.json"), ranges)
+                ranges = _merged_ranges(ranges, os.path.join(init_from, DISTANCE_RANGES_FILE))
+            runs.write_json(os.path.join(run_dir, DISTANCE_RANGES_FILE), ranges)
         state = devices.replicate(state)
         return _loop(run, functions, train_cfg, devices, state, train_data, valid_data,
                      max_steps, time_budget, progress)

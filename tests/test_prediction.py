@@ -5,6 +5,9 @@ parameters, i.e. forces are minus the energy gradient, the energy is rotation-in
 forces rotate, densities hold the right number of electrons.
 """
 
+import dataclasses
+import warnings
+
 import jax
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ from conftest import random_rotation, start_geometry
 from molfoundation import compiling, molecules
 from phisnet_jax.evaluate import TrainedModel
 from phisnet_jax.model import PhiSNetConfig, make_inputs, make_phisnet
-from phisnet_jax.prediction import predict
+from phisnet_jax.prediction import ExtrapolationWarning, predict
 from phisnet_jax.reference import LevelOfTheory, make_scf
 from phisnet_jax.train import TrainConfig, cast_inputs
 
@@ -29,12 +32,51 @@ def trained():
         m = start_geometry("water")
         example = cast_inputs(make_inputs(CONFIG, m.atomic_numbers, m.positions), np.float64)
         params = compiling.jit_once(model.init)(jax.random.PRNGKey(3), example)
-    return TrainedModel(CONFIG, TrainConfig(float64=True), model, params, step=0)
+    return TrainedModel(CONFIG, TrainConfig(float64=True), model, params, step=0, distance_ranges=WATER_RANGES)
+
+
+def _water_distances():
+    m = start_geometry("water")  # O, H, H
+    d = lambda i, j: float(np.linalg.norm(m.positions[i] - m.positions[j]))  # noqa: E731
+    return d(0, 1), d(0, 2), d(1, 2)
+
+
+# As if trained on the water geometry alone: its O-H and H-H distances (bohr).
+_OH1, _OH2, _HH = _water_distances()
+WATER_RANGES = {"1-8": [min(_OH1, _OH2), max(_OH1, _OH2)], "1-1": [_HH, _HH]}
 
 
 @pytest.fixture(scope="module")
 def water_prediction(trained):
     return predict(trained, start_geometry("water"))
+
+
+def test_predictions_say_when_they_extrapolate(trained, water_prediction):
+    """Inside the training distances (within 0.2 bohr) nothing is said; one O-H bond stretched
+    by 0.5 bohr is named with the H-H pair it widens, in ``Prediction.warnings`` and as an
+    ExtrapolationWarning; an element pair missing from the training data is named as never seen."""
+    assert water_prediction.warnings == ()
+    m = start_geometry("water")
+
+    def stretched(by):
+        positions = m.positions.copy()
+        bond = positions[1] - positions[0]
+        positions[1] = positions[0] + bond * (1 + by / np.linalg.norm(bond))
+        return m.with_positions(positions)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExtrapolationWarning)
+        assert predict(trained, stretched(0.1)).warnings == ()
+    far = stretched(0.5)
+    with pytest.warns(ExtrapolationWarning, match=r"outside the training data: atoms 0-1 .* \(and 1 more pairs\)"):
+        prediction = predict(trained, far)
+    hh = np.linalg.norm(far.positions[1] - far.positions[2])  # the H-H distance grows too (by 0.4 bohr)
+    assert prediction.warnings == (
+        f"atoms 0-1 (1-8): {_OH1 + 0.5:.2f} bohr outside training range {min(_OH1, _OH2):.2f}-{max(_OH1, _OH2):.2f}",
+        f"atoms 1-2 (1-1): {hh:.2f} bohr outside training range {_HH:.2f}-{_HH:.2f}")
+    without_hh = dataclasses.replace(trained, distance_ranges={"1-8": WATER_RANGES["1-8"]})
+    assert without_hh.extrapolation_warnings(m.atomic_numbers, m.positions) == [
+        "atoms 1-2 (1-1): element pair never seen in training"]
 
 
 def test_forces_are_minus_the_energy_gradient(trained, water_prediction):
