@@ -277,14 +277,12 @@ def predict(run_dir, xyz_path, dataset, molecule, indices, output, cube_dir, as_
     model_cfg.element_basis.index_of(geometries[0].atomic_numbers)  # elements the model knows
     trained = load_trained_model(run_dir)
 
-    with warnings.catch_warnings():  # said once per geometry below, from the predictions
-        warnings.simplefilter("ignore", predictions.ExtrapolationWarning)
+    with warnings.catch_warnings():  # said below with the geometry's number, from the predictions
+        warnings.simplefilter("ignore", predictions.PredictionWarning)
         results = [predictions.predict(trained, g) for g in geometries]
     for k, p in enumerate(results):
-        if p.warnings:
-            print(f"warning: geometry {k} is outside the training data: {predictions.summarize(p.warnings)}",
-                  file=sys.stderr)
-    n_outside = sum(bool(p.warnings) for p in results)
+        for message in p.warnings:
+            print(f"warning: geometry {k}: {message}", file=sys.stderr)
     predictions.save_predictions(output, results)
     cube_files = []
     if cube_dir:
@@ -295,7 +293,8 @@ def predict(run_dir, xyz_path, dataset, molecule, indices, output, cube_dir, as_
                                                        p.coefficients, homo_lumo, os.path.join(cube_dir, f"geometry{k}"))
     summary = {"output": output, "geometries": len(geometries), "n_ao": int(results[0].fock.shape[-1]),
                "basis": trained.config.basis, "model_step": trained.step,
-               "geometries_outside_training_distances": n_outside,
+               "geometries_outside_training_distances": sum(bool(p.outside_training) for p in results),
+               "smallest_overlap_eigenvalue": [p.smallest_overlap_eigenvalue for p in results],
                "homo_lumo_gap_hartree": [p.homo_lumo_gap for p in results],
                "dipole_au": [p.dipole.tolist() for p in results],
                "energy_hartree": [p.energy for p in results] if results[0].energy is not None else None,

@@ -36,8 +36,12 @@ class Prediction:
       density_matrix: (M, M) closed-shell 2 C_occ C_occ^T; n_occupied: doubly occupied orbitals.
       homo_lumo_gap: hartree; mulliken_charges: (n,) e; dipole: (3,) e bohr about the origin.
       energy: hartree and forces: (n, 3) hartree/bohr, only with an H_core head (else None).
-      warnings: the atom pairs outside the model's training data (element pairs never seen,
-        distances outside the training range), where the prediction extrapolates; empty if none.
+      outside_training: the atom pairs outside the model's training data (element pairs never
+        seen, distances outside the training range), where the prediction extrapolates.
+      smallest_overlap_eigenvalue: of the predicted S; below ``observables.
+        DEFAULT_MIN_OVERLAP_EIGENVALUE`` the eigen-solve clamps it and S is not a valid overlap.
+      warnings: one line for each reason not to trust the prediction as it is (the two above);
+        empty if none. ``predict`` also raises each as a :class:`PredictionWarning`.
     """
 
     molecule: Molecule
@@ -54,16 +58,25 @@ class Prediction:
     dipole: np.ndarray
     energy: float | None
     forces: np.ndarray | None
-    warnings: tuple[str, ...] = ()
+    outside_training: tuple[str, ...]
+    smallest_overlap_eigenvalue: float
+    warnings: tuple[str, ...]
 
 
-class ExtrapolationWarning(UserWarning):
-    """A prediction for a geometry outside the model's training data."""
+class PredictionWarning(UserWarning):
+    """A prediction not to be trusted as it is: its geometry lies outside the model's training
+    data, or its predicted overlap matrix is not positive definite."""
 
 
-def summarize(outside: tuple[str, ...]) -> str:
-    """The first of a prediction's warnings and how many more there are, on one line."""
-    return outside[0] + (f" (and {len(outside) - 1} more pairs)" if len(outside) > 1 else "")
+def _warnings(outside: tuple[str, ...], smallest_overlap_eigenvalue: float) -> tuple[str, ...]:
+    said = []
+    if outside:
+        more = f" (and {len(outside) - 1} more pairs)" if len(outside) > 1 else ""
+        said.append(f"the geometry is outside the training data: {outside[0]}{more}")
+    if smallest_overlap_eigenvalue < observables.DEFAULT_MIN_OVERLAP_EIGENVALUE:
+        said.append(f"the predicted overlap matrix is not positive definite (smallest eigenvalue "
+                    f"{smallest_overlap_eigenvalue:.3g}): orbitals and everything derived from them are unreliable")
+    return tuple(said)
 
 
 def _as_molecule(mol_or_molecule) -> Molecule:
@@ -76,7 +89,8 @@ def _as_molecule(mol_or_molecule) -> Molecule:
 
 def predict(trained: TrainedModel, mol_or_molecule) -> Prediction:
     """Predict F, S (and H_core) for a molecule and derive the observables. A geometry outside
-    the training data gets an :class:`ExtrapolationWarning` and ``Prediction.warnings``."""
+    the training data, or a predicted S that is not positive definite, is said in
+    ``Prediction.warnings`` and as a :class:`PredictionWarning`."""
     from molfoundation.molecules import to_pyscf
 
     molecule = _as_molecule(mol_or_molecule)
@@ -86,9 +100,6 @@ def predict(trained: TrainedModel, mol_or_molecule) -> Prediction:
     n_occupied = molecule.n_electrons // 2
     inputs = make_inputs(trained.config, molecule.atomic_numbers, molecule.positions)
     outside = tuple(trained.extrapolation_warnings(molecule.atomic_numbers, molecule.positions))
-    if outside:
-        warnings.warn(f"the geometry is outside the training data: {summarize(outside)}", ExtrapolationWarning,
-                      stacklevel=2)
     ao_atom = np.asarray(inputs.ao_atom)
     charges = np.asarray(molecule.atomic_numbers, np.float64)
     with runs.precision(trained.train_config.float64):
@@ -108,13 +119,17 @@ def predict(trained: TrainedModel, mol_or_molecule) -> Prediction:
             e, grad = trained.energy_and_gradient(trained.params, inputs, jnp.asarray(charges, dtype), n_occupied)
             energy, forces = float(e), -np.asarray(grad, np.float64)
         as_np = lambda x: np.asarray(x, np.float64)  # noqa: E731
+        smallest = float(np.linalg.eigvalsh(as_np(overlap))[0])
+        said = _warnings(outside, smallest)
+        for message in said:
+            warnings.warn(message, PredictionWarning, stacklevel=2)
         return Prediction(
             molecule=molecule, basis=trained.config.basis, fock=as_np(fock), overlap=as_np(overlap),
             core_hamiltonian=None if core is None else as_np(core), orbital_energies=as_np(eps),
             coefficients=as_np(coefficients), density_matrix=as_np(density), n_occupied=n_occupied,
             homo_lumo_gap=float(observables.homo_lumo_gap(eps, n_occupied)),
             mulliken_charges=as_np(mulliken), dipole=as_np(dip), energy=energy, forces=forces,
-            warnings=outside,
+            outside_training=outside, smallest_overlap_eigenvalue=smallest, warnings=said,
         )
 
 

@@ -16,7 +16,7 @@ from conftest import random_rotation, start_geometry
 from molfoundation import compiling, molecules
 from phisnet_jax.evaluate import TrainedModel
 from phisnet_jax.model import PhiSNetConfig, make_inputs, make_phisnet
-from phisnet_jax.prediction import ExtrapolationWarning, predict
+from phisnet_jax.prediction import PredictionWarning, predict
 from phisnet_jax.reference import LevelOfTheory, make_scf
 from phisnet_jax.train import TrainConfig, cast_inputs
 
@@ -54,7 +54,7 @@ def water_prediction(trained):
 def test_predictions_say_when_they_extrapolate(trained, water_prediction):
     """Inside the training distances (within 0.2 bohr) nothing is said; one O-H bond stretched
     by 0.5 bohr is named with the H-H pair it widens, in ``Prediction.warnings`` and as an
-    ExtrapolationWarning; an element pair missing from the training data is named as never seen."""
+    PredictionWarning; an element pair missing from the training data is named as never seen."""
     assert water_prediction.warnings == ()
     m = start_geometry("water")
 
@@ -65,18 +65,36 @@ def test_predictions_say_when_they_extrapolate(trained, water_prediction):
         return m.with_positions(positions)
 
     with warnings.catch_warnings():
-        warnings.simplefilter("error", ExtrapolationWarning)
+        warnings.simplefilter("error", PredictionWarning)
         assert predict(trained, stretched(0.1)).warnings == ()
     far = stretched(0.5)
-    with pytest.warns(ExtrapolationWarning, match=r"outside the training data: atoms 0-1 .* \(and 1 more pairs\)"):
+    with pytest.warns(PredictionWarning, match=r"outside the training data: atoms 0-1 .* \(and 1 more pairs\)"):
         prediction = predict(trained, far)
     hh = np.linalg.norm(far.positions[1] - far.positions[2])  # the H-H distance grows too (by 0.4 bohr)
-    assert prediction.warnings == (
+    assert prediction.outside_training == (
         f"atoms 0-1 (1-8): {_OH1 + 0.5:.2f} bohr outside training range {min(_OH1, _OH2):.2f}-{max(_OH1, _OH2):.2f}",
         f"atoms 1-2 (1-1): {hh:.2f} bohr outside training range {_HH:.2f}-{_HH:.2f}")
+    assert len(prediction.warnings) == 1  # S stays positive definite
     without_hh = dataclasses.replace(trained, distance_ranges={"1-8": WATER_RANGES["1-8"]})
     assert without_hh.extrapolation_warnings(m.atomic_numbers, m.positions) == [
         "atoms 1-2 (1-1): element pair never seen in training"]
+
+
+def test_a_predicted_overlap_that_is_not_positive_definite_is_said(trained, water_prediction):
+    """Overlap heads scaled up 1000-fold make the off-site blocks of S far too large (up to
+    15 against 0.24), so S has negative eigenvalues; the prediction says so with S's smallest
+    eigenvalue."""
+    assert water_prediction.smallest_overlap_eigenvalue > 0.5  # observed: 0.76
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: 1000 * np.asarray(x) if "overlap_head" in jax.tree_util.keystr(path) else x, trained.params)
+    broken = dataclasses.replace(trained, params=params)
+    broken.__dict__.update(apply=trained.apply, energy_and_gradient=trained.energy_and_gradient)  # compiled once
+    with pytest.warns(PredictionWarning, match="overlap matrix is not positive definite"):
+        prediction = predict(broken, start_geometry("water"))
+    smallest = np.linalg.eigvalsh(prediction.overlap)[0]
+    assert smallest < 0 and prediction.smallest_overlap_eigenvalue == pytest.approx(smallest, abs=1e-12)
+    assert prediction.warnings == (f"the predicted overlap matrix is not positive definite (smallest eigenvalue "
+                                   f"{smallest:.3g}): orbitals and everything derived from them are unreliable",)
 
 
 def test_forces_are_minus_the_energy_gradient(trained, water_prediction):
