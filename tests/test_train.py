@@ -1,5 +1,6 @@
 """PhiSNet training: learning, exact resume, data parallelism, divergence handling, CLI."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -7,12 +8,13 @@ import shutil
 import jax
 import numpy as np
 import pytest
+import scipy.linalg
 
 from phisnet_jax import train as training
 from molfoundation.errors import InputError
 from phisnet_jax.evaluate import load_trained_model, orbital_metrics
 from phisnet_jax.generate import GenerationRequest, generate
-from phisnet_jax.model import PhiSNetConfig
+from phisnet_jax.model import PhiSNetConfig, make_inputs
 from phisnet_jax.reference import LevelOfTheory
 from phisnet_jax.sampling import thermal_ensemble
 from conftest import (assert_same_checkpoints, background_run_for, directory_digest, sigint_then_kill_9,
@@ -61,15 +63,75 @@ def data_config(path):
 FUNCTIONS = {}
 
 
-def run(run_dir, path, steps, **overrides):
-    """Train TINY on the first 8 samples for ``steps`` steps, in float64 unless overridden
-    (one configuration throughout, so one compiled step serves every test)."""
+def functions_for(**overrides):
+    """The TrainConfig these tests use (float64 unless overridden) and its compiled functions."""
     settings = dict(batch_size=4, validate_every=4, log_every=1, learning_rate=3e-3, float64=True)
     cfg = training.TrainConfig(**{**settings, **overrides})
     if cfg not in FUNCTIONS:
         FUNCTIONS[cfg] = training.make_training_functions(TINY, cfg)
-    return training.train(str(run_dir), TINY, cfg, data_config(path), max_steps=steps, progress=False,
-                          functions=FUNCTIONS[cfg])
+    return cfg, FUNCTIONS[cfg]
+
+
+def run(run_dir, path, steps, time_budget=None, **overrides):
+    """Train TINY on the first 8 samples for ``steps`` steps (one configuration throughout, so
+    one compiled step serves every test)."""
+    cfg, functions = functions_for(**overrides)
+    return training.train(str(run_dir), TINY, cfg, data_config(path), max_steps=steps, time_budget=time_budget,
+                          progress=False, functions=functions)
+
+
+def fresh_state(path):
+    """(config, compiled functions, training data, a fresh TrainState) of ``run``'s configuration."""
+    from phisnet_jax.data import SplitSpec, load_splits
+
+    cfg, functions = functions_for()
+    with jax.enable_x64(True):
+        data = load_splits(path, ["water"], TINY, SplitSpec(8, 4))["train"]
+        inputs = training.cast_inputs(data.inputs, np.float64)
+        state = training.init_state(functions.model, cfg, inputs, functions.optimizer, data, init=functions.init)
+    return cfg, functions, data, state
+
+
+def test_ema_follows_its_warm_up_formula(water_data):
+    """After a step from step t the EMA is d e + (1 - d) p with d = min(0.999, (1 + t) / (10 + t)),
+    checked at t = 0 (d = 0.1) and t = 10000 (d = 0.999)."""
+    cfg, functions, data, state = fresh_state(water_data)
+    batch = data.take(np.arange(4))
+    with jax.enable_x64(True):
+        for t, decay in ((0, 0.1), (10000, 0.999)):
+            start = state.replace(step=jax.numpy.asarray(t, jax.numpy.int32),
+                                  ema_params=jax.tree.map(lambda x: x + 0.01, state.params))
+            ema_before = jax.tree.map(np.array, start.ema_params)  # the step donates its state
+            new, _ = functions.step(jax.tree.map(jax.numpy.array, start), training.cast_inputs(batch.inputs, np.float64),
+                                    batch.fock, batch.overlap, training.batch_labels(batch, TINY, cfg, np.float64))
+            for e0, p1, e1 in zip(jax.tree.leaves(ema_before), jax.tree.leaves(new.params), jax.tree.leaves(new.ema_params)):
+                np.testing.assert_allclose(e1, decay * e0 + (1 - decay) * np.asarray(p1), rtol=1e-12, atol=1e-15)
+
+
+def test_reduce_on_plateau_halves_after_patience_bad_validations(water_data):
+    """Validation losses 1.0, 0.9, 0.95, 0.92, 0.8, 0.85, 0.85 with patience 2: the learning rate
+    halves after the 2nd bad validation in a row (the 4th) and again after the 7th; a better
+    loss resets the count."""
+    cfg, functions, data, state = fresh_state(water_data)
+    cfg = dataclasses.replace(cfg, plateau_patience=2, plateau_factor=0.5)
+    losses = iter([1.0, 0.9, 0.95, 0.92, 0.8, 0.85, 0.85])
+    rates = []
+    with jax.enable_x64(True):
+        for _ in range(7):
+            state, entry = training._validate(state, lambda params, data: {"loss": next(losses)}, data, cfg)
+            rates.append(entry["learning_rate"])
+    lr = cfg.learning_rate
+    assert rates == pytest.approx([lr, lr, lr, lr / 2, lr / 2, lr / 2, lr / 4])
+    assert float(state.best_valid) == 0.8 and int(state.bad_validations) == 0
+
+
+def test_time_budget_and_minimum_learning_rate_stop_a_run(tmp_path, water_data):
+    result = run(tmp_path / "budget", water_data, 1000, time_budget=0.0)
+    assert result.stopped_because == "time_budget" and result.steps == 0
+    result = run(tmp_path / "budget", water_data, 1000, time_budget=3.0)  # resumes, runs out again
+    assert result.stopped_because == "time_budget" and 0 < result.steps < 1000
+    result = run(tmp_path / "slow", water_data, 8, min_learning_rate=3e-3 * 1.01)
+    assert result.stopped_because == "min_learning_rate" and result.steps == 0
 
 
 def final_params(run_dir):
@@ -204,6 +266,16 @@ def test_orbital_metrics_against_direct_solution():
     errors, cosine = orbital_metrics(F + shift, F, S, 3)
     np.testing.assert_allclose(errors, 1e-3, rtol=1e-8)
     assert abs(cosine - 1.0) < 1e-10
+    # Below 1 on a known perturbation: rotating occupied orbital 0 into virtual orbital 4 by an
+    # angle t (F' = U F U^T, S = 1) keeps every energy and turns that orbital by t, so the mean
+    # |cosine| over the 3 occupied orbitals is (cos t + 2) / 3.
+    t = 0.3
+    U = np.eye(6)
+    U[np.ix_([0, 4], [0, 4])] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+    F = np.diag([-3.0, -2.0, -1.0, 1.0, 2.0, 3.0])
+    errors, cosine = orbital_metrics(U @ F @ U.T, F, np.eye(6), 3)
+    np.testing.assert_allclose(errors, 0.0, atol=1e-12)
+    assert cosine == pytest.approx((np.cos(t) + 2) / 3, abs=1e-12)
 
 
 def test_cli_train_evaluate_predict(tmp_path, water_data, capsys, monkeypatch):
@@ -275,5 +347,29 @@ def test_one_model_on_molecules_of_different_size(tmp_path, water_data):
     assert splits["train"].fock.shape[1:] == (7, 7)  # water's 7 AOs; H2's 2 are padded
     test = splits["test"]
     assert sorted(set(test.molecule.tolist())) == [0, 1]
-    metrics = accuracy(load_trained_model(str(tmp_path / "run")), test)
-    assert metrics["samples"] == len(test) and np.isfinite(metrics["fock_mae_uha"])
+    trained = load_trained_model(str(tmp_path / "run"))
+    metrics = accuracy(trained, test)
+    assert metrics["samples"] == len(test)
+    # The same metrics computed directly: each molecule unpadded through the model, then numpy
+    # and scipy on the matrices cut to its own AOs.
+    f_err, s_err, eps_err, cosines = [], [], [], []
+    for i in range(len(test)):
+        n_atoms, k = int(test.inputs.atom_mask[i].sum()), int(test.inputs.ao_mask[i].sum())
+        numbers = np.asarray(TINY.elements)[test.inputs.element_index[i, :n_atoms]]
+        inputs = training.cast_inputs(make_inputs(TINY, numbers, test.inputs.positions[i, :n_atoms]), trained.dtype)
+        out = trained.apply(trained.params, inputs)
+        f_p, s_p = np.asarray(out["fock"], np.float64), np.asarray(out["overlap"], np.float64)
+        f_r, s_r = test.fock[i, :k, :k], test.overlap[i, :k, :k]
+        assert f_p.shape == (k, k)
+        f_err.append(np.abs(f_p - f_r).ravel())
+        s_err.append(np.abs(s_p - s_r).ravel())
+        n_occ = int(test.n_occupied[i])
+        (e_p, c_p), (e_r, c_r) = scipy.linalg.eigh(f_p, s_r), scipy.linalg.eigh(f_r, s_r)
+        eps_err.append(np.abs(e_p[:n_occ] - e_r[:n_occ]))
+        cosines.append(np.mean([abs(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b))
+                                for a, b in zip(c_p[:, :n_occ].T, c_r[:, :n_occ].T)]))  # per molecule
+    direct = {"fock_mae_uha": np.concatenate(f_err).mean() * 1e6, "overlap_mae": np.concatenate(s_err).mean(),
+              "orbital_energy_mae_uha": np.concatenate(eps_err).mean() * 1e6,
+              "orbital_cosine_similarity": np.mean(cosines)}  # mean over molecules
+    for name, value in direct.items():  # float32 model: padded and unpadded differ by rounding
+        assert metrics[name] == pytest.approx(value, rel=1e-4), name
