@@ -5,6 +5,7 @@ process's devices, whatever topology saved them; callers re-shard what they spli
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Any, Callable
@@ -37,27 +38,36 @@ def restore_latest(directory: str, template: Callable[[], Any]) -> Any | None:
     when there is a checkpoint to restore."""
     import orbax.checkpoint as ocp
 
-    if latest_step(directory) is None:
-        return None
-    replicated = FirstAxisSharding("restore").replicated
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), template())
-    return _restore_newest(directory, lambda: ocp.args.StandardRestore(target))
+    @functools.cache
+    def restore_args():
+        replicated = FirstAxisSharding("restore").replicated
+        return ocp.args.StandardRestore(
+            jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), template()))
+
+    return _restore_newest(directory, restore_args)
 
 
 def restore_raw(directory: str) -> dict:
     """The newest state in ``directory`` as saved (nested dicts of arrays), without a template."""
     import orbax.checkpoint as ocp
 
-    if latest_step(directory) is None:
+    state = _restore_newest(directory, ocp.args.StandardRestore)
+    if state is None:
         raise InputError(f"no checkpoint in {directory}")
-    return _restore_newest(directory, ocp.args.StandardRestore)
+    return state
 
 
-def _restore_newest(directory: str, restore_args: Callable[[], Any]) -> Any:
-    """The newest checkpoint of ``directory``; if it cannot be read, an InputError that says
-    why and whether an older checkpoint there can (never restored silently in its place)."""
+def _restore_newest(directory: str, restore_args: Callable[[], Any]) -> Any | None:
+    """The newest checkpoint of ``directory`` (None if there is none); if it cannot be read,
+    an InputError that says why and whether an older checkpoint there can (never restored
+    silently in its place)."""
+    if not os.path.isdir(directory):
+        return None
     checkpoint_manager = manager(directory)
-    newest, *older = sorted(checkpoint_manager.all_steps(), reverse=True)
+    steps = sorted(checkpoint_manager.all_steps(), reverse=True)
+    if not steps:
+        return None
+    newest, *older = steps
     try:
         return checkpoint_manager.restore(newest, args=restore_args())
     except Exception as exc:
