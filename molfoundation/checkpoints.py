@@ -6,6 +6,7 @@ process's devices, whatever topology saved them; callers re-shard what they spli
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 from typing import Any, Callable
@@ -68,10 +69,10 @@ def _restore_newest(directory: str, restore_args: Callable[[], Any]) -> Any | No
     if not steps:
         return None
     newest, *older = steps
+    _quiet_abandoned_reads()
     try:
         return checkpoint_manager.restore(newest, args=restore_args())
     except Exception as exc:
-        _drop_reports_of_abandoned_reads()
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         reason = reason if len(reason) <= 200 else reason[:200] + "..."  # storage errors quote whole specs
         message = f"cannot restore checkpoint {newest} in {directory}: {reason}"
@@ -86,22 +87,38 @@ def _restore_newest(directory: str, restore_args: Callable[[], Any]) -> Any | No
     raise InputError(message)
 
 
-def _drop_reports_of_abandoned_reads() -> None:
-    """After a failed restore the checkpoint library has closed its event loop while reads it
-    started are still in flight; as they finish, their callbacks fail with "Event loop is
-    closed" on the storage library's threads, and Python would print each as a traceback
-    after the real error (dozens of them). Those reports, and only those, are dropped."""
-    if getattr(sys.unraisablehook, "drops_abandoned_reads", False):
+def _quiet_abandoned_reads() -> None:
+    """When a restore fails, the checkpoint library closes its event loop while reads it
+    started are still in flight. As they finish, the storage library's threads report each one
+    (through ``sys.excepthook`` or ``sys.unraisablehook``: "Event loop is closed") and the
+    garbage collector reports their failed tasks and futures (the ``asyncio`` logger: "Task
+    exception was never retrieved", "Future exception ..."): dozens of tracebacks after the
+    real error, through whichever channel the timing picks. Those reports, and only those, are
+    dropped; installed once per process, before the first restore."""
+    if getattr(sys.excepthook, "quiet_abandoned_reads", False):
         return
-    previous = sys.unraisablehook
 
-    def hook(unraisable):
-        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
-            return
-        previous(unraisable)
+    def abandoned(exc) -> bool:
+        return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
-    hook.drops_abandoned_reads = True
-    sys.unraisablehook = hook
+    previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def excepthook(kind, value, traceback):
+        if not abandoned(value):
+            previous_excepthook(kind, value, traceback)
+
+    def unraisablehook(unraisable):
+        if not abandoned(unraisable.exc_value):
+            previous_unraisablehook(unraisable)
+
+    def unretrieved_read(record: logging.LogRecord) -> bool:
+        # a storage error quotes the tensorstore spec of the read that failed
+        return not ("exception was never retrieved" in str(record.msg)
+                    and record.exc_info is not None and "tensorstore_spec" in str(record.exc_info[1]))
+
+    excepthook.quiet_abandoned_reads = True
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+    logging.getLogger("asyncio").addFilter(unretrieved_read)
 
 
 def save(checkpoint_manager, state, step: int) -> None:
