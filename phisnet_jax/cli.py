@@ -239,11 +239,14 @@ def evaluate(run_dir, dataset, split, as_json):
 @click.option("-o", "--output", required=True, help="Output .npz file.")
 @click.option("--cube", "cube_dir", metavar="DIR",
               help="Also write the density and the HOMO and LUMO of each geometry as cube files into DIR.")
+@click.option("--overlap", "overlap_source", type=click.Choice(["exact", "predicted"]), default="exact",
+              show_default=True, help="The overlap matrix S that orbitals, densities, charges and dipoles use: "
+              "the exact integrals of the geometry or the model's prediction.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def predict(run_dir, xyz_path, dataset, molecule, indices, output, cube_dir, as_json):
+def predict(run_dir, xyz_path, dataset, molecule, indices, output, cube_dir, overlap_source, as_json):
     """Predict F and S (pyscf AO order) for geometries and everything derived from them.
 
-    The .npz holds, per geometry, F, S, orbital energies and coefficients, density matrix,
+    The .npz holds, per geometry, F, the S used and the predicted S, orbital energies and coefficients, density matrix,
     HOMO-LUMO gap, Mulliken charges and dipole; with a core-Hamiltonian head also H_core, the
     energy and the forces (see phisnet_jax.prediction.save_predictions).
     """
@@ -279,7 +282,7 @@ def predict(run_dir, xyz_path, dataset, molecule, indices, output, cube_dir, as_
 
     with warnings.catch_warnings():  # said below with the geometry's number, from the predictions
         warnings.simplefilter("ignore", predictions.PredictionWarning)
-        results = [predictions.predict(trained, g) for g in geometries]
+        results = [predictions.predict(trained, g, overlap=overlap_source) for g in geometries]
     for k, p in enumerate(results):
         for message in p.warnings:
             print(f"warning: geometry {k}: {message}", file=sys.stderr)
@@ -294,6 +297,7 @@ def predict(run_dir, xyz_path, dataset, molecule, indices, output, cube_dir, as_
     summary = {"output": output, "geometries": len(geometries), "n_ao": int(results[0].fock.shape[-1]),
                "basis": trained.config.basis, "model_step": trained.step,
                "geometries_outside_training_distances": sum(bool(p.outside_training) for p in results),
+               "overlap": overlap_source,
                "smallest_overlap_eigenvalue": [p.smallest_overlap_eigenvalue for p in results],
                "homo_lumo_gap_hartree": [p.homo_lumo_gap for p in results],
                "dipole_au": [p.dipole.tolist() for p in results],

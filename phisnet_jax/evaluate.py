@@ -21,7 +21,7 @@ import scipy.linalg
 from molfoundation import runs
 from molfoundation.errors import InputError
 from phisnet_jax.data import HamiltonianData, SplitSpec, load_splits, outside_distance_ranges
-from phisnet_jax.model import MoleculeInputs, PhiSNet, PhiSNetConfig, make_phisnet
+from phisnet_jax.model import MoleculeInputs, PhiSNet, PhiSNetConfig, make_exact_overlap, make_phisnet
 from phisnet_jax.train import (
     DISTANCE_RANGES_FILE,
     DataConfig,
@@ -77,18 +77,9 @@ class TrainedModel:
         return jax.jit(make_energy_and_forces(self.model))
 
     @functools.cached_property
-    def energy_and_gradient(self):
-        """Jitted ``(params, inputs, charges, n_occupied) -> (energy, dE/dpositions)``."""
-        from phisnet_jax.observables import total_energy
-
-        def energy(positions, params, inputs, charges, n_occupied):
-            out = self.model.apply(params, dataclasses.replace(inputs, positions=positions))
-            return total_energy(out["fock"], out["overlap"], out["core_hamiltonian"], n_occupied,
-                                charges, positions)
-
-        grad_fn = jax.value_and_grad(energy)
-        return jax.jit(lambda params, inputs, charges, n_occupied: grad_fn(inputs.positions, params, inputs, charges, n_occupied),
-                       static_argnums=(3,))
+    def exact_overlap(self):
+        """Jitted ``inputs -> (M, M)`` exact overlap matrix of one molecule (``model.make_exact_overlap``)."""
+        return jax.jit(make_exact_overlap(self.config))
 
 
 def load_trained_model(run_dir: str) -> TrainedModel:

@@ -24,6 +24,7 @@ import numpy as np
 
 from molfoundation.elements import ElementBasis, electron_configuration, element_basis, onsite_overlap_blocks
 from molfoundation.errors import InputError
+from molfoundation.gaussians import overlap_blocks, overlap_tables
 from phisnet_jax.blocks import ExpansionTables, assemble_matrix, atom_pair_blocks, expansion_tables
 from phisnet_jax.layers import (
     PerOrderLinear,
@@ -57,7 +58,7 @@ class PhiSNetConfig:
         def2-SVP has 14.3 M parameters, 15.1 M with the H_core head.)
       overlap_features: channels of the overlap branch.
       core_hamiltonian: also predict a core Hamiltonian H_core (from the same pair features),
-        which defines the model's energy and forces (``observables.total_energy``).
+        which defines the model's energy and forces (``train.make_energy_and_forces``).
     """
 
     elements: tuple[int, ...] = (1, 6, 7, 8)
@@ -379,6 +380,19 @@ def make_inputs(
         ao_local=index.local,
         ao_mask=index.mask,
     )
+
+
+def make_exact_overlap(config: PhiSNetConfig):
+    """``f(inputs: MoleculeInputs) -> (M, M)``: the exact overlap matrix of a padded molecule in
+    the model's AO layout (zero on padded AOs), from the basis and the geometry alone; jit-able
+    and differentiable in ``inputs.positions`` (``molfoundation.gaussians``)."""
+    tables = overlap_tables(config.element_basis)
+
+    def exact_overlap(inputs: MoleculeInputs) -> jnp.ndarray:
+        blocks = overlap_blocks(tables, inputs.element_index, inputs.positions)
+        return assemble_matrix(blocks, inputs.ao_atom, inputs.ao_local, inputs.ao_mask)
+
+    return exact_overlap
 
 
 def initial_onsite_offsets(config: PhiSNetConfig, element_index: np.ndarray, ao_atom: np.ndarray,

@@ -7,8 +7,9 @@ which is what validation, evaluation and prediction use.
 
 A model with the core-Hamiltonian head also learns H_core (MSE + MAE, like F) and can learn
 energies and forces end to end: the energy is ``observables.total_energy`` of the predicted
-F, S and H_core, the forces its negative gradient with respect to the positions (autodiff
-inside the loss, so the parameter gradient is a second derivative). The energy and force
+F and H_core with the exact overlap matrix of the geometry, the forces its negative gradient
+with respect to the positions (autodiff inside the loss, so the parameter gradient is a second
+derivative). The energy and force
 labels are the dataset's own level (``energy_source="scf"``) or CCSD(T) (``"ccsd_t"``), which
 is how a model trained on Hartree-Fock matrices is fine-tuned to CCSD(T) (``init_from``: a new
 run that starts from another run's EMA parameters with a fresh optimiser).
@@ -38,7 +39,14 @@ from molfoundation import compiling, runs, sharding
 from molfoundation.errors import InputError, TrainingDiverged
 from phisnet_jax import observables
 from phisnet_jax.data import HamiltonianData, SplitSpec, batch_rows, distance_ranges, load_splits
-from phisnet_jax.model import MoleculeInputs, PhiSNet, PhiSNetConfig, initial_onsite_offsets, make_phisnet
+from phisnet_jax.model import (
+    MoleculeInputs,
+    PhiSNet,
+    PhiSNetConfig,
+    initial_onsite_offsets,
+    make_exact_overlap,
+    make_phisnet,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,15 +168,19 @@ def make_energy_and_forces(model: PhiSNet, with_forces: bool = True) -> Callable
 
     For a batch of padded molecules (inputs with leading axis n, n_occupied (n,)): the model's
     energy (hartree), forces = -dE/dpositions (hartree/bohr; zero on padding atoms) and the
-    model's output matrices (batched dict). Needs the core-Hamiltonian head.
+    model's output matrices (batched dict). The energy is ``padded_total_energy`` of the
+    predicted F and H_core with the *exact* overlap matrix of the geometry (whose derivative
+    dS/dR enters the forces): the predicted S is a learned approximation of a closed-form
+    quantity, and an energy built on it inherits its errors. Needs the core-Hamiltonian head.
     """
     elements = np.asarray(model.config.elements, np.float64)
+    exact_overlap = make_exact_overlap(model.config)
 
     def energy(positions, params, inputs, n_occupied):
         inputs = dataclasses.replace(inputs, positions=positions)
         out = model.apply(params, inputs)
         charges = jnp.where(inputs.atom_mask, jnp.asarray(elements, positions.dtype)[inputs.element_index], 0.0)
-        e = padded_total_energy(out["fock"], out["overlap"], out["core_hamiltonian"], inputs.ao_mask,
+        e = padded_total_energy(out["fock"], exact_overlap(inputs), out["core_hamiltonian"], inputs.ao_mask,
                                 n_occupied, charges, positions)
         return e, out
 

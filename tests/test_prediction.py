@@ -80,17 +80,38 @@ def test_predictions_say_when_they_extrapolate(trained, water_prediction):
         "atoms 1-2 (1-1): element pair never seen in training"]
 
 
+def test_the_exact_overlap_is_used_by_default(trained, water_prediction):
+    """The S of a prediction is pyscf's overlap matrix of the geometry, whatever the model's S
+    head says; the energy is the same whichever S the orbitals use."""
+    m = start_geometry("water")
+    exact = molecules.to_pyscf(m, "sto-3g").intor("int1e_ovlp")
+    assert water_prediction.overlap_source == "exact"
+    np.testing.assert_allclose(water_prediction.overlap, exact, atol=1e-13)
+    assert np.abs(water_prediction.predicted_overlap - exact).max() > 0.05  # an untrained S head
+    with_predicted = predict(trained, m, overlap="predicted")
+    np.testing.assert_array_equal(with_predicted.overlap, water_prediction.predicted_overlap)
+    assert with_predicted.energy == water_prediction.energy
+    assert np.abs(with_predicted.orbital_energies - water_prediction.orbital_energies).max() > 1e-3
+    with pytest.raises(Exception, match="overlap must be one of"):
+        predict(trained, m, overlap="guess")
+
+
 def test_a_predicted_overlap_that_is_not_positive_definite_is_said(trained, water_prediction):
     """Overlap heads scaled up 1000-fold make the off-site blocks of S far too large (up to
-    15 against 0.24), so S has negative eigenvalues; the prediction says so with S's smallest
-    eigenvalue."""
-    assert water_prediction.smallest_overlap_eigenvalue > 0.5  # observed: 0.76
+    15 against 0.24), so S has negative eigenvalues; a prediction with that S says so with its
+    smallest eigenvalue, one with the exact S says nothing."""
+    exact = molecules.to_pyscf(start_geometry("water"), "sto-3g").intor("int1e_ovlp")
+    assert water_prediction.smallest_overlap_eigenvalue == pytest.approx(np.linalg.eigvalsh(exact)[0], abs=1e-12)
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: 1000 * np.asarray(x) if "overlap_head" in jax.tree_util.keystr(path) else x, trained.params)
     broken = dataclasses.replace(trained, params=params)
-    broken.__dict__.update(apply=trained.apply, energy_and_gradient=trained.energy_and_gradient)  # compiled once
+    broken.__dict__.update({name: getattr(trained, name) for name in  # compiled once
+                            ("apply", "batched_energy_and_forces", "exact_overlap")})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PredictionWarning)
+        assert predict(broken, start_geometry("water")).warnings == ()
     with pytest.warns(PredictionWarning, match="overlap matrix is not positive definite"):
-        prediction = predict(broken, start_geometry("water"))
+        prediction = predict(broken, start_geometry("water"), overlap="predicted")
     smallest = np.linalg.eigvalsh(prediction.overlap)[0]
     assert smallest < 0 and prediction.smallest_overlap_eigenvalue == pytest.approx(smallest, abs=1e-12)
     assert prediction.warnings == (f"the predicted overlap matrix is not positive definite (smallest eigenvalue "

@@ -11,6 +11,7 @@ import pytest
 import scipy.linalg
 
 from phisnet_jax import train as training
+from molfoundation import molecules
 from molfoundation.errors import InputError
 from phisnet_jax.evaluate import load_trained_model, orbital_metrics
 from phisnet_jax.generate import GenerationRequest, generate
@@ -300,18 +301,27 @@ def test_cli_train_evaluate_predict(tmp_path, water_data, capsys, monkeypatch):
     (tmp_path / "w.xyz").write_text("3\n\nO 0 0 0\nH 0 0.76 0.58\nH 0 -0.76 0.58\n")
     code, out, err = phisnet("predict", "r", "--xyz", "w.xyz", "-o", "p.npz", "--cube", "cubes")
     assert code == 0, err
+    water = molecules.read_xyz(str(tmp_path / "w.xyz"))[0]
+    exact = molecules.to_pyscf(water, "sto-3g").intor("int1e_ovlp")
     with np.load(tmp_path / "p.npz") as z:
-        assert z["fock"].shape == (1, 7, 7) and np.all(np.diag(z["overlap"][0]) == 1.0)
+        assert z["fock"].shape == (1, 7, 7) and str(z["overlap_source"]) == "exact"
+        np.testing.assert_allclose(z["overlap"][0], exact, atol=1e-12)
+        assert np.abs(z["predicted_overlap"][0] - exact).max() > 1e-3  # a barely trained S head
         assert z["orbital_energies"].shape == (1, 7) and "energy" not in z.files  # no H_core head
         # The predicted density holds water's 10 electrons, shared out by the Mulliken charges.
-        assert abs(np.trace(z["density_matrix"][0] @ z["overlap"][0]) - 10.0) < 1e-4
-        assert abs(z["mulliken_charges"].sum()) < 1e-4
+        assert abs(np.trace(z["density_matrix"][0] @ exact) - 10.0) < 1e-10
+        assert abs(z["mulliken_charges"].sum()) < 1e-10
     assert sorted(os.listdir(tmp_path / "cubes")) == [
         "geometry0_density.cube", "geometry0_orbital4.cube", "geometry0_orbital5.cube"]
     (tmp_path / "stretched.xyz").write_text("3\n\nO 0 0 0\nH 0 0 2.5\nH 0 -0.76 0.58\n")
-    code, out, err = phisnet("predict", "r", "--xyz", "stretched.xyz", "-o", "s.npz", "--json")
+    code, out, err = phisnet("predict", "r", "--xyz", "stretched.xyz", "-o", "s.npz", "--overlap", "predicted",
+                             "--json")
     assert code == 0 and "outside the training data" in err, err
-    assert json.loads(out)["geometries_outside_training_distances"] == 1
+    summary = json.loads(out)
+    assert summary["geometries_outside_training_distances"] == 1 and summary["overlap"] == "predicted"
+    with np.load(tmp_path / "s.npz") as z:
+        np.testing.assert_array_equal(z["overlap"], z["predicted_overlap"])
+        assert abs(np.trace(z["density_matrix"][0] @ z["overlap"][0]) - 10.0) < 1e-4
     code, out, err = phisnet("scf-guess", "r", "--split", "valid", "-n", "2", "--json")
     assert code == 0, err
     report = json.loads(out)

@@ -30,7 +30,7 @@ from molfoundation.errors import InputError
 from phisnet_jax.evaluate import load_trained_model, predict_energies_and_forces
 from phisnet_jax.generate import GenerationRequest, generate
 from phisnet_jax.model import PhiSNetConfig, make_phisnet
-from molfoundation.molecules import Molecule
+from molfoundation.molecules import Molecule, to_pyscf
 from phisnet_jax.reference import LevelOfTheory
 from phisnet_jax.sampling import TrajectoryEnsemble
 
@@ -137,14 +137,15 @@ def test_loss_forces_are_minus_finite_difference_gradients(cc_data, source_run):
             atom, axis, _ = shifts[r]
             fd_forces[rows[r], atom, axis] = -(energies[r] - energies[r + 1]) / (2 * h)
 
-        # The padded H2 has the energy of observables.total_energy on its own 2 x 2 matrices.
-        h2 = observables.total_energy(out["fock"][1, :2, :2], out["overlap"][1, :2, :2],
+        # The padded H2 has the energy of observables.total_energy on its own 2 x 2 matrices, with
+        # pyscf's overlap matrix of its geometry.
+        h2_geometry = Molecule(np.array([1, 1]), positions[1, :2])
+        h2 = observables.total_energy(out["fock"][1, :2, :2], to_pyscf(h2_geometry, "sto-3g").intor("int1e_ovlp"),
                                       out["core_hamiltonian"][1, :2, :2], 1, jnp.array([1.0, 1.0]), positions[1, :2])
         assert abs(energies[1] - float(h2)) < 1e-10
-        # The broadening in observables.safe_eigh (eta^2 = 1e-10) shifts the gradient by ~1e-6 here,
-        # where two overlap eigenvalues of this barely trained model lie 7e-4 apart; with eta^2 = 1e-24
-        # autodiff and central differences (h = 1e-4 bohr) agree to 6e-9.
-        np.testing.assert_allclose(forces[:2], fd_forces, atol=1e-5)
+        # Autodiff (dS/dR of the exact overlap included) and central differences (h = 1e-4 bohr,
+        # error O(h^2)) agree to 2.1e-8 (observed).
+        np.testing.assert_allclose(forces[:2], fd_forces, atol=1e-7)
         assert np.abs(fd_forces).max() > 1e-2 and np.all(forces[1, 2:] == 0.0)  # padding atoms: zero
 
         loss_fn = jax.jit(training.make_loss(trained.model, ALL_TERMS))

@@ -7,7 +7,7 @@ import pytest
 from pyscf import gto, scf
 from scipy.spatial.transform import Rotation
 
-from molfoundation import molecules
+from molfoundation import gaussians, molecules
 from molfoundation.basis import ao_rotation
 from molfoundation.errors import InputError
 from vmc import orbitals, systems
@@ -209,7 +209,7 @@ def test_ao_values_match_pyscf_eval_gto(basis):
     water = systems.from_name("H2O")
     mol = water.to_pyscf(basis)
     points = POINTS + water.positions[0]
-    ao_values = orbitals.make_ao_values(orbitals.GaussianBasis.from_mole(mol))
+    ao_values = gaussians.make_ao_values(gaussians.GaussianBasis.from_mole(mol))
     with jax.enable_x64(True):
         values = np.asarray(jax.jit(ao_values)(water.positions, points))
         gradients = np.asarray(

@@ -23,6 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from molfoundation import gaussians
 from vmc import ansatz, hamiltonian, orbitals
 from vmc.systems import System
 
@@ -157,7 +158,7 @@ def build_groups(
             systems=tuple(system_set[i] for i in members),
             hartree_fock=hfs,
             geometries=_stack([geometry_of(hf, config, dtype) for hf in hfs]),
-            ao_values=orbitals.make_ao_values(hfs[0].basis),
+            ao_values=gaussians.make_ao_values(hfs[0].basis),
         ))
     return groups
 

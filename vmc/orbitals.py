@@ -18,8 +18,7 @@ basis (STO-6G by default). They are made *reproducible* functions of the geometr
 Spin-up orbitals are the occupied alpha orbitals (doubly and singly occupied), spin-down ones
 the doubly occupied orbitals. Coefficients are in pyscf's AO order; ``AOLayout`` describes the
 shells. For supervised pretraining the orbitals are also evaluated at electron positions in
-JAX: the contracted spherical GTOs of the basis are computed from pyscf's basis data in jnp
-(:func:`make_ao_values`), independent of pyscf's own integral library.
+JAX (:func:`molfoundation.gaussians.make_ao_values`).
 """
 
 from __future__ import annotations
@@ -29,8 +28,9 @@ from typing import Callable
 
 import numpy as np
 
-from molfoundation.basis import AOLayout, parity_letter, pyscf_to_e3nn
+from molfoundation.basis import AOLayout
 from molfoundation.errors import InputError
+from molfoundation.gaussians import GaussianBasis, make_ao_values
 from vmc.systems import System
 
 DEFAULT_BASIS = "sto-6g"
@@ -45,116 +45,6 @@ TIE_BREAK_DECIMALS = 4
 # orbitals; below it the spread is flat in the orbital rotations (e.g. one atom).
 MIN_SPREAD_GAIN = 1e-6
 MAX_STABILITY_RESTARTS = 10
-
-
-@dataclasses.dataclass(frozen=True)
-class GaussianShell:
-    """One contracted spherical Gaussian shell: sum_p c_p r^l exp(-a_p r^2) Y_lm.
-
-    ``coefficients`` multiply unnormalised primitives (pyscf's radial normalisation of each
-    primitive folded in), so the shell's AOs are normalised as in pyscf.
-    """
-
-    atom: int
-    l: int
-    exponents: tuple[float, ...]
-    coefficients: tuple[float, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class GaussianBasis:
-    """The contracted spherical GTOs of one molecule, shell by shell in pyscf's AO order."""
-
-    shells: tuple[GaussianShell, ...]
-    n_atoms: int
-
-    @classmethod
-    def from_mole(cls, mol) -> "GaussianBasis":
-        from pyscf import gto
-
-        if mol.cart:
-            raise ValueError("Cartesian AO bases are not supported; use spherical (mol.cart=False)")
-        shells = []
-        for bas_id in range(mol.nbas):
-            l = int(mol.bas_angular(bas_id))
-            exponents = np.asarray(mol.bas_exp(bas_id), dtype=np.float64)
-            # bas_ctr_coeff refers to normalised primitives; fold their norms in.
-            contractions = mol.bas_ctr_coeff(bas_id) * gto.gto_norm(l, exponents)[:, None]
-            for c in contractions.T:
-                shells.append(GaussianShell(int(mol.bas_atom(bas_id)), l,
-                                            tuple(exponents.tolist()), tuple(c.tolist())))
-        return cls(tuple(shells), int(mol.natm))
-
-    @property
-    def layout(self) -> AOLayout:
-        return AOLayout(tuple(s.atom for s in self.shells), tuple(s.l for s in self.shells),
-                        self.n_atoms)
-
-    @property
-    def n_ao(self) -> int:
-        return self.layout.n_ao
-
-
-def make_ao_values(basis: GaussianBasis) -> Callable:
-    """Values of all AOs at points, in jnp.
-
-    Returns:
-        ``fn(atom_positions: (n_atoms, 3) bohr, points: (n_points, 3) bohr) -> (n_points, n_ao)``
-        in pyscf's AO order (equal to ``mol.eval_gto("GTOval_sph", points)``); jit-able and
-        differentiable in both arguments. The nuclear positions are an argument so that one
-        compiled function serves every geometry of a molecule.
-    """
-    import e3nn_jax as e3nn
-    import jax.numpy as jnp
-
-    layout = basis.layout
-    offsets = layout.shell_offsets
-    groups = []  # one entry per angular momentum: shells of that l, evaluated together
-    ao_order = []
-    for l in sorted(set(layout.shell_l)):
-        members = [s for s, shell in enumerate(basis.shells) if shell.l == l]
-        n_prim = max(len(basis.shells[s].exponents) for s in members)
-        # Padding primitives have coefficient 0 (and exponent 1, any finite value would do).
-        exponents = np.ones((len(members), n_prim))
-        coefficients = np.zeros((len(members), n_prim))
-        for row, s in enumerate(members):
-            n = len(basis.shells[s].exponents)
-            exponents[row, :n] = basis.shells[s].exponents
-            coefficients[row, :n] = basis.shells[s].coefficients
-        atoms = np.array([basis.shells[s].atom for s in members])
-        # pyscf's real spherical AOs are unit-normalised on the sphere; e3nn's "component"
-        # harmonics have mean square 1 there, hence 1/sqrt(4 pi), and Q_l maps the orders.
-        angular = pyscf_to_e3nn(l) / np.sqrt(4.0 * np.pi)
-        groups.append((l, atoms, exponents, coefficients, angular))
-        for s in members:
-            ao_order.extend(range(int(offsets[s]), int(offsets[s + 1])))
-    # Columns are produced grouped by l; this gather puts them back in pyscf order.
-    to_pyscf_order = np.argsort(np.asarray(ao_order))
-
-    def ao_values(atom_positions, points):
-        atom_positions = jnp.asarray(atom_positions, points.dtype)
-        columns = []
-        for l, atoms, exponents, coefficients, angular in groups:
-            d = points[:, None, :] - atom_positions[atoms][None]  # (n_points, n_shells, 3)
-            r2 = jnp.sum(d * d, axis=-1)
-            radial = jnp.sum(
-                jnp.asarray(coefficients, points.dtype)
-                * jnp.exp(-jnp.asarray(exponents, points.dtype) * r2[..., None]),
-                axis=-1,
-            )
-            if l == 0:
-                values = radial[..., None] * jnp.asarray(angular[0, 0], points.dtype)
-            else:
-                # Unnormalised harmonics are the solid harmonics r^l Y_lm(r_hat): polynomials,
-                # smooth at the nucleus.
-                solid = e3nn.spherical_harmonics(
-                    f"{l}{parity_letter(l)}", d, normalize=False, normalization="component"
-                ).array
-                values = radial[..., None] * (solid @ jnp.asarray(angular, points.dtype))
-            columns.append(values.reshape(points.shape[0], -1))
-        return jnp.concatenate(columns, axis=1)[:, to_pyscf_order]
-
-    return ao_values
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
