@@ -28,15 +28,20 @@ def manager(directory: str):
 
 def latest_step(directory: str) -> int | None:
     """The step of the newest checkpoint in ``directory``, None if there is none."""
+    return max(all_steps(directory), default=None)
+
+
+def all_steps(directory: str) -> list[int]:
+    """The steps of the checkpoints in ``directory``, ascending (empty if none)."""
     if not os.path.isdir(directory):
-        return None
-    return manager(directory).latest_step()
+        return []
+    return sorted(manager(directory).all_steps())
 
 
-def restore_latest(directory: str, template: Callable[[], Any]) -> Any | None:
-    """The newest state in ``directory`` (None if there is none). ``template()`` gives the
-    state's structure, shapes and dtypes (e.g. through ``jax.eval_shape``); it is only called
-    when there is a checkpoint to restore."""
+def restore_latest(directory: str, template: Callable[[], Any], step: int | None = None) -> Any | None:
+    """The newest state in ``directory``, or the one of ``step`` (None if there is none).
+    ``template()`` gives the state's structure, shapes and dtypes (e.g. through
+    ``jax.eval_shape``); it is only called when there is a checkpoint to restore."""
     import orbax.checkpoint as ocp
 
     @functools.cache
@@ -45,44 +50,49 @@ def restore_latest(directory: str, template: Callable[[], Any]) -> Any | None:
         return ocp.args.StandardRestore(
             jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), template()))
 
-    return _restore_newest(directory, restore_args)
+    return _restore(directory, restore_args, step)
 
 
-def restore_raw(directory: str) -> dict:
-    """The newest state in ``directory`` as saved (nested dicts of arrays), without a template."""
+def restore_raw(directory: str, step: int | None = None) -> dict:
+    """The newest state in ``directory``, or the one of ``step``, as saved (nested dicts of
+    arrays), without a template."""
     import orbax.checkpoint as ocp
 
-    state = _restore_newest(directory, ocp.args.StandardRestore)
+    state = _restore(directory, ocp.args.StandardRestore, step)
     if state is None:
         raise InputError(f"no checkpoint in {directory}")
     return state
 
 
-def _restore_newest(directory: str, restore_args: Callable[[], Any]) -> Any | None:
-    """The newest checkpoint of ``directory`` (None if there is none); if it cannot be read,
-    an InputError that says why and whether an older checkpoint there can (never restored
-    silently in its place)."""
+def _restore(directory: str, restore_args: Callable[[], Any], step: int | None) -> Any | None:
+    """Checkpoint ``step`` of ``directory``, the newest if None (None if there is none); if it
+    cannot be read, an InputError that says why and whether an older checkpoint there can
+    (never restored silently in its place)."""
     if not os.path.isdir(directory):
         return None
     checkpoint_manager = manager(directory)
-    steps = sorted(checkpoint_manager.all_steps(), reverse=True)
+    steps = sorted(checkpoint_manager.all_steps())
+    if step is not None and step not in steps:
+        raise InputError(f"no checkpoint {step} in {directory} (there: {', '.join(map(str, steps)) or 'none'})")
     if not steps:
         return None
-    newest, *older = steps
+    wanted = steps[-1] if step is None else step
     _quiet_abandoned_reads()
     try:
-        return checkpoint_manager.restore(newest, args=restore_args())
+        return checkpoint_manager.restore(wanted, args=restore_args())
     except Exception as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         reason = reason if len(reason) <= 200 else reason[:200] + "..."  # storage errors quote whole specs
-        message = f"cannot restore checkpoint {newest} in {directory}: {reason}"
-    for step in older:
+        message = f"cannot restore checkpoint {wanted} in {directory}: {reason}"
+    for older in reversed(steps):
+        if older >= wanted:
+            continue
         try:
-            checkpoint_manager.restore(step, args=restore_args())
+            checkpoint_manager.restore(older, args=restore_args())
         except Exception:
             continue
-        message += (f"; checkpoint {step} there is intact: to go back to it, delete "
-                    f"{os.path.join(directory, str(newest))} (a training run then resumes from step {step})")
+        message += (f"; checkpoint {older} there is intact: load it explicitly (--checkpoint {older}), or delete "
+                    f"{os.path.join(directory, str(wanted))} to resume training from step {older}")
         break
     raise InputError(message)
 

@@ -48,3 +48,11 @@ def settings_option(help_text: str):
     """The repeatable ``--set KEY=VALUE`` option (values typed by
     :mod:`molfoundation.settings`), passed to the command as ``settings``."""
     return click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help=help_text)
+
+
+def checkpoint_option():
+    """The ``--checkpoint STEP`` option of the commands that load a trained model, passed as
+    ``checkpoint_step`` (None: the newest checkpoint)."""
+    return click.option("--checkpoint", "checkpoint_step", type=int, metavar="STEP",
+                        help="Load the checkpoint of this step instead of the newest (e.g. when the newest "
+                        "cannot be read).")

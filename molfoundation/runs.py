@@ -135,12 +135,12 @@ class RunDirectory:
         """The step of the newest checkpoint of ``phase``, None if there is none."""
         return checkpoints.latest_step(self.checkpoint_dir(phase))
 
-    def restore(self, phase: str, template: Callable[[], Any]) -> Any | None:
-        """The newest state of ``phase``; ``template()`` gives its shapes. None when the phase
-        has not started; InputError when its checkpoints are missing although the log shows
-        that it ran (a phase saves its step-0 state before it logs anything) or when the newest
-        one cannot be read."""
-        state = checkpoints.restore_latest(self.checkpoint_dir(phase), template)
+    def restore(self, phase: str, template: Callable[[], Any], step: int | None = None) -> Any | None:
+        """The newest state of ``phase``, or the one of ``step``; ``template()`` gives its
+        shapes. None when the phase has not started; InputError when its checkpoints are
+        missing although the log shows that it ran (a phase saves its step-0 state before it
+        logs anything), when ``step`` has no checkpoint, or when the state cannot be read."""
+        state = checkpoints.restore_latest(self.checkpoint_dir(phase), template, step)
         if state is None:
             order = self.phases.index(phase)
             if any(self.phases.index(e["phase"]) >= order for e in self.read_log()):

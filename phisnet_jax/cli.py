@@ -13,7 +13,7 @@ import warnings
 
 import click
 
-from molfoundation.cli import print_error, run_cli, settings_option
+from molfoundation.cli import checkpoint_option, print_error, run_cli, settings_option
 from molfoundation.errors import InputError
 from molfoundation.settings import apply_settings, split_settings
 
@@ -209,13 +209,14 @@ def train(dataset, run_dir, molecules_, n_train, n_valid, split_seed, preset, ma
 @click.argument("run_dir")
 @click.option("--dataset", help="Dataset to evaluate on [default: the run's training dataset].")
 @click.option("--split", type=click.Choice(["train", "valid", "test", "all"]), default="test", show_default=True)
+@checkpoint_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
-def evaluate(run_dir, dataset, split, as_json):
+def evaluate(run_dir, dataset, split, checkpoint_step, as_json):
     """Accuracy of a trained model: MAE of F, S, occupied orbital energies, orbital similarity."""
     from phisnet_jax.evaluate import accuracy, load_trained_model, run_split
     from phisnet_jax.train import load_run_config
 
-    trained = load_trained_model(run_dir)
+    trained = load_trained_model(run_dir, checkpoint_step)
     _, _, data_cfg = load_run_config(run_dir)
     path = dataset or data_cfg.dataset
     metrics = accuracy(trained, run_split(trained.config, data_cfg, split, dataset))
@@ -242,8 +243,9 @@ def evaluate(run_dir, dataset, split, as_json):
 @click.option("--overlap", "overlap_source", type=click.Choice(["exact", "predicted"]), default="exact",
               show_default=True, help="The overlap matrix S that orbitals, densities, charges and dipoles use: "
               "the exact integrals of the geometry or the model's prediction.")
+@checkpoint_option()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def predict(run_dir, xyz_path, dataset, molecule, indices, output, cube_dir, overlap_source, as_json):
+def predict(run_dir, xyz_path, dataset, molecule, indices, output, cube_dir, overlap_source, checkpoint_step, as_json):
     """Predict F and S (pyscf AO order) for geometries and everything derived from them.
 
     The .npz holds, per geometry, F, the S used and the predicted S, orbital energies and coefficients, density matrix,
@@ -278,7 +280,7 @@ def predict(run_dir, xyz_path, dataset, molecule, indices, output, cube_dir, ove
         if [int(z) for z in g.atomic_numbers] != [int(z) for z in geometries[0].atomic_numbers]:
             raise InputError("all geometries must have the same atoms in the same order")
     model_cfg.element_basis.index_of(geometries[0].atomic_numbers)  # elements the model knows
-    trained = load_trained_model(run_dir)
+    trained = load_trained_model(run_dir, checkpoint_step)
 
     with warnings.catch_warnings():  # said below with the geometry's number, from the predictions
         warnings.simplefilter("ignore", predictions.PredictionWarning)
@@ -322,16 +324,23 @@ def predict(run_dir, xyz_path, dataset, molecule, indices, output, cube_dir, ove
 @click.option("--split", type=click.Choice(["train", "valid", "test", "all"]), default="test", show_default=True)
 @click.option("--xyz", "xyz_path", help="Use the geometries of this file instead of a dataset.")
 @click.option("-n", "--max-geometries", default=10, show_default=True)
+@click.option("--overlap", "overlaps", type=click.Choice(["exact", "predicted"]), multiple=True,
+              help="The S of the predicted density (repeat for both: guesses 'predicted' and 'predicted_S') "
+              "[default: exact].")
+@checkpoint_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON on stdout.")
-def scf_guess(run_dir, dataset, molecule, split, xyz_path, max_geometries, as_json):
+def scf_guess(run_dir, dataset, molecule, split, xyz_path, max_geometries, overlaps, checkpoint_step, as_json):
     """SCF iterations and time from the predicted density vs pyscf's guesses (minao, atom, huckel, 1e).
 
     SCF runs at the run's level of theory; converged energies must agree to 1e-8 hartree.
     """
     from phisnet_jax import scf_guess as guesses
+    from phisnet_jax.evaluate import load_trained_model
 
-    summary = guesses.compare_guesses(run_dir, dataset=dataset, molecule=molecule, split=split,
-                                      xyz_path=xyz_path, max_geometries=max_geometries)
+    summary = guesses.compare_guesses(run_dir, trained=load_trained_model(run_dir, checkpoint_step), dataset=dataset,
+                                      molecule=molecule, split=split,
+                                      xyz_path=xyz_path, max_geometries=max_geometries,
+                                      overlaps=overlaps or ("exact",))
     if as_json:
         click.echo(json.dumps(summary))
     else:

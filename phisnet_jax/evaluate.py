@@ -82,10 +82,10 @@ class TrainedModel:
         return jax.jit(make_exact_overlap(self.config))
 
 
-def load_trained_model(run_dir: str) -> TrainedModel:
-    """The EMA parameters of the latest checkpoint of a training run, with the distances it
-    was trained on."""
-    model_cfg, train_cfg, params, step = load_ema_parameters(run_dir)
+def load_trained_model(run_dir: str, step: int | None = None) -> TrainedModel:
+    """The EMA parameters of the latest checkpoint of a training run (or of the checkpoint of
+    ``step``), with the distances it was trained on."""
+    model_cfg, train_cfg, params, step = load_ema_parameters(run_dir, step)
     path = os.path.join(run_dir, DISTANCE_RANGES_FILE)
     try:
         with open(path) as f:

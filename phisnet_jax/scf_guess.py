@@ -1,7 +1,8 @@
 """Predicted Hamiltonians as SCF initial guesses, compared with pyscf's own guesses.
 
 For each geometry, pyscf runs the SCF from the density 2 C_occ C_occ^T of the predicted F (with
-the exact, cheaply computed overlap S, as in the QH9 benchmark) and from its standard guesses.
+the exact, cheaply computed overlap S, as in the QH9 benchmark, as guess "predicted"; with the
+model's S as "predicted_S") and from its standard guesses.
 The guess may change how fast the SCF converges, never what it converges to: the converged
 energies are compared and any disagreement above ``energy_tolerance`` is reported.
 """
@@ -12,7 +13,6 @@ import dataclasses
 import time
 
 import numpy as np
-import scipy.linalg
 
 from molfoundation.errors import InputError
 from molfoundation.molecules import Molecule, to_pyscf
@@ -22,10 +22,16 @@ PYSCF_GUESSES = ("minao", "atom", "huckel", "1e")
 
 
 def predicted_density(fock: np.ndarray, overlap: np.ndarray, n_occupied: int) -> np.ndarray:
-    """Closed-shell density matrix from the occupied orbitals of F C = S C eps."""
-    _, c = scipy.linalg.eigh(fock, overlap)
-    occ = c[:, :n_occupied]
-    return 2.0 * occ @ occ.T
+    """(M, M) closed-shell density matrix from the occupied orbitals of F C = S C eps
+    (``observables.roothaan``: a predicted S that is not positive definite is clamped)."""
+    import jax
+    import jax.numpy as jnp
+
+    from phisnet_jax import observables
+
+    with jax.enable_x64(True):
+        _, c = observables.roothaan(jnp.asarray(fock, jnp.float64), jnp.asarray(overlap, jnp.float64))
+        return np.asarray(observables.density_matrix(c, n_occupied))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,21 +43,21 @@ class GuessResult:
     converged: bool
 
 
-def run_from_guesses(molecule: Molecule, level: LevelOfTheory, predicted_fock: np.ndarray | None,
+def run_from_guesses(molecule: Molecule, level: LevelOfTheory, densities: dict[str, np.ndarray],
                      guesses=PYSCF_GUESSES) -> list[GuessResult]:
-    """SCF runs of one geometry from the predicted density (if given) and pyscf's guesses."""
+    """SCF runs of one geometry from the given initial densities (name -> (M, M)), then from
+    pyscf's guesses."""
     mol = to_pyscf(molecule, level.basis)
     results = []
-    runs = ([("predicted", None)] if predicted_fock is not None else []) + [(g, g) for g in guesses]
-    for name, pyscf_guess in runs:
+    runs = [(name, dm) for name, dm in densities.items()] + [(g, g) for g in guesses]
+    for name, start in runs:
         mf = make_scf(mol, level)
         t0 = time.perf_counter()
-        if pyscf_guess is None:
-            dm0 = predicted_density(predicted_fock, mol.intor("int1e_ovlp"), molecule.n_electrons // 2)
-            mf.kernel(dm0=dm0)
-        else:
-            mf.init_guess = pyscf_guess
+        if isinstance(start, str):
+            mf.init_guess = start
             mf.kernel()
+        else:
+            mf.kernel(dm0=start)
         results.append(GuessResult(name, int(mf.cycles), time.perf_counter() - t0, float(mf.e_tot), bool(mf.converged)))
     return results
 
@@ -105,19 +111,34 @@ def held_out_geometries(run_dir: str, dataset: str | None = None, molecule: str 
     return geometries, level
 
 
-def compare_guesses(run_dir: str, guesses=PYSCF_GUESSES, trained=None, **selection) -> dict:
+OVERLAP_GUESSES = {"exact": "predicted", "predicted": "predicted_S"}
+"""The name of the predicted-density guess for each source of S (``prediction.OVERLAP_SOURCES``)."""
+
+
+def compare_guesses(run_dir: str, guesses=PYSCF_GUESSES, trained=None, overlaps=("exact",), **selection) -> dict:
     """The ``summarize`` table for a trained model on held-out geometries (``held_out_geometries``
     selection), with the per-geometry results under ``per_geometry``; ``trained``: the run's
-    model if already loaded."""
+    model if already loaded; ``overlaps``: the S of each predicted density ("exact" and/or
+    "predicted", guesses named by ``OVERLAP_GUESSES``)."""
     from phisnet_jax.evaluate import load_trained_model, predict_matrices
     from phisnet_jax.model import MoleculeInputs, make_inputs
 
+    unknown = set(overlaps) - set(OVERLAP_GUESSES)
+    if unknown:
+        raise InputError(f"unknown overlap source(s) {sorted(unknown)}: use {sorted(OVERLAP_GUESSES)}")
     geometries, level = held_out_geometries(run_dir, **selection)
     trained = trained or load_trained_model(run_dir)
     per = [make_inputs(trained.config, g.atomic_numbers, g.positions) for g in geometries]
     stacked = MoleculeInputs(**{k: np.stack([getattr(p, k) for p in per]) for k in vars(per[0])})
-    focks, _ = predict_matrices(trained, stacked)
-    results = [run_from_guesses(g, level, f, guesses) for g, f in zip(geometries, focks)]
+    focks, predicted_overlaps = predict_matrices(trained, stacked)
+    results = []
+    for g, fock, predicted_overlap in zip(geometries, focks, predicted_overlaps):
+        exact = to_pyscf(g, level.basis).intor("int1e_ovlp")
+        k = exact.shape[0]
+        overlap = {"exact": exact, "predicted": predicted_overlap[:k, :k]}
+        densities = {OVERLAP_GUESSES[source]: predicted_density(fock[:k, :k], overlap[source], g.n_electrons // 2)
+                     for source in overlaps}
+        results.append(run_from_guesses(g, level, densities, guesses))
     summary = summarize(results)
     summary.update({"run_dir": run_dir, "level_of_theory": f"{level.method}/{level.basis}",
                     "conv_tol": level.conv_tol, "model_step": trained.step,

@@ -379,8 +379,9 @@ def load_run_config(run_dir: str) -> tuple[PhiSNetConfig, TrainConfig, DataConfi
     return run_directory(run_dir).parse_config(_configs_from_record)
 
 
-def load_ema_parameters(run_dir: str) -> tuple[PhiSNetConfig, TrainConfig, Any, int]:
-    """(model config, training config, EMA parameters, step) of a run's latest checkpoint."""
+def load_ema_parameters(run_dir: str, step: int | None = None) -> tuple[PhiSNetConfig, TrainConfig, Any, int]:
+    """(model config, training config, EMA parameters, step) of a run's latest checkpoint, or
+    of the checkpoint of ``step``."""
     from phisnet_jax.model import make_inputs
 
     model_cfg, train_cfg, _ = load_run_config(run_dir)
@@ -389,16 +390,16 @@ def load_ema_parameters(run_dir: str) -> tuple[PhiSNetConfig, TrainConfig, Any, 
     example = make_inputs(model_cfg, [model_cfg.elements[0]], np.zeros((1, 3)))
     example = cast_inputs(jax.tree.map(lambda a: np.asarray(a)[None], example), runs.float_dtype(train_cfg.float64))
     with runs.precision(train_cfg.float64):
-        state = restore_state(run_dir, lambda: state_shapes(model, train_cfg, example, make_optimizer(train_cfg)))
+        state = restore_state(run_dir, lambda: state_shapes(model, train_cfg, example, make_optimizer(train_cfg)), step)
     if state is None:
         raise InputError(f"{run_dir} has no checkpoint to load")
     return model_cfg, train_cfg, state.ema_params, int(state.step)
 
 
-def restore_state(run_dir: str, template: Callable[[], TrainState]) -> TrainState | None:
-    """The latest checkpoint of a run (None if it has none); ``template()`` gives shapes only
-    and is called only when there is a checkpoint."""
-    return run_directory(run_dir).restore(PHASE, template)
+def restore_state(run_dir: str, template: Callable[[], TrainState], step: int | None = None) -> TrainState | None:
+    """The latest checkpoint of a run, or the one of ``step`` (None if it has none);
+    ``template()`` gives shapes only and is called only when there is a checkpoint."""
+    return run_directory(run_dir).restore(PHASE, template, step)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Checkpoints that cannot be read: one error that says why and names an intact older
-checkpoint, and nothing else on stderr (the storage library's abandoned reads stay quiet)."""
+checkpoint, which can then be loaded explicitly, and nothing else on stderr (the storage
+library's abandoned reads stay quiet)."""
 
 import os
 import subprocess
@@ -28,10 +29,12 @@ DAMAGED_RESTORE = textwrap.dedent("""
         for name in files:
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"not a checkpoint")
-    try:
-        checkpoints.restore_raw(directory)
-    except InputError as exc:
-        print(exc)
+    for step in (None, 7):
+        try:
+            checkpoints.restore_raw(directory, step)
+        except InputError as exc:
+            print(exc)
+    print(float(checkpoints.restore_raw(directory, 1)["a3"][0]))  # the intact one, asked for explicitly
 """)
 
 
@@ -41,8 +44,10 @@ def test_damaged_checkpoint_is_one_error_naming_the_intact_one(tmp_path, attempt
     out = subprocess.run([sys.executable, "-c", DAMAGED_RESTORE, directory], text=True, capture_output=True,
                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert out.returncode == 0, out.stderr[-3000:]
-    message = out.stdout.strip()
-    assert message.startswith(f"cannot restore checkpoint 2 in {directory}: ")
-    assert message.endswith(f"checkpoint 1 there is intact: to go back to it, delete "
-                            f"{os.path.join(directory, '2')} (a training run then resumes from step 1)")
+    damaged, missing, value = out.stdout.strip().splitlines()
+    assert damaged.startswith(f"cannot restore checkpoint 2 in {directory}: ")
+    assert damaged.endswith(f"; checkpoint 1 there is intact: load it explicitly (--checkpoint 1), or delete "
+                            f"{os.path.join(directory, '2')} to resume training from step 1")
+    assert missing == f"no checkpoint 7 in {directory} (there: 1, 2)"
+    assert value == "3.0"
     assert out.stderr == ""

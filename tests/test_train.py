@@ -298,6 +298,9 @@ def test_cli_train_evaluate_predict(tmp_path, water_data, capsys, monkeypatch):
     assert code == 0, err
     metrics = json.loads(out)
     assert metrics["samples"] == 4 and metrics["split"] == "test" and metrics["fock_mae_uha"] > 0
+    assert metrics["step"] == 6
+    code, out, err = phisnet("evaluate", "r", "--checkpoint", "4", "--json")  # the run's older checkpoint
+    assert code == 0 and json.loads(out)["step"] == 4, err
     (tmp_path / "w.xyz").write_text("3\n\nO 0 0 0\nH 0 0.76 0.58\nH 0 -0.76 0.58\n")
     code, out, err = phisnet("predict", "r", "--xyz", "w.xyz", "-o", "p.npz", "--cube", "cubes")
     assert code == 0, err
@@ -322,15 +325,17 @@ def test_cli_train_evaluate_predict(tmp_path, water_data, capsys, monkeypatch):
     with np.load(tmp_path / "s.npz") as z:
         np.testing.assert_array_equal(z["overlap"], z["predicted_overlap"])
         assert abs(np.trace(z["density_matrix"][0] @ z["overlap"][0]) - 10.0) < 1e-4
-    code, out, err = phisnet("scf-guess", "r", "--split", "valid", "-n", "2", "--json")
+    code, out, err = phisnet("scf-guess", "r", "--split", "valid", "-n", "2", "--overlap", "exact", "--overlap",
+                             "predicted", "--json")
     assert code == 0, err
     report = json.loads(out)
     assert report["energies_agree"] and report["geometries"] == 2
-    assert set(report["guesses"]) == {"predicted", "minao", "atom", "huckel", "1e"}
+    assert set(report["guesses"]) == {"predicted", "predicted_S", "minao", "atom", "huckel", "1e"}
     (tmp_path / "hcl.xyz").write_text("2\n\nCl 0 0 0\nH 0 0 1.3\n")
     for args, message in [
         (["predict", "r", "--xyz", "hcl.xyz", "-o", "q.npz"], "not atomic number"),
         (["evaluate", "missing_run"], "not a PhiSNet training run directory"),
+        (["evaluate", "r", "--checkpoint", "5"], "no checkpoint 5 in"),
         (["train", water_data, *common, "--steps", "1", "--set", "nonsense=1"], "unknown setting"),
     ]:
         code, _, err = phisnet(*args)

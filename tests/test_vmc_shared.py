@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import log_lines, reuse_problems, run_vmc_cli, without_timings
 
+from molfoundation.errors import InputError
 from vmc import ansatz, cli, evaluate, geometries, hamiltonian, loss, mcmc, system_sets, systems, train
 from vmc.config import ScheduleConfig, SystemsConfig, load_config, preset_config
 
@@ -174,9 +175,10 @@ def test_cli_pretrain_resume_finetune_and_zero_shot(runs, tmp_path, capsys, monk
     code, out, _ = run_vmc_cli(["pretrain", "--run-dir", run_dir, "--steps", "6", "--json"], capsys)
     assert code == 0 and json.loads(out)["steps"] == 6
     assert without_timings(log_lines(run_dir)) == without_timings(log_lines(straight))
-    code, out, _ = run_vmc_cli(["evaluate", run_dir, "--systems", "H2", "--steps", "10", "--burn-in", "4", "--json"], capsys)
+    code, out, _ = run_vmc_cli(["evaluate", run_dir, "--systems", "H2", "--steps", "10", "--burn-in", "4",
+                                "--checkpoint", "3", "--json"], capsys)
     record = json.loads(out)
-    assert code == 0 and record["parameters"] == "vmc step 6"
+    assert code == 0 and record["parameters"] == "vmc step 3"
     assert record["systems"][0]["reference"] == pytest.approx(-1.1744757)
     # Fine-tuning starts from every weight of the base model, without an HF fit.
     finetuned = str(tmp_path / "finetuned")
@@ -187,7 +189,11 @@ def test_cli_pretrain_resume_finetune_and_zero_shot(runs, tmp_path, capsys, monk
     assert (tuned.ansatz, tuned.kfac, tuned.adam) == (config.ansatz, config.kfac, config.adam)
     assert tuned.vmc == dataclasses.replace(config.vmc, hf_fit_steps=0)
     assert (tuned.systems.basis, tuned.systems.localization) == (config.systems.basis, config.systems.localization)
-    _, base_params, _ = evaluate.load_model(run_dir)
+    _, base_params, origin = evaluate.load_model(run_dir)
+    assert origin == "vmc step 6"
+    assert evaluate.load_model(run_dir, step=4)[2] == "hf_fit step 4"  # the HF fit's last checkpoint
+    with pytest.raises(InputError, match="has no checkpoint 5"):
+        evaluate.load_model(run_dir, step=5)
     _, params, origin = evaluate.load_model(finetuned)
     assert origin == "vmc step 0"
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base_params)):

@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from molfoundation.cli import print_error, run_cli, settings_option
+from molfoundation.cli import checkpoint_option, print_error, run_cli, settings_option
 from molfoundation.errors import InputError, TrainingDiverged
 from molfoundation.settings import apply_settings
 
@@ -193,15 +193,16 @@ def finetune(base_run, systems, run_dir, set_seed, orbitals_from, walkers, geome
 @click.option("--walkers", type=int, help="Number of walkers [default: the run's].")
 @click.option("--burn-in", "burn_in", type=int, help="MCMC calls before sampling [default: the run's, at least 200].")
 @click.option("--seed", default=1, show_default=True, help="Seed of the fresh walkers.")
+@checkpoint_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def evaluate(run_dir, systems_spec, seed_systems, steps, walkers, burn_in, seed, as_json):
+def evaluate(run_dir, systems_spec, seed_systems, steps, walkers, burn_in, seed, checkpoint_step, as_json):
     """Energies of the latest checkpoint in RUN_DIR from fresh MCMC, with blocking error bars:
     of its systems, or of --systems (zero-shot)."""
     from vmc import evaluate as evaluation
 
     try:
         result = evaluation.evaluate_run(run_dir, systems_spec, seed_systems, n_steps=steps, n_walkers=walkers,
-                                         burn_in_sweeps=burn_in, seed=seed)
+                                         burn_in_sweeps=burn_in, seed=seed, step=checkpoint_step)
     except TrainingDiverged as exc:
         print_error(str(exc))
         sys.exit(1)

@@ -92,27 +92,29 @@ class Evaluation:
     systems: list[SystemEvaluation]
 
 
-def load_model(run_dir: str) -> tuple[ansatz.AnsatzConfig, Any, str]:
+def load_model(run_dir: str, step: int | None = None) -> tuple[ansatz.AnsatzConfig, Any, str]:
     """(network config, parameters, phase and step they come from) of a VMC run directory:
-    the latest VMC checkpoint, else the latest HF-fit one."""
+    the latest VMC checkpoint, else the latest HF-fit one; with ``step``, the checkpoint of that
+    step (VMC's if both phases have one)."""
     from vmc.train import param_shapes
 
     cfg = load_config(run_dir)
     run = run_directory(run_dir)
     for phase in ("vmc", "hf_fit"):
-        step = run.latest_step(phase)
-        if step is None:
+        steps = checkpoints.all_steps(run.checkpoint_dir(phase))
+        if not steps or (step is not None and step not in steps):
             continue
+        chosen = steps[-1] if step is None else step
         with runs.precision(cfg.vmc.float64):
             template = param_shapes(cfg.ansatz, cfg.vmc.float64)
-            saved = checkpoints.restore_raw(run.checkpoint_dir(phase))["params"]
+            saved = checkpoints.restore_raw(run.checkpoint_dir(phase), chosen)["params"]
             try:
                 params = jax.tree.map(lambda t, x: jnp.asarray(x, t.dtype).reshape(t.shape), template, saved)
             except (ValueError, TypeError) as exc:
                 raise InputError(f"the {phase} checkpoint of {run_dir} does not fit its network: "
                                  f"{str(exc).splitlines()[0]}") from None
-        return cfg.ansatz, params, f"{phase} step {step}"
-    raise InputError(f"{run_dir} has no checkpoint to start from")
+        return cfg.ansatz, params, f"{phase} step {chosen}"
+    raise InputError(f"{run_dir} has no checkpoint " + ("to start from" if step is None else str(step)))
 
 
 def evaluate_model(network: ansatz.AnsatzConfig, params, vmc_config: VMCConfig, system_set,
@@ -182,13 +184,14 @@ def evaluate_model(network: ansatz.AnsatzConfig, params, vmc_config: VMCConfig, 
 
 def evaluate_run(run_dir: str, systems_spec: str | None = None, seed_systems: int = 0, n_steps: int = 200,
                  n_walkers: int | None = None, burn_in_sweeps: int | None = None, seed: int = 1,
-                 progress: bool = True, problem=None) -> Evaluation:
-    """Evaluate the latest parameters of a VMC run directory on its own systems, or on the
-    systems of ``systems_spec`` (zero-shot, geometries generated with ``seed_systems``)."""
+                 progress: bool = True, problem=None, step: int | None = None) -> Evaluation:
+    """Evaluate the latest parameters of a VMC run directory (those of checkpoint ``step`` if
+    given) on its own systems, or on the systems of ``systems_spec`` (zero-shot, geometries
+    generated with ``seed_systems``)."""
     from vmc.train import run_systems
 
     started = time.perf_counter()
-    network, params, origin = load_model(run_dir)
+    network, params, origin = load_model(run_dir, step)
     cfg = load_config(run_dir)
     if systems_spec is None:
         system_set = run_systems(run_dir, cfg)
