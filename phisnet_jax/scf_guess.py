@@ -34,6 +34,24 @@ def predicted_density(fock: np.ndarray, overlap: np.ndarray, n_occupied: int) ->
         return np.asarray(observables.density_matrix(c, n_occupied))
 
 
+def use_predicted_guess(mf, trained, overlap: str = "exact"):
+    """Make a pyscf SCF object (RHF/RKS, or UHF/UKS with both spins from the closed-shell
+    prediction) start from the density a trained model predicts for its molecule, in one line:
+    ``use_predicted_guess(mf, trained).kernel()``. The molecule must be closed-shell, in the
+    model's basis; ``overlap`` as in ``prediction.predict``. Returns ``mf``."""
+    from pyscf import scf
+
+    from phisnet_jax.prediction import predict
+
+    basis = mf.mol.basis
+    if not isinstance(basis, str) or basis.lower() != trained.config.basis.lower():
+        raise InputError(f"the SCF's basis {basis!r} is not the model's ({trained.config.basis})")
+    density = predict(trained, mf.mol, overlap=overlap).density_matrix
+    guess = np.stack([density / 2, density / 2]) if isinstance(mf, scf.uhf.UHF) else density
+    mf.get_init_guess = lambda *args, **kwargs: guess
+    return mf
+
+
 @dataclasses.dataclass(frozen=True)
 class GuessResult:
     guess: str

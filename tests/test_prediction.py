@@ -223,3 +223,30 @@ def test_ase_verlet_conserves_energy_to_second_order_in_the_time_step(trained):
     fine, _ = largest_deviation(0.01)
     assert fine < 0.05 * kinetic  # observed: 2.1 %
     assert 3.5 < coarse / fine < 4.5  # observed: 4.00
+
+
+@pytest.mark.parametrize("method", ["rhf", "uks"])
+def test_predicted_guess_on_a_pyscf_scf_object(trained, water_prediction, method):
+    """One line sets the predicted density as the start of a restricted or unrestricted pyscf
+    SCF; the SCF starts from it and converges to the energy it reaches from minao."""
+    from pyscf import dft, scf
+
+    from phisnet_jax.scf_guess import use_predicted_guess
+
+    mol = molecules.to_pyscf(start_geometry("water"), "sto-3g")
+
+    def make():
+        mf = scf.RHF(mol) if method == "rhf" else dft.UKS(mol, xc="pbe")
+        mf.conv_tol, mf.verbose = 1e-11, 0
+        return mf
+
+    reference = make()
+    reference.kernel()
+    guessed = use_predicted_guess(make(), trained)
+    start = guessed.get_init_guess()
+    total = start if method == "rhf" else start[0] + start[1]
+    np.testing.assert_allclose(total, water_prediction.density_matrix, atol=1e-12)
+    guessed.kernel()
+    assert guessed.converged and abs(guessed.e_tot - reference.e_tot) < 1e-8
+    with pytest.raises(Exception, match="is not the model's"):
+        use_predicted_guess(scf.RHF(molecules.to_pyscf(start_geometry("water"), "6-31g")), trained)
