@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 
 import jax
 import numpy as np
@@ -23,12 +21,12 @@ from molfoundation.errors import InputError
 from phisnet_jax.data import HamiltonianData, SplitSpec, load_splits, outside_distance_ranges
 from phisnet_jax.model import MoleculeInputs, PhiSNet, PhiSNetConfig, make_exact_overlap, make_phisnet
 from phisnet_jax.train import (
-    DISTANCE_RANGES_FILE,
     DataConfig,
     TrainConfig,
     cast_inputs,
     load_ema_parameters,
     make_energy_and_forces,
+    read_distance_ranges,
 )
 
 HARTREE_TO_MICRO = 1e6
@@ -86,13 +84,7 @@ def load_trained_model(run_dir: str, step: int | None = None) -> TrainedModel:
     """The EMA parameters of the latest checkpoint of a training run (or of the checkpoint of
     ``step``), with the distances it was trained on."""
     model_cfg, train_cfg, params, step = load_ema_parameters(run_dir, step)
-    path = os.path.join(run_dir, DISTANCE_RANGES_FILE)
-    try:
-        with open(path) as f:
-            ranges = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
-    return TrainedModel(model_cfg, train_cfg, make_phisnet(model_cfg), params, step, ranges)
+    return TrainedModel(model_cfg, train_cfg, make_phisnet(model_cfg), params, step, read_distance_ranges(run_dir))
 
 
 def run_split(model_cfg: PhiSNetConfig, data_cfg: DataConfig, split: str, dataset: str | None = None,

@@ -498,19 +498,26 @@ def train(
                                params=source, init=functions.init)
             ranges = distance_ranges(train_data, model_cfg.elements)
             if init_from is not None:
-                ranges = _merged_ranges(ranges, os.path.join(init_from, DISTANCE_RANGES_FILE))
+                ranges = _merged_ranges(ranges, read_distance_ranges(init_from))
             runs.write_json(os.path.join(run_dir, DISTANCE_RANGES_FILE), ranges)
         state = devices.replicate(state)
         return _loop(run, functions, train_cfg, devices, state, train_data, valid_data,
                      max_steps, time_budget, progress)
 
 
-def _merged_ranges(ranges: dict[str, list[float]], path: str) -> dict[str, list[float]]:
+def read_distance_ranges(run_dir: str) -> dict[str, list[float]]:
+    """The interatomic distances a run was trained on: element pair ("1-8") -> [shortest,
+    longest] bohr; InputError if the run's file is missing or unreadable."""
+    path = os.path.join(run_dir, DISTANCE_RANGES_FILE)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+
+
+def _merged_ranges(ranges: dict[str, list[float]], other: dict[str, list[float]]) -> dict[str, list[float]]:
     """Distance ranges widened by those of another run (a fine-tuned model has seen both)."""
-    if not os.path.exists(path):
-        return ranges
-    with open(path) as f:
-        other = json.load(f)
     merged = dict(other)
     for key, (lo, hi) in ranges.items():
         old_lo, old_hi = merged.get(key, [lo, hi])
