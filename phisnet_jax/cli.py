@@ -256,7 +256,6 @@ def predict(run_dir, xyz_path, dataset, molecule, indices, output, cube_dir, ove
     from phisnet_jax import observables
     from phisnet_jax import prediction as predictions
     from phisnet_jax.evaluate import load_trained_model
-    from phisnet_jax.train import load_run_config
 
     if bool(xyz_path) == bool(dataset):
         raise InputError("give either --xyz or --dataset with --molecule")
@@ -274,13 +273,12 @@ def predict(run_dir, xyz_path, dataset, molecule, indices, output, cube_dir, ove
         geometries = [mols.Molecule(group.atomic_numbers, group.arrays["positions"][r]) for r in rows]
     else:
         geometries = mols.read_xyz(xyz_path)
-    model_cfg, _, _ = load_run_config(run_dir)
     for g in geometries:
         mols.validate(g)
         if [int(z) for z in g.atomic_numbers] != [int(z) for z in geometries[0].atomic_numbers]:
             raise InputError("all geometries must have the same atoms in the same order")
-    model_cfg.element_basis.index_of(geometries[0].atomic_numbers)  # elements the model knows
     trained = load_trained_model(run_dir, checkpoint_step)
+    trained.config.element_basis.index_of(geometries[0].atomic_numbers)  # elements the model knows
 
     with warnings.catch_warnings():  # said below with the geometry's number, from the predictions
         warnings.simplefilter("ignore", predictions.PredictionWarning)
@@ -315,6 +313,23 @@ def predict(run_dir, xyz_path, dataset, molecule, indices, output, cube_dir, ove
         click.echo(f"  geometry {k}: {predictions.summary_line(p)}")
     if len(results) > shown:
         click.echo(f"  ... {len(results) - shown} more in {output}")
+
+
+@phisnet.command()
+@click.argument("run_dir")
+@click.argument("name")
+@click.option("--made-by", required=True, help="The commands that made the run (data generation, training), for the card.")
+@click.option("--samples", default=5, show_default=True, help="Held-out samples whose metrics the card records.")
+@click.option("--directory", help="Where to write the model [default: the package's models directory].")
+def export(run_dir, name, made_by, samples, directory):
+    """Ship the latest EMA parameters of RUN_DIR as the model NAME (loadable by name, e.g.
+    phisnet predict NAME --xyz ...), with a card of its data and metrics."""
+    from phisnet_jax import shipped
+
+    record = shipped.export(run_dir, name, made_by, samples, directory or shipped.MODELS_DIR)
+    metrics = record["card"]["test_metrics"]
+    click.echo(f"wrote {name}: step {record['step']}, test MAE F {metrics['fock_mae_uha']:.1f} uHa "
+               f"over {metrics['samples']} samples")
 
 
 @phisnet.command("scf-guess")

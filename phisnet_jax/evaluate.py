@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import numpy as np
@@ -82,7 +83,14 @@ class TrainedModel:
 
 def load_trained_model(run_dir: str, step: int | None = None) -> TrainedModel:
     """The EMA parameters of the latest checkpoint of a training run (or of the checkpoint of
-    ``step``), with the distances it was trained on."""
+    ``step``), with the distances it was trained on; or, where no directory ``run_dir`` exists,
+    the shipped model of that name (``phisnet_jax.shipped``)."""
+    from phisnet_jax import shipped
+
+    if not os.path.exists(run_dir) and shipped.is_shipped(run_dir):
+        if step is not None:
+            raise InputError(f"{run_dir} is a shipped model, with one set of parameters: no --checkpoint")
+        return shipped.load_shipped(run_dir)
     model_cfg, train_cfg, params, step = load_ema_parameters(run_dir, step)
     return TrainedModel(model_cfg, train_cfg, make_phisnet(model_cfg), params, step, read_distance_ranges(run_dir))
 

@@ -299,6 +299,7 @@ def test_cli_train_evaluate_predict(tmp_path, water_data, capsys, monkeypatch):
     metrics = json.loads(out)
     assert metrics["samples"] == 4 and metrics["split"] == "test" and metrics["fock_mae_uha"] > 0
     assert metrics["step"] == 6
+    metrics_at_6 = {k: v for k, v in metrics.items() if k not in ("run_dir", "dataset", "split", "step")}
     code, out, err = phisnet("evaluate", "r", "--checkpoint", "4", "--json")  # the run's older checkpoint
     assert code == 0 and json.loads(out)["step"] == 4, err
     (tmp_path / "w.xyz").write_text("3\n\nO 0 0 0\nH 0 0.76 0.58\nH 0 -0.76 0.58\n")
@@ -342,6 +343,23 @@ def test_cli_train_evaluate_predict(tmp_path, water_data, capsys, monkeypatch):
         assert code == 2 and message in err, err
         assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "q.npz").exists()
+    # Shipped as a named model: loadable by name, its card's check metrics reproduced.
+    from phisnet_jax import shipped
+
+    monkeypatch.setattr(shipped, "MODELS_DIR", str(tmp_path / "models"))
+    code, out, err = phisnet("export", "r", "tiny-water", "--made-by", "this test", "--samples", "3")
+    assert code == 0 and "wrote tiny-water: step 6" in out, err
+    assert shipped.shipped_names() == ["tiny-water"]
+    card = shipped.read_record("tiny-water")["card"]
+    assert card["test_metrics"] == metrics_at_6 and card["check_metrics"]["samples"] == 3
+    from phisnet_jax.evaluate import accuracy
+
+    for key, value in accuracy(load_trained_model("tiny-water"), shipped.check_data("tiny-water")).items():
+        assert value == pytest.approx(card["check_metrics"][key], rel=1e-9), key
+    code, out, err = phisnet("predict", "tiny-water", "--xyz", "w.xyz", "-o", "named.npz")
+    assert code == 0, err
+    with np.load(tmp_path / "named.npz") as z, np.load(tmp_path / "p.npz") as direct:
+        np.testing.assert_array_equal(z["fock"], direct["fock"])
 
 
 def test_one_model_on_molecules_of_different_size(tmp_path, water_data):
