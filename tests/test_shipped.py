@@ -19,3 +19,32 @@ def test_shipped_model_reproduces_its_card(name):
     # agreement of the metrics between runs on one machine: exact).
     for key in ("fock_mae_uha", "overlap_mae", "orbital_energy_mae_uha", "orbital_cosine_similarity"):
         assert measured[key] == pytest.approx(expected[key], rel=1e-3), key
+
+
+@pytest.mark.parametrize("name", shipped.shipped_names())
+def test_shipped_model_is_a_better_pyscf_guess_than_minao(name):
+    """On the shipped held-out geometries, at the level of theory the model was trained on: the
+    SCF started by ``use_predicted_guess`` converges to minao's energy in fewer iterations."""
+    import numpy as np
+
+    from molfoundation.molecules import Molecule, to_pyscf
+    from phisnet_jax.reference import LevelOfTheory, make_scf
+    from phisnet_jax.scf_guess import use_predicted_guess
+
+    trained = load_trained_model(name)
+    method, basis = shipped.read_record(name)["card"]["data"]["level_of_theory"].split("/")
+    level = LevelOfTheory(method, basis, conv_tol=1e-9)
+    data = shipped.check_data(name)
+    iterations = {"predicted": [], "minao": []}
+    for i in range(len(data)):
+        real = np.asarray(data.inputs.atom_mask[i])
+        z = np.asarray(trained.config.elements)[np.asarray(data.inputs.element_index[i])[real]]
+        mol = to_pyscf(Molecule(z, np.asarray(data.inputs.positions[i])[real]), basis)
+        reference = make_scf(mol, level)
+        reference.kernel()
+        guessed = use_predicted_guess(make_scf(mol, level), trained)
+        guessed.kernel()
+        assert guessed.converged and abs(guessed.e_tot - reference.e_tot) < 1e-7
+        iterations["minao"].append(reference.cycles)
+        iterations["predicted"].append(guessed.cycles)
+    assert np.mean(iterations["predicted"]) < np.mean(iterations["minao"]), iterations
