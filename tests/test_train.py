@@ -245,7 +245,8 @@ def test_damaged_checkpoints_are_one_line_errors_and_nothing_is_written(tmp_path
             if path.is_file():
                 path.write_bytes(b"not a checkpoint")
         expected = "cannot restore checkpoint 4"
-        intact = f"checkpoint 0 there is intact: to go back to it, delete {checkpoints / '4'}"
+        intact = (f"checkpoint 0 there is intact: load it explicitly (--checkpoint 0), or delete {checkpoints / '4'} "
+                  f"to resume training from step 0")
     before = directory_digest(str(run_dir))
     code, _, err = run_phisnet_cli(["train", "--run-dir", str(run_dir), "--steps", "8"], capsys)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and expected in err, err

@@ -199,7 +199,8 @@ def test_damaged_checkpoints_are_one_line_errors_and_nothing_is_written(runs, pr
         # The error names the older intact checkpoint; deleting the damaged one as it says
         # resumes from there, and the log is trimmed to it.
         damaged = os.path.join(checkpoints, "6")
-        assert f"checkpoint 4 there is intact: to go back to it, delete {damaged}" in err
+        assert (f"checkpoint 4 there is intact: load it explicitly (--checkpoint 4), or delete {damaged} "
+                f"to resume training from step 4") in err
         shutil.rmtree(damaged)
         reuse_problems(monkeypatch, problem)
         code, _, err = run_vmc_cli(["train", "--run-dir", run_dir, "--steps", "8"], capsys)
