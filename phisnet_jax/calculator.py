@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import warnings
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 from ase.units import Bohr, Hartree
 
@@ -50,8 +47,7 @@ class PhiSNetCalculator(Calculator):
             warnings.warn(f"the geometry is outside the training data: {pair}", PredictionWarning, stacklevel=2)
         inputs = make_inputs(self.trained.config, molecule.atomic_numbers, molecule.positions)
         with runs.precision(self.trained.train_config.float64):
-            batch = cast_inputs(jax.tree.map(lambda x: np.asarray(x)[None], inputs), self.trained.dtype)
-            energy, forces, _ = self.trained.batched_energy_and_forces(
-                self.trained.params, batch, jnp.asarray([molecule.n_electrons // 2]))
-        self.results["energy"] = float(energy[0]) * Hartree
-        self.results["forces"] = np.asarray(forces[0], np.float64) * (Hartree / Bohr)
+            energy, forces, _ = self.trained.energy_and_forces(cast_inputs(inputs, self.trained.dtype),
+                                                               molecule.n_electrons // 2)
+        self.results["energy"] = energy * Hartree
+        self.results["forces"] = forces * (Hartree / Bohr)

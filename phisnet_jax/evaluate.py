@@ -75,6 +75,15 @@ class TrainedModel:
         (``train.make_energy_and_forces``), for a model with the core-Hamiltonian head."""
         return jax.jit(make_energy_and_forces(self.model))
 
+    def energy_and_forces(self, inputs: MoleculeInputs, n_occupied: int):
+        """(energy hartree, forces (N, 3) hartree/bohr, output matrices) of one molecule
+        (unbatched inputs in the model's dtype), through ``batched_energy_and_forces``."""
+        import jax.numpy as jnp
+
+        one = jax.tree.map(lambda x: jnp.asarray(x)[None], inputs)
+        energy, forces, matrices = self.batched_energy_and_forces(self.params, one, jnp.asarray([n_occupied]))
+        return float(energy[0]), np.asarray(forces[0], np.float64), jax.tree.map(lambda x: x[0], matrices)
+
     @functools.cached_property
     def exact_overlap(self):
         """Jitted ``inputs -> (M, M)`` exact overlap matrix of one molecule (``model.make_exact_overlap``)."""

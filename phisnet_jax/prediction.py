@@ -18,7 +18,6 @@ import dataclasses
 import os
 import warnings
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -126,10 +125,7 @@ def predict(trained: TrainedModel, mol_or_molecule, overlap: str = "exact") -> P
                                    for k, v in vars(inputs).items()})
         energy = forces = None
         if trained.config.core_hamiltonian:
-            one = jax.tree.map(lambda x: x[None], inputs)
-            e, f, matrices = trained.batched_energy_and_forces(trained.params, one, jnp.asarray([n_occupied]))
-            energy, forces = float(e[0]), np.asarray(f[0], np.float64)
-            matrices = jax.tree.map(lambda x: x[0], matrices)
+            energy, forces, matrices = trained.energy_and_forces(inputs, n_occupied)
         else:
             matrices = trained.apply(trained.params, inputs)
         fock, core = matrices["fock"], matrices.get("core_hamiltonian")
