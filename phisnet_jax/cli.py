@@ -6,6 +6,7 @@ JSON object on stdout. Bad input ends with a one-line ``error: ...`` on stderr a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -163,8 +164,6 @@ def train(dataset, run_dir, molecules_, n_train, n_valid, split_seed, preset, ma
     the core-Hamiltonian head (--set core_hamiltonian=true) also fits H_core, and with
     --set energy_weight=... / forces_weight=... energies and forces (energy_source=scf or ccsd_t).
     """
-    import dataclasses
-
     from phisnet_jax import train as training
     from phisnet_jax.dataset import read_file_info, read_molecule
     from phisnet_jax.model import MODEL_PRESETS, PhiSNetConfig
@@ -326,7 +325,8 @@ def export(run_dir, name, made_by, samples, directory):
     phisnet predict NAME --xyz ...), with a card of its data and metrics."""
     from phisnet_jax import shipped
 
-    record = shipped.export(run_dir, name, made_by, samples, directory or shipped.MODELS_DIR)
+    shelf = shipped.MODELS if directory is None else dataclasses.replace(shipped.MODELS, directory=directory)
+    record = shipped.export(run_dir, name, made_by, samples, shelf)
     metrics = record["card"]["test_metrics"]
     click.echo(f"wrote {name}: step {record['step']}, test MAE F {metrics['fock_mae_uha']:.1f} uHa "
                f"over {metrics['samples']} samples")

@@ -96,7 +96,7 @@ def load_trained_model(run_dir: str, step: int | None = None) -> TrainedModel:
     the shipped model of that name (``phisnet_jax.shipped``)."""
     from phisnet_jax import shipped
 
-    if not os.path.exists(run_dir) and shipped.is_shipped(run_dir):
+    if not os.path.exists(run_dir) and shipped.MODELS.has(run_dir):
         if step is not None:
             raise InputError(f"{run_dir} is a shipped model, with one set of parameters: no --checkpoint")
         return shipped.load_shipped(run_dir)

@@ -1,12 +1,13 @@
 """Trained PhiSNet models shipped inside the package, loadable by name.
 
-A shipped model is a directory ``phisnet_jax/models/<name>/`` of three files:
+A shipped model is a directory ``phisnet_jax/models/<name>/`` (stored as
+:mod:`molfoundation.shipped` describes) of three files:
 
 - ``model.json``: ``kind`` and ``schema_version`` (this module reads version
   ``SCHEMA_VERSION`` only), the model and training configurations, the training step, the
   interatomic distances it was trained on, and its card: the data, the commands that made it,
   its metrics on the run's test split, and the metrics on the samples of ``check.npz``;
-- ``params.npz``: the EMA parameters, one array per parameter path ("a/b/c");
+- ``params.npz``: the EMA parameters;
 - ``check.npz``: a few held-out samples (padded model inputs, reference F and S, occupied
   orbitals) on which the test suite reproduces the card's check metrics.
 
@@ -24,51 +25,11 @@ import numpy as np
 
 from molfoundation import runs
 from molfoundation.errors import InputError
+from molfoundation.shipped import ModelShelf
 
-MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
-KIND = "phisnet model"
-SCHEMA_VERSION = 1
-MODEL_FILE, PARAMS_FILE, CHECK_FILE = "model.json", "params.npz", "check.npz"
-
-
-def shipped_names() -> list[str]:
-    """The names of the models shipped with the package."""
-    if not os.path.isdir(MODELS_DIR):
-        return []
-    return sorted(n for n in os.listdir(MODELS_DIR) if os.path.isfile(os.path.join(MODELS_DIR, n, MODEL_FILE)))
-
-
-def is_shipped(name: str) -> bool:
-    return name in shipped_names()
-
-
-def read_record(name: str) -> dict:
-    """The ``model.json`` record of a shipped model; InputError for another kind or version."""
-    import json
-
-    path = os.path.join(MODELS_DIR, name, MODEL_FILE)
-    with open(path) as f:
-        record = json.load(f)
-    if record.get("kind") != KIND or record.get("schema_version") != SCHEMA_VERSION:
-        raise InputError(f"{path} is a {record.get('kind')} of schema version {record.get('schema_version')}; "
-                         f"this version of the code reads {KIND}s of schema version {SCHEMA_VERSION}")
-    return record
-
-
-def _flatten(params) -> dict[str, np.ndarray]:
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v) for path, v in leaves}
-
-
-def _unflatten(arrays) -> dict:
-    params: dict = {}
-    for key in arrays.files:
-        *parents, leaf = key.split("/")
-        node = params
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = np.asarray(arrays[key])
-    return params
+KIND, SCHEMA_VERSION = "phisnet model", 1
+CHECK_FILE = "check.npz"
+MODELS = ModelShelf(KIND, SCHEMA_VERSION, os.path.join(os.path.dirname(os.path.abspath(__file__)), "models"))
 
 
 def load_shipped(name: str):
@@ -77,11 +38,10 @@ def load_shipped(name: str):
     from phisnet_jax.model import PhiSNetConfig, make_phisnet
     from phisnet_jax.train import TrainConfig
 
-    record = read_record(name)
+    record = MODELS.read_record(name)
     model_cfg = PhiSNetConfig(**{**record["model"], "elements": tuple(record["model"]["elements"])})
     train_cfg = TrainConfig(**record["train"])
-    with np.load(os.path.join(MODELS_DIR, name, PARAMS_FILE)) as arrays:
-        params = _unflatten(arrays)
+    params = MODELS.read_params(name)
     with runs.precision(train_cfg.float64):
         params = jax.tree.map(lambda x: jax.numpy.asarray(x), params)
     return TrainedModel(model_cfg, train_cfg, make_phisnet(model_cfg), params, int(record["step"]),
@@ -93,19 +53,18 @@ def check_data(name: str):
     from phisnet_jax.data import HamiltonianData
     from phisnet_jax.model import MoleculeInputs
 
-    with np.load(os.path.join(MODELS_DIR, name, CHECK_FILE)) as z:
-        arrays = {k: z[k] for k in z.files}
+    arrays = MODELS.read_arrays(name, CHECK_FILE)
     fields = [f.name for f in dataclasses.fields(MoleculeInputs)]
     n = arrays["fock"].shape[0]
     return HamiltonianData(MoleculeInputs(**{k: arrays[k] for k in fields}), arrays["fock"], arrays["overlap"],
                            arrays["n_occupied"], np.zeros(n, np.int64), np.arange(n), ("check",))
 
 
-def export(run_dir: str, name: str, made_by: str, n_check: int = 5, directory: str = MODELS_DIR) -> dict:
-    """Write the latest EMA parameters of a training run as the shipped model ``name`` (into
-    ``directory``), with its card; returns the record. ``made_by``: the commands that made the
-    run (data generation and training). The card's metrics are those of the run's test split,
-    and of its first ``n_check`` test samples, which go into ``check.npz``."""
+def export(run_dir: str, name: str, made_by: str, n_check: int = 5, shelf: ModelShelf | None = None) -> dict:
+    """Write the latest EMA parameters of a training run as the shipped model ``name`` (onto
+    ``shelf``, default the package's), with its card; returns the record. ``made_by``: the
+    commands that made the run (data generation and training). The card's metrics are those of
+    the run's test split, and of its first ``n_check`` test samples, which go into ``check.npz``."""
     from phisnet_jax.dataset import read_file_info
     from phisnet_jax.evaluate import accuracy, load_trained_model, run_split
     from phisnet_jax.train import load_run_config
@@ -118,7 +77,6 @@ def export(run_dir: str, name: str, made_by: str, n_check: int = 5, directory: s
     check = test.take(np.arange(n_check))
     level = read_file_info(data_cfg.dataset).level
     record = {
-        "kind": KIND, "schema_version": SCHEMA_VERSION, "name": name,
         "model": runs.as_json(dataclasses.asdict(trained.config)),
         "train": runs.as_json(dataclasses.asdict(trained.train_config)),
         "step": trained.step, "distance_ranges": trained.distance_ranges,
@@ -130,16 +88,7 @@ def export(run_dir: str, name: str, made_by: str, n_check: int = 5, directory: s
             "check_metrics": accuracy(trained, check),
         },
     }
-    target = os.path.join(directory, name)
-    tmp = target + ".tmp"
-    os.makedirs(tmp, exist_ok=True)
-    np.savez(os.path.join(tmp, PARAMS_FILE), **_flatten(trained.params))
-    np.savez(os.path.join(tmp, CHECK_FILE), **{k: np.asarray(v) for k, v in vars(check.inputs).items()},
-             fock=check.fock, overlap=check.overlap, n_occupied=check.n_occupied)
-    runs.write_json(os.path.join(tmp, MODEL_FILE), record)
-    if os.path.isdir(target):
-        import shutil
-
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    check_arrays = {**{k: np.asarray(v) for k, v in vars(check.inputs).items()},
+                    "fock": check.fock, "overlap": check.overlap, "n_occupied": check.n_occupied}
+    (shelf or MODELS).write(name, record, trained.params, {CHECK_FILE: check_arrays})
     return record

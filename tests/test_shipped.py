@@ -7,9 +7,9 @@ from phisnet_jax import shipped
 from phisnet_jax.evaluate import accuracy, load_trained_model
 
 
-@pytest.mark.parametrize("name", shipped.shipped_names())
+@pytest.mark.parametrize("name", shipped.MODELS.names())
 def test_shipped_model_reproduces_its_card(name):
-    record = shipped.read_record(name)
+    record = shipped.MODELS.read_record(name)
     expected = record["card"]["check_metrics"]
     trained = load_trained_model(name)
     assert trained.step == record["step"]
@@ -21,7 +21,7 @@ def test_shipped_model_reproduces_its_card(name):
         assert measured[key] == pytest.approx(expected[key], rel=1e-3), key
 
 
-@pytest.mark.parametrize("name", shipped.shipped_names())
+@pytest.mark.parametrize("name", shipped.MODELS.names())
 def test_shipped_model_is_a_better_pyscf_guess_than_minao(name):
     """On the shipped held-out geometries, at the level of theory the model was trained on: the
     SCF started by ``use_predicted_guess`` converges to minao's energy in fewer iterations."""
@@ -32,7 +32,7 @@ def test_shipped_model_is_a_better_pyscf_guess_than_minao(name):
     from phisnet_jax.scf_guess import use_predicted_guess
 
     trained = load_trained_model(name)
-    method, basis = shipped.read_record(name)["card"]["data"]["level_of_theory"].split("/")
+    method, basis = shipped.MODELS.read_record(name)["card"]["data"]["level_of_theory"].split("/")
     level = LevelOfTheory(method, basis, conv_tol=1e-9)
     data = shipped.check_data(name)
     iterations = {"predicted": [], "minao": []}

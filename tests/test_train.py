@@ -347,11 +347,11 @@ def test_cli_train_evaluate_predict(tmp_path, water_data, capsys, monkeypatch):
     # Shipped as a named model: loadable by name, its card's check metrics reproduced.
     from phisnet_jax import shipped
 
-    monkeypatch.setattr(shipped, "MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setattr(shipped, "MODELS", dataclasses.replace(shipped.MODELS, directory=str(tmp_path / "models")))
     code, out, err = phisnet("export", "r", "tiny-water", "--made-by", "this test", "--samples", "3")
     assert code == 0 and "wrote tiny-water: step 6" in out, err
-    assert shipped.shipped_names() == ["tiny-water"]
-    card = shipped.read_record("tiny-water")["card"]
+    assert shipped.MODELS.names() == ["tiny-water"]
+    card = shipped.MODELS.read_record("tiny-water")["card"]
     assert card["test_metrics"] == metrics_at_6 and card["check_metrics"]["samples"] == 3
     from phisnet_jax.evaluate import accuracy
 

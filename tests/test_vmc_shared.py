@@ -200,6 +200,27 @@ def test_cli_pretrain_resume_finetune_and_zero_shot(runs, tmp_path, capsys, monk
         np.testing.assert_array_equal(a, b)
     code, out, _ = run_vmc_cli(["finetune", run_dir, "--run-dir", finetuned, "--steps", "2", "--json"], capsys)
     assert code == 0 and json.loads(out)["steps"] == 2
+    # Shipped as a named model: its card's check values reproduced, fine-tuned by name.
+    from vmc import shipped
+
+    monkeypatch.setattr(shipped, "MODELS", dataclasses.replace(shipped.MODELS, directory=str(tmp_path / "models")))
+    code, out, _ = run_vmc_cli(["export", run_dir, "tiny-chains", "--made-by", "this test", "--eval-steps", "4"],
+                               capsys)
+    assert code == 0 and out.startswith("wrote tiny-chains: vmc step 6"), out
+    record = shipped.MODELS.read_record("tiny-chains")
+    assert [r["name"] for r in record["card"]["evaluation"]["systems"]] == NAMES
+    assert shipped.load_config("tiny-chains") == config
+    check = shipped.MODELS.read_arrays("tiny-chains", shipped.CHECK_FILE)
+    log_psi, energies = shipped.check_values(config, shipped.load_params("tiny-chains")[1], SET[0], check["walkers"])
+    np.testing.assert_array_equal(log_psi, check["log_psi"])
+    np.testing.assert_array_equal(energies, check["local_energy"])
+    named = str(tmp_path / "named")
+    code, out, _ = run_vmc_cli(["finetune", "tiny-chains", "H2", "--run-dir", named, "--steps", "0", "--json"], capsys)
+    assert code == 0 and load_config(named).init_from == "tiny-chains"
+    for a, b in zip(jax.tree.leaves(evaluate.load_model(named)[1]), jax.tree.leaves(base_params)):
+        np.testing.assert_array_equal(a, b)
+    code, _, err = run_vmc_cli(["evaluate", "tiny-chains", "--checkpoint", "3"], capsys)
+    assert code == 2 and "shipped model" in err
 
 
 @pytest.mark.parametrize("args, message", [

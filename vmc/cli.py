@@ -165,8 +165,9 @@ def pretrain(systems, run_dir, preset, set_seed, basis, orbitals_from, optimizer
 @RUN_OPTIONS
 def finetune(base_run, systems, run_dir, set_seed, orbitals_from, walkers, geometries_per_step, schedule,
              hf_fit_steps, steps, time_budget, settings, as_json):
-    """Fine-tune the model of BASE_RUN (any vmc train / pretrain / finetune run directory;
-    every weight is reused) on SYSTEMS, or resume --run-dir (then SYSTEMS is left out).
+    """Fine-tune the model of BASE_RUN (any vmc train / pretrain / finetune run directory, or the
+    name of a shipped model such as hchains-base; every weight is reused) on SYSTEMS, or resume
+    --run-dir (then SYSTEMS is left out).
 
     The network, sampling and optimiser settings are the base run's unless overridden.
     """
@@ -196,8 +197,8 @@ def finetune(base_run, systems, run_dir, set_seed, orbitals_from, walkers, geome
 @checkpoint_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def evaluate(run_dir, systems_spec, seed_systems, steps, walkers, burn_in, seed, checkpoint_step, as_json):
-    """Energies of the latest checkpoint in RUN_DIR from fresh MCMC, with blocking error bars:
-    of its systems, or of --systems (zero-shot)."""
+    """Energies of the latest checkpoint in RUN_DIR (or of a shipped model) from fresh MCMC, with
+    blocking error bars: of its systems, or of --systems (zero-shot)."""
     from vmc import evaluate as evaluation
 
     try:
@@ -217,6 +218,25 @@ def evaluate(run_dir, systems_spec, seed_systems, steps, walkers, burn_in, seed,
             line += (f"; exact {r.reference:.6f} Ha, error {1000 * (r.energy - r.reference):.2f} "
                      f"+- {1000 * r.error:.2f} mHa")
         click.echo(line)
+
+
+@vmc.command()
+@click.argument("run_dir")
+@click.argument("name")
+@click.option("--made-by", required=True, help="The command that made the run, for the card.")
+@click.option("--eval-steps", default=200, show_default=True,
+              help="MCMC calls of the evaluation whose energies the card records.")
+@click.option("--directory", help="Where to write the model [default: the package's models directory].")
+def export(run_dir, name, made_by, eval_steps, directory):
+    """Ship the latest VMC parameters of RUN_DIR as the model NAME (loadable by name, e.g.
+    vmc finetune NAME H10 ...), with a card of its systems and energies."""
+    from vmc import shipped
+
+    shelf = shipped.MODELS if directory is None else dataclasses.replace(shipped.MODELS, directory=directory)
+    record = shipped.export(run_dir, name, made_by, eval_steps, shelf=shelf)
+    click.echo(f"wrote {name}: vmc step {record['step']}")
+    for r in record["card"]["evaluation"]["systems"]:
+        click.echo(f"  {r['name']}: E = {r['energy']:.5f} +- {r['error']:.5f} Ha")
 
 
 def main(argv: list[str] | None = None) -> None:

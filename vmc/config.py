@@ -160,7 +160,8 @@ class ScheduleConfig:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything a run is defined by; stored as ``config.json``. ``init_from``: the run
-    directory of a base model whose parameters start this run (fine-tuning), or None."""
+    directory (or shipped model name) of a base model whose parameters start this run
+    (fine-tuning), or None."""
 
     systems: SystemsConfig
     ansatz: ansatz.AnsatzConfig = ansatz.AnsatzConfig()
@@ -190,6 +191,14 @@ def run_directory(run_dir: str) -> runs.RunDirectory:
 def load_config(run_dir: str) -> RunConfig:
     """The configuration stored in a VMC run directory."""
     return run_directory(run_dir).parse_config(RunConfig.from_record)
+
+
+def model_config(run_or_name: str) -> RunConfig:
+    """The configuration of a VMC run directory, or of the shipped model of that name
+    (:mod:`vmc.shipped`)."""
+    from vmc import shipped
+
+    return shipped.load_config(run_or_name) if shipped.is_shipped(run_or_name) else load_config(run_or_name)
 
 
 PRESET_NAMES = ("paper", "small", "tiny")
@@ -227,15 +236,17 @@ def preset_config(name: str, systems_config: SystemsConfig, schedule: ScheduleCo
 
 def finetuning_config(base_run: str, spec: str, *, set_seed: int = 0, orbitals_from: str | None = None,
                       schedule: ScheduleConfig | None = None, **vmc_settings) -> RunConfig:
-    """The configuration that fine-tunes the model of ``base_run`` (any VMC run directory) on
-    the systems ``spec`` (geometries generated with seed ``set_seed``).
+    """The configuration that fine-tunes the model of ``base_run`` (any VMC run directory, or the
+    name of a shipped model) on the systems ``spec`` (geometries generated with seed ``set_seed``).
 
     It keeps the base run's network, sampling and optimiser settings, HF basis and localisation,
     skips the HF fit (``vmc_settings`` override any sampling setting, ``hf_fit_steps``
     included), and starts from the base run's parameters. ``orbitals_from``: a PhiSNet run whose
     predicted orbitals replace the SCF. ``schedule``: default the base run's.
     """
-    base = load_config(base_run)
+    from vmc import shipped
+
+    base = model_config(base_run)
     systems_config = SystemsConfig(spec, seed=set_seed, basis=base.systems.basis,
                                    localization=base.systems.localization,
                                    orbitals=orbitals_from and os.path.abspath(orbitals_from))
@@ -243,5 +254,5 @@ def finetuning_config(base_run: str, spec: str, *, set_seed: int = 0, orbitals_f
         systems=systems_config, ansatz=base.ansatz,
         vmc=dataclasses.replace(base.vmc, **{"hf_fit_steps": 0, **vmc_settings}),
         kfac=base.kfac, adam=base.adam, schedule=schedule or base.schedule,
-        init_from=os.path.abspath(base_run),
+        init_from=base_run if shipped.is_shipped(base_run) else os.path.abspath(base_run),
     )

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from molfoundation import checkpoints, runs
 from molfoundation.errors import InputError, TrainingDiverged
 from vmc import ansatz
-from vmc.config import RunConfig, SystemsConfig, VMCConfig, load_config, run_directory
+from vmc.config import RunConfig, SystemsConfig, VMCConfig, load_config, model_config, run_directory
 from vmc.geometries import GeometryBatch
 from vmc.references import exact_energy
 
@@ -95,8 +95,15 @@ class Evaluation:
 def load_model(run_dir: str, step: int | None = None) -> tuple[ansatz.AnsatzConfig, Any, str]:
     """(network config, parameters, phase and step they come from) of a VMC run directory:
     the latest VMC checkpoint, else the latest HF-fit one; with ``step``, the checkpoint of that
-    step (VMC's if both phases have one)."""
+    step (VMC's if both phases have one). A name that is no path loads the shipped model of
+    that name (:mod:`vmc.shipped`)."""
+    from vmc import shipped
     from vmc.train import param_shapes
+
+    if shipped.is_shipped(run_dir):
+        if step is not None:
+            raise InputError(f"{run_dir} is a shipped model, with one set of parameters: no --checkpoint")
+        return shipped.load_params(run_dir)
 
     cfg = load_config(run_dir)
     run = run_directory(run_dir)
@@ -186,15 +193,16 @@ def evaluate_run(run_dir: str, systems_spec: str | None = None, seed_systems: in
                  n_walkers: int | None = None, burn_in_sweeps: int | None = None, seed: int = 1,
                  progress: bool = True, problem=None, step: int | None = None) -> Evaluation:
     """Evaluate the latest parameters of a VMC run directory (those of checkpoint ``step`` if
-    given) on its own systems, or on the systems of ``systems_spec`` (zero-shot, geometries
-    generated with ``seed_systems``)."""
+    given), or a shipped model, on its own systems, or on the systems of ``systems_spec``
+    (zero-shot, geometries generated with ``seed_systems``)."""
+    from vmc import shipped
     from vmc.train import run_systems
 
     started = time.perf_counter()
     network, params, origin = load_model(run_dir, step)
-    cfg = load_config(run_dir)
+    cfg = model_config(run_dir)
     if systems_spec is None:
-        system_set = run_systems(run_dir, cfg)
+        system_set = shipped.load_systems(run_dir) if shipped.is_shipped(run_dir) else run_systems(run_dir, cfg)
     else:
         system_set = dataclasses.replace(cfg.systems, spec=systems_spec, seed=seed_systems, charge=0,
                                          spin=None).load()
