@@ -112,11 +112,12 @@ def held_out_geometries(run_dir: str, dataset: str | None = None, molecule: str 
     from phisnet_jax.train import load_run_config
 
     model_cfg, _, data_cfg = load_run_config(run_dir)
-    level = read_file_info(data_cfg.dataset).level
+    info = read_file_info(data_cfg.dataset)
+    level = info.level
     if xyz_path:
         geometries = mols.read_xyz(xyz_path)[:max_geometries]
     else:
-        name = molecule or data_cfg.molecules[0]
+        name = molecule or (data_cfg.molecules or info.molecules)[0]  # () trains on every molecule
         data = run_split(model_cfg, data_cfg, split, dataset, [name])
         if len(data) == 0:
             raise InputError(f"the {split} split of {name} has no samples")

@@ -85,13 +85,8 @@ def _sample(config: RunConfig, params, system, n_walkers: int, n_calls: int, see
     config = dataclasses.replace(config, vmc=dataclasses.replace(config.vmc, n_walkers=n_walkers))
     with runs.precision(config.vmc.float64):
         problem = Problem.build(config, [system], progress=False)
-        group = problem.groups[0]
-        key_walkers, key = jax.random.split(jax.random.PRNGKey(seed))
-        sampler = problem.init_sampler(group, params, problem.init_walkers(key_walkers, group))
-        sample, rows = problem.sampler(group), jnp.zeros(1, jnp.int32)
-        for k in jax.random.split(key, n_calls):
-            sampler, _, _ = sample(params, sampler, rows, k)
-    return np.asarray(sampler.walkers[0], np.float64)
+        walkers = problem.sample_walkers(problem.groups[0], params, n_calls, jax.random.PRNGKey(seed))
+    return np.asarray(walkers[0], np.float64)
 
 
 def export(run_dir: str, name: str, made_by: str, eval_steps: int = 200, check_walkers: int = 16,

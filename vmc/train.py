@@ -236,6 +236,16 @@ class Problem:
             self._compiled[cache_key] = init
         return self._compiled[cache_key](params, walkers)
 
+    def sample_walkers(self, group: GeometryGroup, params, n_calls: int, key) -> jax.Array:
+        """(size, W, n_el, 3) walkers of every geometry of ``group`` after ``n_calls`` MCMC calls
+        under ``params`` from fresh walkers around the atoms: configurations drawn from |psi|^2."""
+        key_walkers, key = jax.random.split(key)
+        sampler = self.init_sampler(group, params, self.init_walkers(key_walkers, group))
+        sample, rows = self.sampler(group), _rows(np.arange(group.size))
+        for k in jax.random.split(key, n_calls):
+            sampler, _, _ = sample(params, sampler, rows, k)
+        return sampler.walkers
+
     @functools.cached_property
     def optimizer(self) -> optimizers.Optimizer:
         cfg = self.config
