@@ -60,6 +60,11 @@ class ModelShelf:
     def has(self, name: str) -> bool:
         return name in self.names()
 
+    def is_shipped(self, run_or_name: str) -> bool:
+        """Whether ``run_or_name``, where a run directory or a model name is accepted, means a
+        model on this shelf: no such path exists and a model has that name."""
+        return not os.path.exists(run_or_name) and self.has(run_or_name)
+
     def path(self, name: str, file: str) -> str:
         return os.path.join(self.directory, name, file)
 

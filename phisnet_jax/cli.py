@@ -206,19 +206,19 @@ def train(dataset, run_dir, molecules_, n_train, n_valid, split_seed, preset, ma
 
 @phisnet.command()
 @click.argument("run_dir")
-@click.option("--dataset", help="Dataset to evaluate on [default: the run's training dataset].")
-@click.option("--split", type=click.Choice(["train", "valid", "test", "all"]), default="test", show_default=True)
+@click.option("--dataset", help="Dataset to evaluate on [default: the run's training dataset; required for a "
+              "shipped model].")
+@click.option("--split", type=click.Choice(["train", "valid", "test", "all"]),
+              help="The run's split of its molecules [default: test; all for a shipped model].")
 @checkpoint_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
 def evaluate(run_dir, dataset, split, checkpoint_step, as_json):
     """Accuracy of a trained model: MAE of F, S, occupied orbital energies, orbital similarity."""
-    from phisnet_jax.evaluate import accuracy, load_trained_model, run_split
-    from phisnet_jax.train import load_run_config
+    from phisnet_jax.evaluate import accuracy, load_trained_model, model_split
 
     trained = load_trained_model(run_dir, checkpoint_step)
-    _, _, data_cfg = load_run_config(run_dir)
-    path = dataset or data_cfg.dataset
-    metrics = accuracy(trained, run_split(trained.config, data_cfg, split, dataset))
+    data, path, split = model_split(run_dir, trained.config, split, dataset)
+    metrics = accuracy(trained, data)
     metrics.update({"run_dir": run_dir, "dataset": path, "split": split, "step": trained.step})
     if as_json:
         click.echo(json.dumps(metrics))
@@ -334,9 +334,11 @@ def export(run_dir, name, made_by, samples, directory):
 
 @phisnet.command("scf-guess")
 @click.argument("run_dir")
-@click.option("--dataset", help="Dataset with the geometries [default: the run's dataset].")
-@click.option("--molecule", help="Molecule group [default: the run's first].")
-@click.option("--split", type=click.Choice(["train", "valid", "test", "all"]), default="test", show_default=True)
+@click.option("--dataset", help="Dataset with the geometries [default: the run's dataset; for a shipped model, "
+              "give it or --xyz].")
+@click.option("--molecule", help="Molecule group [default: every molecule of the run, or of --dataset].")
+@click.option("--split", type=click.Choice(["train", "valid", "test", "all"]),
+              help="The run's split of its molecules [default: test; all for a shipped model].")
 @click.option("--xyz", "xyz_path", help="Use the geometries of this file instead of a dataset.")
 @click.option("-n", "--max-geometries", default=10, show_default=True)
 @click.option("--overlap", "overlaps", type=click.Choice(["exact", "predicted"]), multiple=True,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import numpy as np
@@ -96,12 +95,34 @@ def load_trained_model(run_dir: str, step: int | None = None) -> TrainedModel:
     the shipped model of that name (``phisnet_jax.shipped``)."""
     from phisnet_jax import shipped
 
-    if not os.path.exists(run_dir) and shipped.MODELS.has(run_dir):
+    if shipped.MODELS.is_shipped(run_dir):
         if step is not None:
             raise InputError(f"{run_dir} is a shipped model, with one set of parameters: no --checkpoint")
         return shipped.load_shipped(run_dir)
     model_cfg, train_cfg, params, step = load_ema_parameters(run_dir, step)
     return TrainedModel(model_cfg, train_cfg, make_phisnet(model_cfg), params, step, read_distance_ranges(run_dir))
+
+
+def model_split(run_or_name: str, model_cfg: PhiSNetConfig, split: str | None = None, dataset: str | None = None,
+                molecules: list[str] | None = None) -> tuple[HamiltonianData, str, str]:
+    """(data, the dataset's path, the split) to evaluate a model on: for a training run, a split
+    of its molecules as the run divided them (default "test"; ``dataset`` / ``molecules`` as in
+    :func:`run_split`); for a shipped model, which comes without its data, every sample of
+    ``dataset`` (required; split "all")."""
+    from phisnet_jax import shipped
+    from phisnet_jax.train import load_run_config
+
+    if shipped.MODELS.is_shipped(run_or_name):
+        if dataset is None:
+            raise InputError(f"{run_or_name} is a shipped model, without its training data: give a dataset to "
+                             "evaluate it on (--dataset)")
+        if split not in (None, "all"):
+            raise InputError(f"{run_or_name} is a shipped model: the split of its training data does not apply "
+                             f"to {dataset}; evaluate on all its samples (--split all, the default for it)")
+        split, data_cfg = "all", DataConfig(dataset)
+    else:
+        split, data_cfg = split or "test", load_run_config(run_or_name)[2]
+    return run_split(model_cfg, data_cfg, split, dataset, molecules), dataset or data_cfg.dataset, split
 
 
 def run_split(model_cfg: PhiSNetConfig, data_cfg: DataConfig, split: str, dataset: str | None = None,

@@ -101,32 +101,39 @@ def summarize(per_geometry: list[list[GuessResult]], energy_tolerance: float = 1
     }
 
 
-def held_out_geometries(run_dir: str, dataset: str | None = None, molecule: str | None = None,
-                        split: str = "test", xyz_path: str | None = None, max_geometries: int = 10):
-    """(geometries, level of theory) for a training run: the first ``max_geometries`` of a split
-    of its dataset (default: the run's dataset and first molecule) or of an XYZ file; the level
-    is the run's dataset's. Raises ``InputError`` for an empty split or unsuitable geometries."""
+def held_out_geometries(run_dir: str, model_cfg, dataset: str | None = None, molecule: str | None = None,
+                        split: str | None = None, xyz_path: str | None = None, max_geometries: int = 10):
+    """(geometries, level of theory) for a model of configuration ``model_cfg`` (a training run
+    or a shipped model, ``run_dir``): the first ``max_geometries`` of a split of its molecules
+    (or of ``molecule``) chosen as :func:`phisnet_jax.evaluate.model_split` chooses, at the
+    dataset's level of theory; or those of an XYZ file, at the level the model was trained at.
+    Raises ``InputError`` for an empty split or unsuitable geometries."""
     from molfoundation import molecules as mols
+    from phisnet_jax import shipped
     from phisnet_jax.dataset import read_file_info
-    from phisnet_jax.evaluate import run_split
+    from phisnet_jax.evaluate import model_split
     from phisnet_jax.train import load_run_config
 
-    model_cfg, _, data_cfg = load_run_config(run_dir)
-    info = read_file_info(data_cfg.dataset)
-    level = info.level
     if xyz_path:
         geometries = mols.read_xyz(xyz_path)[:max_geometries]
+        if shipped.MODELS.is_shipped(run_dir):
+            level = LevelOfTheory(*shipped.MODELS.read_record(run_dir)["card"]["data"]["level_of_theory"].split("/"))
+        else:
+            level = read_file_info(load_run_config(run_dir)[2].dataset).level
     else:
-        name = molecule or (data_cfg.molecules or info.molecules)[0]  # () trains on every molecule
-        data = run_split(model_cfg, data_cfg, split, dataset, [name])
+        data, path, split = model_split(run_dir, model_cfg, split, dataset, [molecule] if molecule else None)
         if len(data) == 0:
-            raise InputError(f"the {split} split of {name} has no samples")
+            raise InputError(f"the {split} split of {molecule or path} has no samples")
+        level = read_file_info(path).level
         inputs = data.inputs
-        z = np.asarray(model_cfg.elements)[np.asarray(inputs.element_index[0])[np.asarray(inputs.atom_mask[0])]]
-        geometries = [Molecule(z, np.asarray(inputs.positions[i])[: len(z)]) for i in range(min(len(data), max_geometries))]
+        geometries = []
+        for i in range(min(len(data), max_geometries)):
+            mask = np.asarray(inputs.atom_mask[i])
+            z = np.asarray(model_cfg.elements)[np.asarray(inputs.element_index[i])[mask]]
+            geometries.append(Molecule(z, np.asarray(inputs.positions[i], np.float64)[mask]))
     for g in geometries:
         mols.validate(g, level.basis)
-    model_cfg.element_basis.index_of(geometries[0].atomic_numbers)
+        model_cfg.element_basis.index_of(g.atomic_numbers)
     return geometries, level
 
 
@@ -145,8 +152,8 @@ def compare_guesses(run_dir: str, guesses=PYSCF_GUESSES, trained=None, overlaps=
     unknown = set(overlaps) - set(OVERLAP_GUESSES)
     if unknown:
         raise InputError(f"unknown overlap source(s) {sorted(unknown)}: use {sorted(OVERLAP_GUESSES)}")
-    geometries, level = held_out_geometries(run_dir, **selection)
     trained = trained or load_trained_model(run_dir)
+    geometries, level = held_out_geometries(run_dir, trained.config, **selection)
     per = [make_inputs(trained.config, g.atomic_numbers, g.positions) for g in geometries]
     stacked = MoleculeInputs(**{k: np.stack([getattr(p, k) for p in per]) for k in vars(per[0])})
     focks, predicted_overlaps = predict_matrices(trained, stacked)

@@ -359,6 +359,16 @@ def test_cli_train_evaluate_predict(tmp_path, water_data, capsys, monkeypatch):
         assert value == pytest.approx(card["check_metrics"][key], rel=1e-9), key
     code, out, err = phisnet("predict", "tiny-water", "--xyz", "w.xyz", "-o", "named.npz")
     assert code == 0, err
+    # Evaluated by name on a dataset: every sample of it (the run's split does not travel with it).
+    code, out, err = phisnet("evaluate", "tiny-water", "--dataset", water_data, "--json")
+    by_name = json.loads(out)
+    assert code == 0 and by_name["split"] == "all", err
+    code, out, err = phisnet("evaluate", "r", "--dataset", water_data, "--split", "all", "--json")
+    assert by_name == {**json.loads(out), "run_dir": "tiny-water"}
+    for args, problem in ((["tiny-water"], "give a dataset"), (["tiny-water", "--dataset", water_data, "--split", "test"],
+                                                                "the split of its training data")):
+        code, out, err = phisnet("evaluate", *args)
+        assert code == 2 and problem in err and len(err.strip().splitlines()) == 1, err
     with np.load(tmp_path / "named.npz") as z, np.load(tmp_path / "p.npz") as direct:
         np.testing.assert_array_equal(z["fock"], direct["fock"])
 

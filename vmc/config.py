@@ -198,7 +198,7 @@ def model_config(run_or_name: str) -> RunConfig:
     (:mod:`vmc.shipped`)."""
     from vmc import shipped
 
-    return shipped.load_config(run_or_name) if shipped.is_shipped(run_or_name) else load_config(run_or_name)
+    return shipped.load_config(run_or_name) if shipped.MODELS.is_shipped(run_or_name) else load_config(run_or_name)
 
 
 PRESET_NAMES = ("paper", "small", "tiny")
@@ -254,5 +254,5 @@ def finetuning_config(base_run: str, spec: str, *, set_seed: int = 0, orbitals_f
         systems=systems_config, ansatz=base.ansatz,
         vmc=dataclasses.replace(base.vmc, **{"hf_fit_steps": 0, **vmc_settings}),
         kfac=base.kfac, adam=base.adam, schedule=schedule or base.schedule,
-        init_from=base_run if shipped.is_shipped(base_run) else os.path.abspath(base_run),
+        init_from=base_run if shipped.MODELS.is_shipped(base_run) else os.path.abspath(base_run),
     )

@@ -100,7 +100,7 @@ def load_model(run_dir: str, step: int | None = None) -> tuple[ansatz.AnsatzConf
     from vmc import shipped
     from vmc.train import param_shapes
 
-    if shipped.is_shipped(run_dir):
+    if shipped.MODELS.is_shipped(run_dir):
         if step is not None:
             raise InputError(f"{run_dir} is a shipped model, with one set of parameters: no --checkpoint")
         return shipped.load_params(run_dir)
@@ -202,7 +202,7 @@ def evaluate_run(run_dir: str, systems_spec: str | None = None, seed_systems: in
     network, params, origin = load_model(run_dir, step)
     cfg = model_config(run_dir)
     if systems_spec is None:
-        system_set = shipped.load_systems(run_dir) if shipped.is_shipped(run_dir) else run_systems(run_dir, cfg)
+        system_set = shipped.load_systems(run_dir) if shipped.MODELS.is_shipped(run_dir) else run_systems(run_dir, cfg)
     else:
         system_set = dataclasses.replace(cfg.systems, spec=systems_spec, seed=seed_systems, charge=0,
                                          spin=None).load()

@@ -37,11 +37,6 @@ CHECK_FILE = "check.npz"
 MODELS = ModelShelf(KIND, SCHEMA_VERSION, os.path.join(os.path.dirname(os.path.abspath(__file__)), "models"))
 
 
-def is_shipped(run_or_name: str) -> bool:
-    """Whether ``run_or_name`` means a shipped model: no such path exists and a model has that name."""
-    return not os.path.exists(run_or_name) and MODELS.has(run_or_name)
-
-
 def load_config(name: str) -> RunConfig:
     return RunConfig.from_record(MODELS.read_record(name)["config"])
 
