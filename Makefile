@@ -50,7 +50,7 @@ $(OLDEST_STAMP): pyproject.toml requirements/oldest-jax.txt
 	$(OLDEST_VENV)/bin/pip install --quiet --no-deps -e .
 	touch $@
 
-# Main job, both pillars on a small built-in default (about 14 minutes on 2 CPU cores from a fresh
+# Main job, both pillars on a small built-in default (11 minutes on 2 CPU cores from a fresh
 # clone, installation included). PhiSNet: 40 thermally distorted water geometries labelled at
 # PBE/def2-SVP (the paper's level of theory), a small PhiSNet trained on 30 of them for 2
 # minutes and its accuracy on 5 held-out ones; then the shipped model water-pbe-def2svp (35
