@@ -204,7 +204,8 @@ def test_cli_pretrain_resume_finetune_and_zero_shot(runs, tmp_path, capsys, monk
     from vmc import shipped
 
     monkeypatch.setattr(shipped, "MODELS", dataclasses.replace(shipped.MODELS, directory=str(tmp_path / "models")))
-    code, out, _ = run_vmc_cli(["export", run_dir, "tiny-chains", "--made-by", "this test", "--eval-steps", "4"],
+    code, out, _ = run_vmc_cli(["export", run_dir, "tiny-chains", "--made-by", "this test", "--eval-steps", "4",
+                                "--burn-in", "2"],
                                capsys)
     assert code == 0 and out.startswith("wrote tiny-chains: vmc step 6"), out
     record = shipped.MODELS.read_record("tiny-chains")

@@ -226,14 +226,16 @@ def evaluate(run_dir, systems_spec, seed_systems, steps, walkers, burn_in, seed,
 @click.option("--made-by", required=True, help="The command that made the run, for the card.")
 @click.option("--eval-steps", default=200, show_default=True,
               help="MCMC calls of the evaluation whose energies the card records.")
+@click.option("--burn-in", "burn_in", type=int, help="MCMC calls before that evaluation [default: the run's, at "
+              "least 200].")
 @click.option("--directory", help="Where to write the model [default: the package's models directory].")
-def export(run_dir, name, made_by, eval_steps, directory):
+def export(run_dir, name, made_by, eval_steps, burn_in, directory):
     """Ship the latest VMC parameters of RUN_DIR as the model NAME (loadable by name, e.g.
     vmc finetune NAME H10 ...), with a card of its systems and energies."""
     from vmc import shipped
 
     shelf = shipped.MODELS if directory is None else dataclasses.replace(shipped.MODELS, directory=directory)
-    record = shipped.export(run_dir, name, made_by, eval_steps, shelf=shelf)
+    record = shipped.export(run_dir, name, made_by, eval_steps, burn_in, shelf=shelf)
     click.echo(f"wrote {name}: vmc step {record['step']}")
     for r in record["card"]["evaluation"]["systems"]:
         click.echo(f"  {r['name']}: E = {r['energy']:.5f} +- {r['error']:.5f} Ha")

@@ -58,14 +58,15 @@ def load_params(name: str):
     return config.ansatz, params, f"shipped model {name} (vmc step {record['step']})"
 
 
-def check_values(config: RunConfig, params, system, walkers) -> tuple[np.ndarray, np.ndarray]:
+def check_values(config: RunConfig, params, system, walkers, problem=None) -> tuple[np.ndarray, np.ndarray]:
     """(log|psi| (W,), local energies (W,) in hartree) of the wavefunction ``params`` of
-    ``config`` on ``system`` at the electron configurations ``walkers`` (W, n_el, 3) bohr."""
+    ``config`` on ``system`` at the electron configurations ``walkers`` (W, n_el, 3) bohr;
+    ``problem``: a :class:`vmc.train.Problem` of ``system`` built before (reused)."""
     from vmc.geometries import GeometryBatch, over_batch
     from vmc.train import Problem
 
     with runs.precision(config.vmc.float64):
-        problem = Problem.build(config, [system], progress=False)
+        problem = problem or Problem.build(config, [system], progress=False)
         group = problem.groups[0]
         batch = GeometryBatch(jnp.asarray(walkers, runs.float_dtype(config.vmc.float64))[None], group.geometries)
         log_psi = jax.jit(over_batch(problem.functions.log_psi))(params, batch)[0]
@@ -73,36 +74,30 @@ def check_values(config: RunConfig, params, system, walkers) -> tuple[np.ndarray
     return np.asarray(log_psi, np.float64), np.asarray(energies, np.float64)
 
 
-def _sample(config: RunConfig, params, system, n_walkers: int, n_calls: int, seed: int) -> np.ndarray:
-    """(n_walkers, n_el, 3) electron configurations after ``n_calls`` MCMC calls under ``params``."""
-    from vmc.train import Problem
-
-    config = dataclasses.replace(config, vmc=dataclasses.replace(config.vmc, n_walkers=n_walkers))
-    with runs.precision(config.vmc.float64):
-        problem = Problem.build(config, [system], progress=False)
-        walkers = problem.sample_walkers(problem.groups[0], params, n_calls, jax.random.PRNGKey(seed))
-    return np.asarray(walkers[0], np.float64)
-
-
-def export(run_dir: str, name: str, made_by: str, eval_steps: int = 200, check_walkers: int = 16,
-           shelf: ModelShelf | None = None, progress: bool = True) -> dict:
+def export(run_dir: str, name: str, made_by: str, eval_steps: int = 200, burn_in: int | None = None,
+           check_walkers: int = 16, shelf: ModelShelf | None = None, progress: bool = True) -> dict:
     """Write the latest parameters of the VMC run ``run_dir`` as the shipped model ``name`` (onto
     ``shelf``, default the package's), with its card; returns the record. ``made_by``: the
     command that made the run. The card's energies come from a fresh evaluation of
-    ``eval_steps`` MCMC calls on each of the run's systems; ``check_walkers`` configurations
+    ``eval_steps`` MCMC calls on each of the run's systems (after ``burn_in``, default as
+    :func:`vmc.evaluate.evaluate_run`'s); ``check_walkers`` configurations
     sampled on its first system go into ``check.npz``."""
     from vmc.config import load_config as load_run_config
     from vmc.evaluate import evaluate_run, load_model
-    from vmc.train import SYSTEMS_FILE, run_systems
+    from vmc.train import SYSTEMS_FILE, Problem, run_systems
 
     config = load_run_config(run_dir)
     _, params, origin = load_model(run_dir)
     if not origin.startswith("vmc step"):
         raise InputError(f"{run_dir} has no VMC checkpoint yet (only {origin}): nothing to ship")
-    evaluation = evaluate_run(run_dir, n_steps=eval_steps, progress=progress)
+    evaluation = evaluate_run(run_dir, n_steps=eval_steps, burn_in_sweeps=burn_in, progress=progress)
     system = run_systems(run_dir, config)[0]
-    walkers = _sample(config, params, system, check_walkers, n_calls=config.vmc.burn_in_sweeps + 20, seed=0)
-    log_psi, energies = check_values(config, params, system, walkers)
+    check_config = dataclasses.replace(config, vmc=dataclasses.replace(config.vmc, n_walkers=check_walkers))
+    with runs.precision(config.vmc.float64):
+        problem = Problem.build(check_config, [system], progress=False)
+        walkers = problem.sample_walkers(problem.groups[0], params, config.vmc.burn_in_sweeps + 20,
+                                         jax.random.PRNGKey(0))[0]
+    log_psi, energies = check_values(config, params, system, walkers, problem)
     record = {
         "config": runs.as_json(dataclasses.replace(config, init_from=None).to_record()),
         "step": int(origin.split()[-1]),
