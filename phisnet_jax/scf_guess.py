@@ -117,7 +117,7 @@ def held_out_geometries(run_dir: str, model_cfg, dataset: str | None = None, mol
     if xyz_path:
         geometries = mols.read_xyz(xyz_path)[:max_geometries]
         if shipped.MODELS.is_shipped(run_dir):
-            level = LevelOfTheory(*shipped.MODELS.read_record(run_dir)["card"]["data"]["level_of_theory"].split("/"))
+            level = shipped.level_of_theory(run_dir)
         else:
             level = read_file_info(load_run_config(run_dir)[2].dataset).level
     else:

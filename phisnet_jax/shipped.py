@@ -48,6 +48,13 @@ def load_shipped(name: str):
                         record["distance_ranges"])
 
 
+def level_of_theory(name: str):
+    """The ``LevelOfTheory`` of the data the shipped model ``name`` was trained on."""
+    from phisnet_jax.reference import LevelOfTheory
+
+    return LevelOfTheory(*MODELS.read_record(name)["card"]["data"]["level_of_theory"].split("/"))
+
+
 def check_data(name: str):
     """The held-out samples of a shipped model's ``check.npz`` as ``HamiltonianData``."""
     from phisnet_jax.data import HamiltonianData

@@ -33,19 +33,20 @@ def test_shipped_model_reproduces_its_card(name):
 def test_shipped_model_is_a_better_pyscf_guess_than_minao(name):
     """On the shipped held-out geometries, at the level of theory the model was trained on: the
     SCF started by ``use_predicted_guess`` converges to minao's energy in fewer iterations."""
+    import dataclasses
+
     from molfoundation.molecules import Molecule, to_pyscf
-    from phisnet_jax.reference import LevelOfTheory, make_scf
+    from phisnet_jax.reference import make_scf
     from phisnet_jax.scf_guess import use_predicted_guess
 
     trained = load_trained_model(name)
-    method, basis = shipped.MODELS.read_record(name)["card"]["data"]["level_of_theory"].split("/")
-    level = LevelOfTheory(method, basis, conv_tol=1e-9)
+    level = dataclasses.replace(shipped.level_of_theory(name), conv_tol=1e-9)
     data = shipped.check_data(name)
     iterations = {"predicted": [], "minao": []}
     for i in range(len(data)):
         real = np.asarray(data.inputs.atom_mask[i])
         z = np.asarray(trained.config.elements)[np.asarray(data.inputs.element_index[i])[real]]
-        mol = to_pyscf(Molecule(z, np.asarray(data.inputs.positions[i])[real]), basis)
+        mol = to_pyscf(Molecule(z, np.asarray(data.inputs.positions[i])[real]), level.basis)
         reference = make_scf(mol, level)
         reference.kernel()
         guessed = use_predicted_guess(make_scf(mol, level), trained)

@@ -83,14 +83,16 @@ def export(run_dir: str, name: str, made_by: str, eval_steps: int = 200, burn_in
     :func:`vmc.evaluate.evaluate_run`'s); ``check_walkers`` configurations
     sampled on its first system go into ``check.npz``."""
     from vmc.config import load_config as load_run_config
+    from vmc.config import run_directory
     from vmc.evaluate import evaluate_run, load_model
     from vmc.train import SYSTEMS_FILE, Problem, run_systems
 
     config = load_run_config(run_dir)
-    _, params, origin = load_model(run_dir)
-    if not origin.startswith("vmc step"):
-        raise InputError(f"{run_dir} has no VMC checkpoint yet (only {origin}): nothing to ship")
-    evaluation = evaluate_run(run_dir, n_steps=eval_steps, burn_in_sweeps=burn_in, progress=progress)
+    step = run_directory(run_dir).latest_step("vmc")
+    if step is None:
+        raise InputError(f"{run_dir} has no VMC checkpoint yet: nothing to ship")
+    params = load_model(run_dir, step)[1]
+    evaluation = evaluate_run(run_dir, n_steps=eval_steps, burn_in_sweeps=burn_in, progress=progress, step=step)
     system = run_systems(run_dir, config)[0]
     check_config = dataclasses.replace(config, vmc=dataclasses.replace(config.vmc, n_walkers=check_walkers))
     with runs.precision(config.vmc.float64):
@@ -100,7 +102,7 @@ def export(run_dir: str, name: str, made_by: str, eval_steps: int = 200, burn_in
     log_psi, energies = check_values(config, params, system, walkers, problem)
     record = {
         "config": runs.as_json(dataclasses.replace(config, init_from=None).to_record()),
-        "step": int(origin.split()[-1]),
+        "step": step,
         "card": {
             "systems": config.systems.spec, "made_by": made_by,
             "evaluation": runs.as_json(dataclasses.asdict(evaluation)),
