@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from vmc import ansatz, geometries, hamiltonian, kfac_compat, loss, mcmc, optimizers, orbitals, systems, train
+from vmc.config import SystemsConfig, preset_config
 
 CLIP_SCALE = 5.0
 
@@ -26,16 +27,17 @@ def h2_orbitals():
 
 
 def h2_problem(seed: int = 0, method: str = "hessian"):
-    """(system, config, inputs, params, log_psi, batched local energy) of H2 with the small
-    ansatz, in the current default float precision."""
+    """(system, config, inputs, params, log_psi, batched local energy) of H2 with the tiny
+    preset's ansatz (what is tested here does not depend on the network's size, and a small
+    network compiles fast), in the current default float precision."""
     system = systems.from_name("H2")
-    config = ansatz.small_config()
+    config = preset_config("tiny", SystemsConfig("H2")).ansatz
     inputs = ansatz.inputs_from_hartree_fock(h2_orbitals(), config)
     params = train.init_params(jax.random.PRNGKey(seed), config, inputs.atom_positions.dtype == jnp.float64)
     log_psi = ansatz.make_log_psi(config, inputs).log_psi
-    local_energy = hamiltonian.make_batched_local_energy(
-        log_psi, system.positions, system.charges, method
-    )
+    # Jitted: the tests also call it outside a compiled function, where op-by-op execution of
+    # the Laplacian would take longer than compiling it.
+    local_energy = jax.jit(hamiltonian.make_batched_local_energy(log_psi, system.positions, system.charges, method))
     return system, config, inputs, params, log_psi, local_energy
 
 
@@ -113,7 +115,7 @@ def test_outlier_is_clipped_in_gradient_not_in_energy(float64):
     walkers = start_walkers(system, 16)
     outlier = with_local_energy_edits(local_energy, {3: 50.0})
     energy_loss = loss.make_energy_loss(log_psi, outlier, CLIP_SCALE)
-    (energy, stats), grads = jax.value_and_grad(energy_loss, has_aux=True)(params, walkers)
+    (energy, stats), grads = jax.jit(jax.value_and_grad(energy_loss, has_aux=True))(params, walkers)
     e_l = np.asarray(outlier(params, walkers))
     assert e_l[3] == 50.0
     np.testing.assert_allclose(energy, e_l.mean(), rtol=0, atol=1e-12)  # reported: unclipped
@@ -131,14 +133,14 @@ def test_nonfinite_local_energy_is_excluded_and_counted(float64):
     walkers = start_walkers(system, 16)
     broken = with_local_energy_edits(local_energy, {5: jnp.nan, 9: jnp.inf})
     energy_loss = loss.make_energy_loss(log_psi, broken, CLIP_SCALE)
-    (energy, stats), grads = jax.value_and_grad(energy_loss, has_aux=True)(params, walkers)
+    (energy, stats), grads = jax.jit(jax.value_and_grad(energy_loss, has_aux=True))(params, walkers)
     assert int(stats.n_nonfinite) == 2
     assert np.isfinite(float(energy)) and np.isfinite(float(stats.variance))
     assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
     # Exactly the loss of the other 14 walkers.
     keep = np.setdiff1d(np.arange(16), [5, 9])
     clean_loss = loss.make_energy_loss(log_psi, local_energy, CLIP_SCALE)
-    (clean_energy, clean_stats), clean_grads = jax.value_and_grad(clean_loss, has_aux=True)(
+    (clean_energy, clean_stats), clean_grads = jax.jit(jax.value_and_grad(clean_loss, has_aux=True))(
         params, walkers[keep]
     )
     np.testing.assert_allclose(energy, clean_energy, rtol=0, atol=1e-12)
@@ -150,8 +152,8 @@ def test_per_walker_log_psi_for_kfac_equals_vmap(float64):
     system, config, inputs, params, log_psi, _ = h2_problem()
     walkers = start_walkers(system, 8)
     batched = kfac_log_psi(config, inputs.atom_positions.dtype)
-    np.testing.assert_allclose(batched(params, walkers),
-                               jax.vmap(log_psi, in_axes=(None, 0))(params, walkers),
+    np.testing.assert_allclose(jax.jit(batched)(params, walkers),
+                               jax.jit(jax.vmap(log_psi, in_axes=(None, 0)))(params, walkers),
                                rtol=0, atol=1e-12)
 
 
@@ -312,6 +314,34 @@ def test_ensure_compatible_is_idempotent_and_needed_only_on_new_jax():
         assert not needs_bind and not needs_replicate
     elif jax.__version_info__ >= (0, 11):  # the GPU image's 0.11.2 and the newest, 0.12
         assert needs_bind and needs_replicate
+
+
+def test_kfac_step_is_the_same_program_every_time_it_is_traced(float64, tmp_path):
+    """Traced anew (new jaxpr variables, other ids), the KFAC step is the same program, so
+    JAX's persistent compilation cache finds a step that another process compiled (change 5
+    of vmc.kfac_compat; without it the layer-tag inputs come in the order of their ids).
+    The program is the text JAX hands to the compiler, which it writes out under
+    ``jax_dump_ir_to``."""
+    kfac_compat.load()
+    from kfac_jax._src import tracer
+
+    assert tracer.set is kfac_compat.FirstSeenSet
+    assert list(kfac_compat.FirstSeenSet([3, 1, 2, 1])) == [3, 1, 2]
+    texts = []
+    for attempt in range(3):
+        energy_loss, batched_log_psi, params, walkers = masked_pair_problem()
+        optimizer = optimizers.make_kfac(energy_loss, batched_log_psi)
+        state = optimizer.init(params, jax.random.PRNGKey(1), walkers)
+        dump = tmp_path / str(attempt)
+        jax.config.update("jax_dump_ir_to", str(dump))
+        try:
+            optimizer.step(params, state, jax.random.PRNGKey(2), walkers)
+        finally:
+            jax.config.update("jax_dump_ir_to", "")
+        programs = [p for p in os.listdir(dump) if p.endswith("jit__step_compile.mlir")]
+        assert len(programs) == 1, os.listdir(dump)
+        texts.append((dump / programs[0]).read_text())
+    assert texts[0] == texts[1] == texts[2]
 
 
 def test_split_bind_params_accepts_both_forms():

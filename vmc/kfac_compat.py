@@ -28,11 +28,21 @@ in JAX break it:
    ``jax.extend.core``; :func:`restore_jax_core_names` puts the missing ones back on
    ``jax.core`` (the same objects), which must happen before kfac-jax is first imported.
 
-:func:`ensure_compatible` installs those replacements, each only when the running JAX needs it
-(decided by behaviour: what ``get_bind_params`` returns, whether ``jax.device_put_replicated``
-exists, whether ``ClosedJaxpr`` is ``Jaxpr``, which names ``jax.core`` lacks; not by version
-strings), and only once. On JAX
-0.9.1 it changes nothing. Import kfac-jax through :func:`load` (which calls it first), never
+One more change concerns kfac-jax 0.0.8 on every JAX release:
+
+5. Its tracer collects the inputs of all layer tags as ``list(set(...))`` of jaxpr variables,
+   whose hashes are their ids, so their order, and with it the order of independent operations
+   in the compiled KFAC step, differs from one process to the next. The results are the same,
+   but the program's text is not, and JAX's persistent compilation cache, keyed by that text,
+   never finds a KFAC step compiled by another process: every ``vmc train`` compiled its step
+   anew. :class:`FirstSeenSet` is a set that iterates in the order its items were given; it is
+   installed as the tracer module's ``set``.
+
+:func:`ensure_compatible` installs those replacements, changes 1 to 4 each only when the
+running JAX needs it (decided by behaviour: what ``get_bind_params`` returns, whether
+``jax.device_put_replicated`` exists, whether ``ClosedJaxpr`` is ``Jaxpr``, which names
+``jax.core`` lacks; not by version strings), change 5 always, and each only once. On JAX 0.9.1
+it installs only change 5. Import kfac-jax through :func:`load` (which calls it first), never
 with a plain ``import kfac_jax``.
 
 Nothing else of kfac-jax is touched; newer JAX releases may need more, which the KFAC and VMC
@@ -139,6 +149,23 @@ def restore_jax_core_names() -> list[str]:
         setattr(jax.core, name, getattr(jax.extend.core, name))
         restored.append(f"jax.core.{name}")
     return restored
+
+
+# --- 5. the order of the layer-tag inputs ------------------------------------------------------
+
+
+class FirstSeenSet(frozenset):
+    """A frozenset that iterates over its items in the order they were first given (a plain
+    set of jaxpr variables iterates in the order of their ids)."""
+
+    def __new__(cls, items=()):
+        order = tuple(dict.fromkeys(items))
+        self = super().__new__(cls, order)
+        self._order = order
+        return self
+
+    def __iter__(self):
+        return iter(self._order)
 
 
 # --- 1. Primitive.get_bind_params -------------------------------------------------------------
@@ -280,6 +307,9 @@ def ensure_compatible(force: bool = False) -> list[str]:
         tracer.jex = extend_with_closed_jaxpr()
         replaced += ["tag_graph_matcher.ClosedJaxpr", "tag_graph_matcher.to_closed_jaxpr",
                      "tracer.jex.core.ClosedJaxpr"]
+    if getattr(tracer, "set", None) is not FirstSeenSet:
+        tracer.set = FirstSeenSet
+        replaced.append("tracer.set")
     # Callers inside kfac-jax go through ``parallel.``; the package also re-exports the
     # function under ``kfac_jax.utils``, bound at import time, so that name is replaced too.
     if (force or not has_device_put_replicated()) and not is_patched(
