@@ -2,6 +2,9 @@
 
 JAX's persistent compilation cache is switched on (before jax is imported anywhere) so that
 identical computations compiled again, by another closure or a CLI subprocess, load from disk.
+The tests compile far more than they run, so XLA compiles them without LLVM's optimisations
+(backend optimisation level 0): the suite took 8 min 46 s instead of 12 min 31 s on 2 cores,
+every test passing either way. Subprocesses inherit both settings.
 """
 
 import contextlib
@@ -19,6 +22,7 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
 # Loading a cached executable makes XLA's C++ logger warn on stderr; CLI tests read stderr.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -104,7 +108,7 @@ class BackgroundRun:
     single-process test session leaves idle most of the time."""
 
     def __init__(self, code: str, *args: str):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+        env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2")
         self.process = subprocess.Popen([sys.executable, "-c", code, *args], env=env, text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
