@@ -58,7 +58,9 @@ def restore_raw(directory: str, step: int | None = None) -> dict:
     arrays), without a template."""
     import orbax.checkpoint as ocp
 
-    state = _restore(directory, ocp.args.StandardRestore, step)
+    # Replicated here, whatever topology (number of processes and devices) saved it.
+    replicated = FirstAxisSharding("restore").replicated
+    state = _restore(directory, lambda: ocp.args.StandardRestore(fallback_sharding=replicated), step)
     if state is None:
         raise InputError(f"no checkpoint in {directory}")
     return state

@@ -7,11 +7,13 @@ usage error) ends with one line ``error: ...`` on stderr and exit code 2, Ctrl-C
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 
 import click
 
+from molfoundation import distributed
 from molfoundation.errors import InputError
 
 EXIT_BAD_INPUT = 2
@@ -56,3 +58,31 @@ def checkpoint_option():
     return click.option("--checkpoint", "checkpoint_step", type=int, metavar="STEP",
                         help="Load the checkpoint of this step instead of the newest (e.g. when the newest "
                         "cannot be read).")
+
+
+def process_group_options(command):
+    """The options that make a training command one process of a multi-process run
+    (:mod:`molfoundation.distributed`), each also read from the environment; the command joins
+    the group before it runs."""
+    options = [
+        click.option("--coordinator", envvar="JAX_COORDINATOR_ADDRESS", metavar="HOST:PORT",
+                     help="Multi-process run: address of process 0, where the processes meet "
+                     "(env JAX_COORDINATOR_ADDRESS)."),
+        click.option("--num-processes", type=click.IntRange(min=1), envvar="JAX_NUM_PROCESSES",
+                     help="Multi-process run: the number of processes (env JAX_NUM_PROCESSES)."),
+        click.option("--process-id", type=click.IntRange(min=0), envvar="JAX_PROCESS_ID",
+                     help="Multi-process run: this process's index, 0 for the one that writes the run "
+                     "directory (env JAX_PROCESS_ID)."),
+        click.option("--cluster", is_flag=True,
+                     help="Multi-process run on a cluster JAX knows (SLURM, Open MPI): what the three options "
+                     "above leave out comes from its environment (e.g. one process per task of srun)."),
+    ]
+
+    @functools.wraps(command)
+    def joined(*args, coordinator, num_processes, process_id, cluster, **kwargs):
+        distributed.join(distributed.ProcessGroup(coordinator, num_processes, process_id, cluster))
+        return command(*args, **kwargs)
+
+    for option in reversed(options):
+        joined = option(joined)
+    return joined

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from molfoundation import checkpoints
+from molfoundation import checkpoints, distributed
 from molfoundation.errors import InputError, TrainingDiverged
 
 CONFIG_FILE = "config.json"
@@ -42,7 +42,10 @@ LOG_FILE = "log.jsonl"
 
 
 def write_json(path: str, record: Any) -> None:
-    """Write ``record`` to ``path`` atomically: a reader sees the old file or the new one."""
+    """Write ``record`` to ``path`` atomically: a reader sees the old file or the new one. In
+    a multi-process run only process 0 writes (:mod:`molfoundation.distributed`)."""
+    if not distributed.is_writer():
+        return
     with open(path + ".tmp", "w") as f:
         json.dump(record, f, indent=2)
     os.replace(path + ".tmp", path)
@@ -123,7 +126,7 @@ class RunDirectory:
         """Make this the directory of the run ``record`` describes: :meth:`check`, then write
         ``config.json`` if there is none."""
         self.check(record, ignore)
-        if self.has_config():
+        if self.has_config() or not distributed.is_writer():
             return
         os.makedirs(self.path, exist_ok=True)
         write_json(self.config_path, {"kind": self.kind, "schema_version": self.schema_version, **record})
@@ -166,7 +169,7 @@ class RunDirectory:
     def trim_log(self, phase: str, step: int) -> None:
         """Keep the entries of earlier phases and those of ``phase`` up to ``step``: what was
         logged after the checkpoint that ``phase`` continues from goes."""
-        if not os.path.exists(self.log_path):
+        if not os.path.exists(self.log_path) or not distributed.is_writer():
             return
         order = self.phases.index(phase)
         kept = [e for e in self.read_log() if self.phases.index(e["phase"]) < order
@@ -246,7 +249,9 @@ class Phase:
                    disable=None if self.progress else True, dynamic_ncols=True)
         stopped = "max_steps"
         try:
-            with open(run.log_path, "a") as log, deferred_interrupt() as interrupted:
+            # Every process computes the same entries; process 0 writes them.
+            with (open(run.log_path if distributed.is_writer() else os.devnull, "a") as log,
+                  deferred_interrupt() as interrupted):
                 while self.total is None or int(state.step) < self.total:
                     if self.out_of_time():
                         stopped = "time_budget"
@@ -295,6 +300,9 @@ def figure(width: float = 6.0, height: float = 4.0):
 
 
 def save_figure(fig, path: str) -> None:
+    """Write ``fig`` as a PNG (process 0 alone in a multi-process run)."""
+    if not distributed.is_writer():
+        return
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

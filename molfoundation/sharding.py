@@ -30,6 +30,8 @@ class FirstAxisSharding:
             self.mesh, PartitionSpec(*([None] * axis), self.mesh.axis_names[0]))
 
         def put(x):
+            if _spans_processes(x):  # already a global array: resharded on the devices
+                return jax.device_put(x, sharding)
             x = np.asarray(x)
             local = np.array_split(x, n_processes, axis=axis)[process] if n_processes > 1 else x
             return jax.make_array_from_process_local_data(sharding, local, x.shape)
@@ -37,4 +39,14 @@ class FirstAxisSharding:
         return jax.tree.map(put, tree)
 
     def replicate(self, tree):
-        return jax.device_put(tree, self.replicated)
+        """Copies on every device of every process; each process passes the same values."""
+        if jax.process_count() == 1:
+            return jax.device_put(tree, self.replicated)
+        # Across processes an array is assembled from host data that every process holds.
+        return jax.tree.map(lambda x: jax.device_put(x, self.replicated) if _spans_processes(x) else
+                            jax.make_array_from_process_local_data(self.replicated, np.asarray(x)), tree)
+
+
+def _spans_processes(x) -> bool:
+    """Whether ``x`` is a jax.Array with shards on other processes' devices."""
+    return isinstance(x, jax.Array) and not x.is_fully_addressable

@@ -14,7 +14,7 @@ import warnings
 
 import click
 
-from molfoundation.cli import checkpoint_option, print_error, run_cli, settings_option
+from molfoundation.cli import checkpoint_option, print_error, process_group_options, run_cli, settings_option
 from molfoundation.errors import InputError
 from molfoundation.settings import apply_settings, split_settings
 
@@ -156,6 +156,7 @@ def inspect(path, as_json):
 @click.option("--time-budget", type=float, help="Stop after this many seconds of training.")
 @click.option("--float64", is_flag=True, help="Train in float64.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@process_group_options
 def train(dataset, run_dir, molecules_, n_train, n_valid, split_seed, preset, max_order, batch_size,
           settings, init_from, steps, time_budget, float64, as_json):
     """Train PhiSNet on a reference dataset (or resume the run in --run-dir).

@@ -618,8 +618,9 @@ def _validate(state: TrainState, evaluate, valid_data, cfg: TrainConfig) -> tupl
 
 def _like(value, reference: jax.Array) -> jax.Array:
     """``value`` as an array of ``reference``'s dtype and sharding, so that the jitted step,
-    whose cache key includes both, is not compiled again for it."""
-    return jax.device_put(jnp.asarray(value, reference.dtype), reference.sharding)
+    whose cache key includes both, is not compiled again for it (made from host data, which
+    every process of a multi-process run holds)."""
+    return jax.make_array_from_process_local_data(reference.sharding, np.asarray(value, reference.dtype))
 
 
 def plot_learning_curve(run_dir: str) -> None:

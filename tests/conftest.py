@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -122,17 +123,51 @@ class BackgroundRun:
             self.process.communicate()
 
 
+class ProcessGroupRun:
+    """``python -m ARGS`` started as every process of one multi-process run
+    (:mod:`molfoundation.distributed`): ``n_processes`` processes on one CPU device each,
+    joined through a coordinator on 127.0.0.1 and gloo collectives."""
+
+    def __init__(self, args: list[str], n_processes: int = 2):
+        with socket.socket() as s:  # a free port for the coordinator
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        group = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n_processes)]
+        self.processes = [subprocess.Popen([sys.executable, "-m", *args, *group, "--process-id", str(i)],
+                                           text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                          for i in range(n_processes)]
+
+    def wait(self, timeout: float = 600) -> list[subprocess.CompletedProcess]:
+        done = []
+        for process in self.processes:
+            out, err = process.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+        return done
+
+    def stop(self):
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+
+
 @contextlib.contextmanager
-def background_run_for(request, test_name: str, code: str, *args: str):
-    """A :class:`BackgroundRun` while the module's tests run if ``test_name`` is among the
-    selected tests, else None; stopped (killed if still running) at the end of the module."""
+def background_for(request, test_name: str, start):
+    """``start()`` (a :class:`BackgroundRun` or :class:`ProcessGroupRun`) while the module's
+    tests run if ``test_name`` is among the selected tests, else None; stopped (killed if still
+    running) at the end of the module."""
     selected = any(item.originalname == test_name for item in request.session.items)
-    run = BackgroundRun(code, *args) if selected else None
+    run = start() if selected else None
     try:
         yield run
     finally:
         if run is not None:
             run.stop()
+
+
+def background_run_for(request, test_name: str, code: str, *args: str):
+    """:func:`background_for` a :class:`BackgroundRun` of ``code`` with ``args``."""
+    return background_for(request, test_name, lambda: BackgroundRun(code, *args))
 
 
 def interrupt_at_random_moment(args: list[str], log_path: str, signal_number: int, seed: int,

@@ -18,8 +18,8 @@ from phisnet_jax.generate import GenerationRequest, generate
 from phisnet_jax.model import PhiSNetConfig, make_inputs
 from phisnet_jax.reference import LevelOfTheory
 from phisnet_jax.sampling import thermal_ensemble
-from conftest import (assert_same_checkpoints, background_run_for, directory_digest, sigint_then_kill_9,
-                      run_phisnet_cli, start_geometry, without_timings)
+from conftest import (ProcessGroupRun, assert_same_checkpoints, background_for, background_run_for,
+                      directory_digest, sigint_then_kill_9, run_phisnet_cli, start_geometry, without_timings)
 
 # The CLI's "tiny" preset on water in STO-3G.
 TINY = PhiSNetConfig(basis="sto-3g", elements=(1, 8), features=8, max_order=2, num_modules=1,
@@ -54,6 +54,24 @@ def two_device_step(request, water_data, tmp_path_factory):
     with background_run_for(request, "test_two_devices_give_the_same_step_as_one",
                             TWO_DEVICE_STEP, run_dir, water_data, os.path.dirname(__file__)) as background:
         yield run_dir, background
+
+
+# ``run()``'s configuration on the command line (train for STEPS more).
+def train_command(data, run_dir, steps):
+    return ["phisnet_jax", "train", data, "--run-dir", run_dir, "--train", "8", "--valid", "4",
+            "--preset", "tiny", "--batch-size", "4", "--float64", "--set", "validate_every=4",
+            "--set", "log_every=1", "--set", "learning_rate=3e-3", "--steps", str(steps)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_process_run(request, water_data, tmp_path_factory):
+    """``phisnet train`` of ``run()``'s configuration for 4 steps (one validation) as two
+    processes of one run (one CPU device each, the batch split over both), started with the
+    module."""
+    run_dir = str(tmp_path_factory.mktemp("two_processes") / "run")
+    with background_for(request, "test_two_processes_give_the_run_of_one",
+                        lambda: ProcessGroupRun(train_command(water_data, run_dir, 4))) as group:
+        yield run_dir, group
 
 
 def data_config(path):
@@ -213,16 +231,35 @@ def test_two_devices_give_the_same_step_as_one(tmp_path, water_data, two_device_
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12, atol=1e-14)
 
 
+def test_two_processes_give_the_run_of_one(tmp_path, water_data, two_process_run):
+    """Two processes joined by jax.distributed (gloo on 127.0.0.1), each with half of every
+    batch, give the log and parameters of the single-process run; process 0 alone writes the
+    log, the configuration and the learning curve."""
+    run(tmp_path / "one", water_data, 4)
+    run_dir, group = two_process_run
+    for i, out in enumerate(group.wait()):
+        assert out.returncode == 0, (i, out.stderr[-3000:])
+    assert training.load_run_config(run_dir) == training.load_run_config(str(tmp_path / "one"))
+    assert os.path.isfile(os.path.join(run_dir, "learning_curve.png"))
+    one, two = (training.run_directory(d).read_log() for d in (str(tmp_path / "one"), run_dir))
+    assert [e["step"] for e in one] == [e["step"] for e in two]  # no line twice
+    for a, b in zip(one, two):
+        for key, value in a.items():
+            if key not in ("seconds",):
+                assert b[key] == pytest.approx(value, rel=1e-10, abs=1e-14), key
+    with jax.enable_x64(True):
+        one, two = (jax.tree.leaves(load_trained_model(d).params) for d in (str(tmp_path / "one"), run_dir))
+    for x, y in zip(one, two):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-10, atol=1e-14)
+
+
 def test_sigint_then_kill_9_then_resume_gives_the_uninterrupted_run(tmp_path, water_data):
     """``phisnet train`` stopped by Ctrl-C and then by kill -9, each at a random moment, and run
     again ends with the state and log of a run that was never interrupted."""
     steps = 24
     run(tmp_path / "reference", water_data, steps)
     run_dir = str(tmp_path / "run")
-    # The configuration of run() above.
-    command = ["phisnet_jax", "train", water_data, "--run-dir", run_dir, "--train", "8", "--valid", "4",
-               "--preset", "tiny", "--batch-size", "4", "--float64", "--set", "validate_every=4",
-               "--set", "log_every=1", "--set", "learning_rate=3e-3", "--steps", str(steps)]
+    command = train_command(water_data, run_dir, steps)
     last_line = steps + steps // 4 - 2  # a line per step and per validation
     sigint_then_kill_9(command, os.path.join(run_dir, "log.jsonl"), last_line, (1, 2))
     run(run_dir, water_data, steps)

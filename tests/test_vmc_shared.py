@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import log_lines, reuse_problems, run_vmc_cli, without_timings
+from conftest import ProcessGroupRun, background_for, log_lines, reuse_problems, run_vmc_cli, without_timings
 
 from molfoundation.errors import InputError
 from vmc import ansatz, cli, evaluate, geometries, hamiltonian, loss, mcmc, system_sets, systems, train
@@ -35,6 +35,23 @@ def tiny_config(set_file, **vmc_changes):
     settings = dict(float64=True, checkpoint_every=3, n_walkers=16, hf_fit_steps=4)
     settings.update(vmc_changes)
     return preset_config("tiny", SystemsConfig(set_file), ScheduleConfig(2), **settings)
+
+
+def pretrain_args(set_file, run_dir, steps):
+    """``vmc pretrain`` of :func:`tiny_config` on ``set_file``."""
+    return ["pretrain", set_file, "--run-dir", run_dir, "--preset", "tiny", "--float64", "--geometries-per-step", "2",
+            "--walkers", "16", "--hf-fit-steps", "4", "--set", "checkpoint_every=3", "--set", "laplacian=hessian",
+            "--steps", str(steps)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_process_run(request, tmp_path_factory):
+    """``vmc pretrain`` of the ``runs`` configuration as two processes of one run (one CPU device
+    each, every geometry's walkers split over both), started with the module."""
+    base = tmp_path_factory.mktemp("two_processes")
+    command = ["vmc", *pretrain_args(write_set(base / "set.xyz"), str(base / "run"), 6)]
+    with background_for(request, "test_two_processes_give_the_run_of_one", lambda: ProcessGroupRun(command)) as group:
+        yield str(base / "run"), group
 
 
 @pytest.fixture(scope="module")
@@ -166,9 +183,7 @@ def test_cli_pretrain_resume_finetune_and_zero_shot(runs, tmp_path, capsys, monk
     config, _, straight, _, problem = runs
     reuse_problems(monkeypatch, problem)
     run_dir = str(tmp_path / "base")
-    args = ["pretrain", config.systems.spec, "--run-dir", run_dir, "--preset", "tiny", "--float64",
-            "--geometries-per-step", "2", "--walkers", "16", "--hf-fit-steps", "4",
-            "--set", "checkpoint_every=3", "--set", "laplacian=hessian", "--steps", "3", "--json"]
+    args = pretrain_args(config.systems.spec, run_dir, 3) + ["--json"]
     code, out, _ = run_vmc_cli(args, capsys)
     assert code == 0 and json.loads(out)["steps"] == 3
     assert load_config(run_dir) == config
@@ -222,6 +237,25 @@ def test_cli_pretrain_resume_finetune_and_zero_shot(runs, tmp_path, capsys, monk
         np.testing.assert_array_equal(a, b)
     code, _, err = run_vmc_cli(["evaluate", "tiny-chains", "--checkpoint", "3"], capsys)
     assert code == 2 and "shipped model" in err
+
+
+def test_two_processes_give_the_run_of_one(runs, two_process_run):
+    """Two processes joined by jax.distributed (gloo on 127.0.0.1), each with half of every
+    geometry's walkers, give the schedule, energies and parameters of the single-process run;
+    process 0 alone writes the log."""
+    config, _, straight, _, _ = runs
+    run_dir, group = two_process_run
+    for i, out in enumerate(group.wait()):
+        assert out.returncode == 0, (i, out.stderr[-3000:])
+    assert dataclasses.replace(load_config(run_dir), systems=config.systems) == config
+    one, two = log_lines(straight), log_lines(run_dir)
+    assert [(e["phase"], e["step"], e["systems"]) for e in one] == [(e["phase"], e["step"], e["systems"]) for e in two]
+    for a, b in zip(one, two):
+        for key in ("loss", "energy", "variance", "acceptance"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-8, abs=1e-10), (a, b)
+    for x, y in zip(jax.tree.leaves(evaluate.load_model(straight)[1]), jax.tree.leaves(evaluate.load_model(run_dir)[1])):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("args, message", [

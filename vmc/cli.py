@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from molfoundation.cli import checkpoint_option, print_error, run_cli, settings_option
+from molfoundation.cli import checkpoint_option, print_error, process_group_options, run_cli, settings_option
 from molfoundation.errors import InputError, TrainingDiverged
 from molfoundation.settings import apply_settings
 
@@ -60,6 +60,7 @@ RUN_OPTIONS = _with_options(
 @click.option("--charge", default=0, show_default=True)
 @click.option("--spin", type=int, help="2S = N_up - N_down [default: the system's usual spin].")
 @RUN_OPTIONS
+@process_group_options
 def train(system, run_dir, preset, charge, spin, basis, optimizer, walkers, hf_fit_steps, steps,
           time_budget, float64, settings, as_json):
     """Fit the orbitals to Hartree-Fock, then optimise the energy by VMC (or resume --run-dir).
@@ -125,6 +126,7 @@ def _sampling(walkers, hf_fit_steps, **fixed) -> dict:
 @click.option("--schedule", type=click.Choice(["spread", "round_robin"]), default="spread", show_default=True,
               help="Which geometries a step takes (spread: round-robin first, then the largest energy spread).")
 @RUN_OPTIONS
+@process_group_options
 def pretrain(systems, run_dir, preset, set_seed, basis, orbitals_from, optimizer, walkers, geometries_per_step,
              schedule, hf_fit_steps, steps, time_budget, float64, settings, as_json):
     """Train a base model: one wavefunction over a set of molecules and geometries (HF fit,
@@ -163,6 +165,7 @@ def pretrain(systems, run_dir, preset, set_seed, basis, orbitals_from, optimizer
 @click.option("--hf-fit-steps", type=int, default=0, show_default=True,
               help="Supervised steps towards the HF orbitals before VMC (fine-tuning usually needs none).")
 @RUN_OPTIONS
+@process_group_options
 def finetune(base_run, systems, run_dir, set_seed, orbitals_from, walkers, geometries_per_step, schedule,
              hf_fit_steps, steps, time_budget, settings, as_json):
     """Fine-tune the model of BASE_RUN (any vmc train / pretrain / finetune run directory, or the

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from molfoundation import compiling, runs, sharding
+from molfoundation import compiling, distributed, runs, sharding
 from molfoundation.errors import InputError, TrainingDiverged
 from vmc import ansatz, geometries, loss, mcmc, optimizers, system_sets, systems
 from vmc.config import RunConfig, run_directory
@@ -566,7 +566,7 @@ def train(run_dir: str, config: RunConfig, max_steps: int, time_budget: float | 
         if problem is None:
             problem = Problem.build(config, system_set, progress)  # orbitals before anything is written
         run.claim(config.to_record())
-        if not os.path.exists(os.path.join(run_dir, SYSTEMS_FILE)):
+        if not os.path.exists(os.path.join(run_dir, SYSTEMS_FILE)) and distributed.is_writer():
             system_sets.write_system_set(os.path.join(run_dir, SYSTEMS_FILE), system_set)
         start, stopped = None, "max_steps"
         if run.latest_step("vmc") is None:
