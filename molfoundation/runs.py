@@ -226,7 +226,16 @@ class Phase:
         self.started = time.perf_counter() if started is None else started
 
     def out_of_time(self) -> bool:
-        return self.time_budget is not None and time.perf_counter() - self.started >= self.time_budget
+        if self.time_budget is None:
+            return False
+        late = time.perf_counter() - self.started >= self.time_budget
+        if jax.process_count() > 1:
+            # The processes of a run must stop at the same step (each waits for the others in
+            # every step): process 0's clock decides for all.
+            from jax.experimental import multihost_utils
+
+            late = bool(multihost_utils.broadcast_one_to_all(np.asarray(late)))
+        return late
 
     def __call__(self, state, step_fn: Callable, stop: Callable | None = None) -> tuple[Any, str]:
         """Run ``step_fn(state) -> (state, log entries)`` from ``state`` (whose ``step`` is the

@@ -67,10 +67,10 @@ def train_command(data, run_dir, steps):
 def two_process_run(request, water_data, tmp_path_factory):
     """``phisnet train`` of ``run()``'s configuration for 4 steps (one validation) as two
     processes of one run (one CPU device each, the batch split over both), started with the
-    module."""
+    module; with a time budget too (never reached), which process 0 decides for both."""
     run_dir = str(tmp_path_factory.mktemp("two_processes") / "run")
-    with background_for(request, "test_two_processes_give_the_run_of_one",
-                        lambda: ProcessGroupRun(train_command(water_data, run_dir, 4))) as group:
+    command = train_command(water_data, run_dir, 4) + ["--time-budget", "3600"]
+    with background_for(request, "test_two_processes_give_the_run_of_one", lambda: ProcessGroupRun(command)) as group:
         yield run_dir, group
 
 
