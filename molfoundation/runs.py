@@ -126,7 +126,7 @@ class RunDirectory:
         """Make this the directory of the run ``record`` describes: :meth:`check`, then write
         ``config.json`` if there is none."""
         self.check(record, ignore)
-        if self.has_config() or not distributed.is_writer():
+        if self.has_config():
             return
         os.makedirs(self.path, exist_ok=True)
         write_json(self.config_path, {"kind": self.kind, "schema_version": self.schema_version, **record})

@@ -77,6 +77,15 @@ def log_lines(run_dir):
         return [json.loads(line) for line in f]
 
 
+def assert_vmc_logs_agree(one, two):
+    """Two VMC logs (entries paired in order) hold the same losses, energies, variances and
+    acceptances to 1e-8 relative: the same float64 run on another device layout."""
+    for a, b in zip(one, two):
+        for key in ("loss", "energy", "variance", "acceptance"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-8, abs=1e-10), (a, b)
+
+
 def without_timings(entries):
     return [{k: v for k, v in e.items() if k != "seconds"} for e in entries]
 

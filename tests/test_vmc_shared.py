@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ProcessGroupRun, background_for, log_lines, reuse_problems, run_vmc_cli, without_timings
+from conftest import (ProcessGroupRun, assert_vmc_logs_agree, background_for, log_lines, reuse_problems,
+                      run_vmc_cli, without_timings)
 
 from molfoundation.errors import InputError
 from vmc import ansatz, cli, evaluate, geometries, hamiltonian, loss, mcmc, system_sets, systems, train
@@ -250,10 +251,7 @@ def test_two_processes_give_the_run_of_one(runs, two_process_run):
     assert dataclasses.replace(load_config(run_dir), systems=config.systems) == config
     one, two = log_lines(straight), log_lines(run_dir)
     assert [(e["phase"], e["step"], e["systems"]) for e in one] == [(e["phase"], e["step"], e["systems"]) for e in two]
-    for a, b in zip(one, two):
-        for key in ("loss", "energy", "variance", "acceptance"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-8, abs=1e-10), (a, b)
+    assert_vmc_logs_agree(one, two)
     for x, y in zip(jax.tree.leaves(evaluate.load_model(straight)[1]), jax.tree.leaves(evaluate.load_model(run_dir)[1])):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-8, atol=1e-10)
 

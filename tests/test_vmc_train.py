@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (ProcessGroupRun, assert_same_checkpoints, background_for, background_run_for,
-                      directory_digest, sigint_then_kill_9, log_lines, reuse_problems, run_vmc_cli, without_timings)
+from conftest import (ProcessGroupRun, assert_same_checkpoints, assert_vmc_logs_agree, background_for,
+                      background_run_for, directory_digest, sigint_then_kill_9, log_lines, reuse_problems,
+                      run_vmc_cli, without_timings)
 
 from molfoundation.errors import InputError, TrainingDiverged
 from vmc import evaluate, mcmc, train
@@ -318,10 +319,7 @@ def test_walkers_sharded_over_two_devices_give_the_same_run(runs, two_device_run
     one = [e for e in log_lines(straight)][: len(log_lines(run_dir))]
     two = log_lines(run_dir)
     assert [e["step"] for e in one] == [e["step"] for e in two]
-    for a, b in zip(one, two):
-        for key in ("loss", "energy", "variance", "acceptance"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-8, abs=1e-10), (a, b)
+    assert_vmc_logs_agree(one, two)
 
 
 def test_two_processes_give_the_run_of_one(runs, two_process_run):
@@ -336,10 +334,7 @@ def test_two_processes_give_the_run_of_one(runs, two_process_run):
     assert os.path.isfile(os.path.join(run_dir, "energy.png"))
     one, two = log_lines(straight), log_lines(run_dir)
     assert [(e["phase"], e["step"]) for e in one] == [(e["phase"], e["step"]) for e in two]  # no line twice
-    for a, b in zip(one, two):
-        for key in ("loss", "energy", "variance", "acceptance"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-8, abs=1e-10), (a, b)
+    assert_vmc_logs_agree(one, two)
     for x, y in zip(jax.tree.leaves(final_params(straight)), jax.tree.leaves(final_params(run_dir))):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-8, atol=1e-10)
 
