@@ -14,6 +14,7 @@ import os
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -21,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from machine import machine_info  # noqa: E402
-from vmc import ansatz, train  # noqa: E402
+from vmc import ansatz, geometries, train  # noqa: E402
 from vmc.config import RunConfig, SystemsConfig, VMCConfig  # noqa: E402
 from vmc.geometries import GeometryBatch  # noqa: E402
 
@@ -46,16 +47,32 @@ def time_steps(system: str, network: str, walkers: int, laplacian: str, optimize
     return {"system": system, "network": network, **time_config(config, repeats)}
 
 
+class FirstGeometry(NamedTuple):
+    """What a VMC step on the first geometry of a configuration's systems needs: the problem,
+    its group, the row of that geometry, fresh parameters, the sampler state of fresh walkers
+    and the compiled MCMC call."""
+
+    problem: train.Problem
+    group: geometries.GeometryGroup
+    rows: jax.Array
+    params: object
+    sampler: object
+    sample: object
+
+
+def first_geometry(config: RunConfig) -> FirstGeometry:
+    problem = train.Problem.build(config, config.systems.load()[:1], progress=False)
+    group = problem.groups[0]
+    params = train.init_params(jax.random.PRNGKey(0), config.ansatz, config.vmc.float64)
+    sampler = problem.init_sampler(group, params, problem.init_walkers(jax.random.PRNGKey(1), group))
+    return FirstGeometry(problem, group, jnp.zeros((1,), jnp.int32), params, sampler, problem.sampler(group))
+
+
 def time_config(config: RunConfig, repeats: int) -> dict:
     """First-step (trace + compile) and median step seconds of the VMC step (one MCMC call and
     one optimiser step) on the first geometry of ``config``'s systems, with the sizes that set
     them."""
-    problem = train.Problem.build(config, config.systems.load()[:1], progress=False)
-    group = problem.groups[0]
-    rows = jnp.zeros((1,), jnp.int32)
-    params = train.init_params(jax.random.PRNGKey(0), config.ansatz, config.vmc.float64)
-    sampler = problem.init_sampler(group, params, problem.init_walkers(jax.random.PRNGKey(1), group))
-    sample = problem.sampler(group)
+    problem, group, rows, params, sampler, sample = first_geometry(config)
     opt_state = problem.optimizer.init(params, jax.random.PRNGKey(2), GeometryBatch(sampler.walkers, group.geometries))
 
     def step(params, opt_state, sampler, key):

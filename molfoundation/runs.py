@@ -5,7 +5,9 @@ A run directory holds
 - ``config.json``: the resolved configuration, stamped with the ``kind`` of run and the
   ``schema_version`` of its format; a directory of another kind or version is refused with a
   one-line error that names what it holds and what this version reads;
-- ``log.jsonl``: one JSON object per logged step, each with its ``phase`` and ``step``. When a
+- ``log.jsonl``: one JSON object per logged step, each with its ``phase``, ``step`` and
+  ``time`` (Unix seconds when the step's line was written: wall-clock per step, checkpoints
+  and logging included, is the difference of consecutive lines). When a
   phase starts or resumes, lines written after the checkpoint it starts from (and lines of
   later phases) are dropped, so a log never repeats a step and never keeps a line torn by a
   kill;
@@ -270,7 +272,8 @@ class Phase:
                         stopped = reason
                         break
                     new, entries = step_fn(state)
-                    log.writelines(json.dumps({"phase": self.name, **e}) + "\n" for e in entries)
+                    now = time.time()
+                    log.writelines(json.dumps({"phase": self.name, **e, "time": now}) + "\n" for e in entries)
                     log.flush()
                     state = new  # logged: from here on, a checkpoint of it matches the log
                     bar.update(1)

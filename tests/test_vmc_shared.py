@@ -99,9 +99,12 @@ def test_batched_geometries_give_the_mean_of_one_system_losses():
         expected = jax.tree.map(lambda a, b: (a + b) / 2, *all_grads)
         for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
-        # The per-walker (KFAC) form of log|psi| is the plain batched one.
-        np.testing.assert_allclose(fns.kfac_log_psi(params, batch),
-                                   geometries.over_batch(fns.log_psi)(params, batch), rtol=1e-12)
+        # The per-walker (KFAC) form of log|psi| is the plain batched one, on every walker or on
+        # every second.
+        plain = geometries.over_batch(fns.log_psi)(params, batch)
+        np.testing.assert_allclose(geometries.make_kfac_log_psi(network)(params, batch), plain, rtol=1e-12)
+        np.testing.assert_allclose(geometries.make_kfac_log_psi(network, 2)(params, batch), plain[:, ::2],
+                                   rtol=1e-12)
 
 
 class _Group:

@@ -95,7 +95,7 @@ def test_run_directory_is_complete(runs):
     assert phases == ["hf_fit"] * config.vmc.hf_fit_steps + ["vmc"] * 6
     vmc_entries = [e for e in entries if e["phase"] == "vmc"]
     for key in ("energy", "variance", "acceptance", "step_size", "n_nonfinite", "n_walkers_reset",
-                "learning_rate", "damping", "seconds"):
+                "learning_rate", "damping", "seconds", "time"):
         assert key in vmc_entries[0]
     assert all(e["systems"] == ["H2"] and np.isfinite(e["energy"][0]) and e["n_nonfinite"] == 0
                for e in vmc_entries)

@@ -22,7 +22,7 @@ from molfoundation.errors import InputError
 from molfoundation.orbital_features import FeatureSlots
 from vmc import ansatz, hamiltonian, loss, optimizers, orbitals, system_sets, systems
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # The phases of a run, in the order they run.
 PHASES = ("hf_fit", "vmc")
 OPTIMIZERS = ("kfac", "adam")
@@ -170,6 +170,11 @@ class RunConfig:
     adam: optimizers.AdamConfig = optimizers.AdamConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     init_from: str | None = None
+
+    def __post_init__(self):
+        if self.vmc.n_walkers % self.kfac.curvature_walker_stride:
+            raise InputError(f"curvature_walker_stride {self.kfac.curvature_walker_stride} does not divide "
+                             f"n_walkers {self.vmc.n_walkers}")
 
     def to_record(self) -> dict:
         return dataclasses.asdict(self)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from molfoundation import gaussians
-from vmc import ansatz, hamiltonian, orbitals
+from vmc import ansatz, hamiltonian, optimizers, orbitals
 from vmc.systems import System
 
 
@@ -201,23 +201,35 @@ def over_batch(fn: Callable) -> Callable:
     return batched
 
 
-def make_kfac_log_psi(config: ansatz.AnsatzConfig) -> Callable:
-    """``fn(params, batch) -> (G, W)`` log|psi| with every geometry's inputs copied to each of
-    its walkers: the curvature function of :func:`vmc.optimizers.make_kfac`.
+def every_nth_walker(batch: GeometryBatch, stride: int) -> GeometryBatch:
+    """Walkers 0, stride, 2 stride, ... of every geometry: (G, W / stride, n_el, 3). Taken by a
+    reshape, so walkers split over devices in contiguous blocks stay where they are."""
+    n_geometries, n_walkers = batch.walkers.shape[:2]
+    if n_walkers % stride:
+        raise ValueError(f"a walker stride of {stride} does not divide {n_walkers} walkers")
+    walkers = batch.walkers.reshape((n_geometries, n_walkers // stride, stride) + batch.walkers.shape[2:])
+    return GeometryBatch(walkers[:, :, 0], batch.geometry)
 
-    Why: under a plain vmap over walkers the orbital half of the network (GNN and heads), which
-    does not depend on the electrons, stays unbatched and is evaluated once. KFAC's dense-layer
-    blocks need per-walker layer inputs and output derivatives (their Kronecker factors are
-    averages over the batch), so kfac-jax rejects unbatched layers. Copying the inputs batches
-    every layer; the values are unchanged. The price, the orbital half evaluated (and
-    differentiated) once per walker, is paid in the curvature estimate only: the loss and its
-    gradient keep the plain vmap."""
+
+def make_kfac_log_psi(config: ansatz.AnsatzConfig, walker_stride: int = 1) -> Callable:
+    """``fn(params, batch) -> (G, W / walker_stride)`` log|psi| of every ``walker_stride``-th
+    walker (:func:`every_nth_walker`), with every geometry's inputs copied to each of its
+    walkers: the curvature function of :func:`vmc.optimizers.make_kfac`.
+
+    Why the copies: under a plain vmap over walkers the orbital half of the network (GNN and
+    heads), which does not depend on the electrons, stays unbatched and is evaluated once.
+    KFAC's dense-layer blocks need per-walker layer inputs and output derivatives (their
+    Kronecker factors are averages over the batch), so kfac-jax rejects unbatched layers.
+    Copying the inputs batches every layer; the values are unchanged. The price, the orbital
+    half evaluated (and differentiated) once per walker, is paid in the curvature estimate
+    only: the loss and its gradient keep the plain vmap."""
     wavefunction = ansatz.make_wavefunction(config)
 
     def per_walker(params, electrons, inputs):
         return wavefunction(params, electrons, inputs)[1]
 
     def batched(params, batch: GeometryBatch):
+        batch = every_nth_walker(batch, walker_stride)
         n_geometries, n_walkers = batch.walkers.shape[:2]
         copies = jax.tree.map(
             lambda x: jnp.broadcast_to(x[:, None], (n_geometries, n_walkers) + x.shape[1:]).reshape(
@@ -229,6 +241,14 @@ def make_kfac_log_psi(config: ansatz.AnsatzConfig) -> Callable:
         return values.reshape(n_geometries, n_walkers)
 
     return batched
+
+
+def make_kfac(energy_loss, config: ansatz.AnsatzConfig, kfac: optimizers.KFACConfig) -> optimizers.Optimizer:
+    """KFAC (:func:`vmc.optimizers.make_kfac`) on ``energy_loss(params, batch: GeometryBatch)``,
+    its curvature from :func:`make_kfac_log_psi` with ``kfac.curvature_walker_stride``."""
+    stride = kfac.curvature_walker_stride
+    return optimizers.make_kfac(energy_loss, make_kfac_log_psi(config, stride), kfac,
+                                batch_size=lambda batch: walkers_in(batch) // stride)
 
 
 def make_hartree_fock_log_psi(ao_values: Callable, n_up: int) -> Callable:
@@ -275,20 +295,17 @@ def functions(config: ansatz.AnsatzConfig, laplacian: str) -> "GeometryFunctions
     return GeometryFunctions(
         log_psi=make_log_psi(config),
         local_energy=over_batch(make_local_energy(config, laplacian)),
-        kfac_log_psi=make_kfac_log_psi(config),
     )
 
 
 @dataclasses.dataclass(frozen=True)
 class GeometryFunctions:
-    """``log_psi((params, geometry), electrons)``; ``local_energy(params, batch) -> (G, W)``;
-    ``kfac_log_psi(params, batch) -> (G, W)``."""
+    """``log_psi((params, geometry), electrons)``; ``local_energy(params, batch) -> (G, W)``."""
 
     log_psi: Callable
     local_energy: Callable
-    kfac_log_psi: Callable
 
 
 def walkers_in(batch: GeometryBatch) -> int:
-    """G x W, the number of walkers of a batch (KFAC's batch size)."""
+    """G x W, the number of walkers of a batch."""
     return batch.walkers.shape[0] * batch.walkers.shape[1]

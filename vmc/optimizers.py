@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from molfoundation.errors import InputError
 from vmc import kfac_compat
 from vmc.loss import EnergyLoss
 
@@ -69,6 +70,11 @@ class KFACConfig:
         norm_constraint: bound on the squared norm of the preconditioned update scaled by the
             learning rate (kfac-jax's norm_constraint); FermiNet's value.
         inverse_update_period: steps between recomputations of the factor inverses.
+        curvature_walker_stride: the curvature is estimated from every n-th walker of each
+            geometry (1: all of them). The estimate is a moving average over about
+            1 / (1 - curvature_ema) steps, so a fraction of each step's walkers barely changes
+            it, while its cost (the per-walker network, :func:`vmc.geometries.make_kfac_log_psi`)
+            falls in proportion; it must divide the walkers per geometry.
     """
 
     learning_rate: float = 0.1
@@ -79,6 +85,11 @@ class KFACConfig:
     curvature_ema: float = 0.99
     norm_constraint: float = 1e-3
     inverse_update_period: int = 1
+    curvature_walker_stride: int = 1
+
+    def __post_init__(self):
+        if self.inverse_update_period < 1 or self.curvature_walker_stride < 1:
+            raise InputError("inverse_update_period and curvature_walker_stride must be at least 1")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ from molfoundation.errors import InputError
 from molfoundation.shipped import ModelShelf
 from vmc.config import RunConfig
 
-KIND, SCHEMA_VERSION = "vmc model", 1
+KIND, SCHEMA_VERSION = "vmc model", 2
 CHECK_FILE = "check.npz"
 MODELS = ModelShelf(KIND, SCHEMA_VERSION, os.path.join(os.path.dirname(os.path.abspath(__file__)), "models"))
 

@@ -247,14 +247,18 @@ class Problem:
         return sampler.walkers
 
     @functools.cached_property
+    def energy_loss(self) -> loss.EnergyLoss:
+        """``fn(params, batch) -> (energy, EnergyStats)``, the VMC loss of a geometry batch."""
+        fns = self.functions
+        return loss.make_energy_loss(None, fns.local_energy, self.config.vmc.clip_scale,
+                                     batched_log_psi=geometries.over_batch(fns.log_psi))
+
+    @functools.cached_property
     def optimizer(self) -> optimizers.Optimizer:
         cfg = self.config
-        fns = self.functions
-        energy_loss = loss.make_energy_loss(None, fns.local_energy, cfg.vmc.clip_scale,
-                                            batched_log_psi=geometries.over_batch(fns.log_psi))
         if cfg.vmc.optimizer == "kfac":
-            return optimizers.make_kfac(energy_loss, fns.kfac_log_psi, cfg.kfac, batch_size=geometries.walkers_in)
-        return optimizers.make_adam(energy_loss, cfg.adam)
+            return geometries.make_kfac(self.energy_loss, cfg.ansatz, cfg.kfac)
+        return optimizers.make_adam(self.energy_loss, cfg.adam)
 
     @property
     def hf_fit_transform(self):

@@ -1,0 +1,384 @@
+"""Benchmark: this project's VMC against FermiNet, on the same machine, in the same run.
+
+Both codes train LiH (R = 3.015 bohr, 2 + 2 electrons) with 256 walkers, 10 Metropolis steps
+per update, 100 steps of supervised pretraining towards Hartree-Fock (STO-6G), 20 burn-in MCMC
+calls, KFAC and the forward Laplacian (folx), each with its own recommended KFAC settings:
+FermiNet with hidden (64, 16) x 2 and 4 determinants (--ferminet-network), this project with its
+``small`` preset (--ours-preset, and --set for any of its settings). Every run is a fresh
+process (nothing compiled is shared between runs), the codes alternating. Time is read from
+stamps each code takes as it logs a step (this project: the ``time`` of its log lines;
+FermiNet: the writer its ``train.train`` takes).
+
+``speed`` (experiments/results/peer_ferminet_<platform>.json), --repeats runs of --steps steps:
+
+- ``step_seconds``: wall-clock seconds per training step from step --skip to the last,
+  everything the training loop does included (sampling, the update, logging, checkpoints);
+- ``startup_seconds``: from the process's start to its first training step logged (imports,
+  Hartree-Fock, compilation, pretraining, burn-in, and the first step);
+- ``compile_seconds``: lowering and XLA compilation summed over the run (JAX's monitoring
+  events; tracing is reported apart as ``trace_seconds``, where nested traces count again);
+- ``parameters``: each network's parameter count;
+- ``step_ratio``, ``startup_ratio``, ``compile_ratio``: ours / FermiNet, of the medians.
+
+``budget`` (experiments/results/budget_lih_<platform>.json): each code trains for --seconds
+of wall-clock time from its process's start (start-up included), then its final parameters
+are evaluated with --eval-steps MCMC calls of 256 walkers (this project: ``vmc evaluate``,
+fresh walkers after 200 calls of burn-in; FermiNet: its inference mode, from the training's
+last walkers); both energies get the same blocking error bar (vmc.evaluate.blocking_error) and
+are compared with the exact -8.070548 Ha: ``ours.error_mha``, ``ferminet.error_mha``.
+
+The peer is not part of this repository. FermiNet's main branch calls kfac-jax as it is
+released (0.0.8), which runs on JAX up to 0.9.1, so both codes run in an environment of this
+project's oldest supported JAX (requirements/oldest-jax.txt) with FermiNet's own few extras:
+
+    git clone https://github.com/google-deepmind/ferminet PEER    # measured at 0ce3411
+    python3.11 -m venv .venv-peers
+    .venv-peers/bin/python requirements/override.py requirements/oldest-jax.txt > .venv-peers/req.txt
+    .venv-peers/bin/pip install -r .venv-peers/req.txt ml-collections pandas pyblock absl-py
+    .venv-peers/bin/pip install --no-deps -e .
+    .venv-peers/bin/python experiments/peers/ferminet.py speed --ferminet PEER
+    .venv-peers/bin/python experiments/peers/ferminet.py budget --ferminet PEER --seconds 360
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from machine import machine_info, result_stem  # noqa: E402
+
+LIH_BOND = 3.015  # bohr, as vmc.systems' LiH
+EXACT_ENERGY = -8.070548  # hartree, vmc.references
+PRETRAIN_STEPS = 100
+BURN_IN_CALLS = 20
+WALKERS = 256
+MCMC_STEPS = 10
+CODES = ("ferminet", "ours")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inside one measured process.
+
+
+def record_compile_time() -> dict:
+    """Sums of JAX's compile events (seconds) in this process, filled in as they happen."""
+    import jax.monitoring
+
+    totals = {"trace": 0.0, "lower": 0.0, "backend_compile": 0.0}
+    names = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+             "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+             "/jax/core/compile/backend_compile_duration": "backend_compile"}
+
+    def listen(event, duration, **_):
+        if event in names:
+            totals[names[event]] += duration
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    return totals
+
+
+def ours_train(run_dir: str, job: dict) -> dict:
+    """``vmc train`` of LiH in this process; its steps' times and energies, and its settings."""
+    import jax
+
+    from vmc import cli, config, train
+
+    limit = (["--steps", str(job["steps"])] if job["budget"] is None else
+             ["--steps", "100000000", "--time-budget", str(job["budget"] - (time.time() - job["launched"]))])
+    args = ["train", "LiH", "--run-dir", run_dir, "--preset", job["ours_preset"],
+            "--hf-fit-steps", str(PRETRAIN_STEPS), *limit, "--set", f"burn_in_sweeps={BURN_IN_CALLS}",
+            "--set", f"n_walkers={WALKERS}", "--set", f"mcmc_steps={MCMC_STEPS}",
+            "--set", "optimizer=kfac", "--set", "laplacian=folx",
+            *[item for setting in job["ours_settings"] for item in ("--set", setting)]]
+    try:
+        cli.main(args)
+    except SystemExit as exit_:
+        if exit_.code:
+            raise
+    entries = config.run_directory(run_dir).read_log("vmc")
+    cfg = config.load_config(run_dir)
+    shapes = train.param_shapes(cfg.ansatz, cfg.vmc.float64)
+    return {"step_times": [e["time"] for e in entries], "energies": [e["energy"][0] for e in entries],
+            "parameters": int(sum(x.size for x in jax.tree.leaves(shapes))),
+            "settings": {"command": "vmc " + " ".join("RUN" if a == run_dir else a for a in args),
+                         "config": cfg.to_record()}}
+
+
+def ours_evaluate(run_dir: str, eval_steps: int) -> dict:
+    from vmc import evaluate
+
+    result = evaluate.evaluate_run(run_dir, None, 0, n_steps=eval_steps, n_walkers=WALKERS,
+                                   burn_in_sweeps=None, seed=1, step=None)
+    system = result.systems[0]
+    return {"energy": system.energy, "error": system.error, "burn_in_calls": result.burn_in_sweeps}
+
+
+def ferminet_config(job: dict, save_path: str):
+    from ferminet import base_config
+    from ferminet.utils import system
+
+    cfg = base_config.default()
+    cfg.system.molecule = [system.Atom("Li", (0.0, 0.0, 0.0)), system.Atom("H", (LIH_BOND, 0.0, 0.0))]
+    cfg.system.electrons = (2, 2)
+    cfg.batch_size = WALKERS
+    cfg.mcmc.steps = MCMC_STEPS
+    cfg.mcmc.burn_in = BURN_IN_CALLS
+    cfg.pretrain.iterations = PRETRAIN_STEPS
+    cfg.pretrain.basis = "sto-6g"
+    cfg.optim.iterations = job["steps"] if job["budget"] is None else 10**8
+    cfg.optim.optimizer = "kfac"
+    cfg.optim.laplacian = "folx"
+    layers, single, pair, determinants = job["ferminet_network"]
+    cfg.network.ferminet.hidden_dims = ((single, pair),) * layers
+    cfg.network.determinants = determinants
+    cfg.log.save_path = save_path
+    if job["budget"] is not None:
+        cfg.log.save_frequency = 10.0**6  # minutes: the one checkpoint is the budget's (below)
+    cfg.debug.deterministic = True
+    return base_config.resolve(cfg)
+
+
+class BudgetSpent(Exception):
+    """Raised once FermiNet has saved its checkpoint at the end of the time budget."""
+
+
+def ferminet_run(cfg, on_step=None) -> tuple[list, list]:
+    """``train.train(cfg)`` with a writer that stamps every step; (times, energies)."""
+    from ferminet import train
+
+    times, energies = [], []
+
+    class TimedWriter:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, t, **data):
+            times.append(time.time())
+            energies.append(float(data["energy"]))
+            if on_step is not None:
+                on_step()
+
+        def flush(self):
+            pass
+
+    try:
+        train.train(cfg, writer_manager=TimedWriter())
+    except BudgetSpent:
+        pass
+    return times, energies
+
+
+def ferminet_train(save_path: str, job: dict) -> dict:
+    sys.path.insert(0, job["ferminet"])
+    import jax
+    import numpy as np
+    from ferminet import checkpoint, networks
+
+    cfg = ferminet_config(job, save_path)
+    on_step = None
+    if job["budget"] is not None:
+        # At the first step past the budget the training loop's own checkpoint test (which
+        # reads the setting every step) saves, and the run ends right after that save.
+        original_save = checkpoint.save
+
+        def save_then_stop(*args, **kwargs):
+            written = original_save(*args, **kwargs)
+            raise BudgetSpent(written)
+
+        def on_step():
+            if time.time() - job["launched"] >= job["budget"]:
+                cfg.log.save_frequency = 0.0
+                checkpoint.save = save_then_stop
+
+    times, energies = ferminet_run(cfg, on_step)
+    determinants = job["ferminet_network"][3]
+    net = networks.make_fermi_net(cfg.system.electrons, np.array([3.0, 1.0]), ndim=3,
+                                  determinants=determinants, full_det=cfg.network.full_det,
+                                  **cfg.network.ferminet)
+    shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0))
+    return {"step_times": times, "energies": energies,
+            "parameters": int(sum(x.size for x in jax.tree.leaves(shapes))),
+            "settings": {"hidden_dims": [list(h) for h in cfg.network.ferminet.hidden_dims],
+                         "determinants": determinants, "full_det": bool(cfg.network.full_det),
+                         "kfac": dict(cfg.optim.kfac), "lr": dict(cfg.optim.lr)}}
+
+
+def ferminet_evaluate(save_path: str, job: dict) -> dict:
+    """FermiNet's inference mode from the training's last checkpoint (its walkers included)."""
+    from vmc.evaluate import blocking_error
+
+    cfg = ferminet_config(dict(job, budget=None, steps=job["eval_steps"]), os.path.join(save_path, "inference"))
+    cfg.optim.optimizer = "none"
+    cfg.log.restore_path = save_path
+    _, energies = ferminet_run(cfg)
+    return {"energy": statistics.fmean(energies), "error": blocking_error(energies), "burn_in_calls": 0}
+
+
+def child(job: dict, out_path: str) -> None:
+    compile_seconds = record_compile_time()
+    work = os.path.dirname(out_path)
+    place = os.path.join(work, "run")
+    out = (ours_train if job["code"] == "ours" else ferminet_train)(place, job)
+    out.update(trained=time.time(), compile_seconds=compile_seconds)
+    if job["budget"] is not None:
+        out["evaluation"] = (ours_evaluate(place, job["eval_steps"]) if job["code"] == "ours"
+                             else ferminet_evaluate(place, job))
+    with open(out_path, "w") as f:
+        json.dump(out, f)
+
+
+# ----------------------------------------------------------------------------------------------
+# The harness.
+
+
+def launch(job: dict) -> dict:
+    """One code's run in a fresh process; what its child wrote, with the launch time."""
+    with tempfile.TemporaryDirectory() as work:
+        out = os.path.join(work, "out.json")
+        job = dict(job, launched=time.time())
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "child", json.dumps(job), out],
+                              env=env, text=True, capture_output=True)
+        if done.returncode != 0:
+            raise SystemExit(f"the {job['code']} run failed:\n{done.stderr[-4000:]}")
+        with open(out) as f:
+            raw = json.load(f)
+    raw["launched"] = job["launched"]
+    return raw
+
+
+def summarise(raw: dict, skip: int) -> dict:
+    times = raw["step_times"]
+    return {
+        "steps": len(times),
+        "step_seconds": (times[-1] - times[skip]) / (len(times) - 1 - skip),
+        "startup_seconds": times[0] - raw["launched"],
+        "train_seconds": raw["trained"] - raw["launched"],
+        "compile_seconds": raw["compile_seconds"]["lower"] + raw["compile_seconds"]["backend_compile"],
+        "trace_seconds": raw["compile_seconds"]["trace"],
+        "parameters": raw["parameters"],
+        "settings": raw["settings"],
+    }
+
+
+def versions(peer: str) -> dict:
+    import importlib.metadata as md
+
+    found = {name: md.version(name) for name in ("jax", "jaxlib", "kfac-jax", "folx", "flax", "optax")}
+    commit = subprocess.run(["git", "-C", peer, "rev-parse", "HEAD"], capture_output=True, text=True)
+    found["ferminet_commit"] = commit.stdout.strip() if commit.returncode == 0 else None
+    return found
+
+
+def write(name: str, out: dict) -> None:
+    import jax
+
+    path = result_stem(name, None, jax.default_backend()) + ".json"
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=2)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+
+
+def header(args, benchmark: str) -> dict:
+    return {
+        "benchmark": benchmark,
+        "command": "python experiments/peers/ferminet.py " + " ".join(
+            "PEER" if a == args.ferminet else a for a in sys.argv[1:]),
+        "machine": machine_info(),
+        "versions": versions(args.ferminet),
+        "system": {"name": "LiH", "bond_bohr": LIH_BOND, "walkers": WALKERS, "mcmc_steps": MCMC_STEPS,
+                   "pretrain_steps": PRETRAIN_STEPS, "burn_in_calls": BURN_IN_CALLS, "optimizer": "kfac",
+                   "laplacian": "folx"},
+    }
+
+
+def speed(args, job: dict) -> None:
+    runs = {code: [] for code in CODES}
+    for repeat in range(args.repeats):
+        for code in CODES:
+            row = summarise(launch(dict(job, code=code)), args.skip)
+            runs[code].append(row)
+            print(json.dumps({"code": code, "repeat": repeat, **{k: v for k, v in row.items() if k != "settings"}}),
+                  flush=True)
+    summary = {code: {key: statistics.median(r[key] for r in rows)
+                      for key in ("step_seconds", "startup_seconds", "compile_seconds", "trace_seconds")}
+               | {"parameters": rows[0]["parameters"], "settings": rows[0]["settings"]}
+               for code, rows in runs.items()}
+    out = header(args, "peer_ferminet") | {
+        "steps": args.steps, "step_time_skips": args.skip,
+        "ours": summary["ours"], "ferminet": summary["ferminet"],
+        "step_ratio": summary["ours"]["step_seconds"] / summary["ferminet"]["step_seconds"],
+        "startup_ratio": summary["ours"]["startup_seconds"] / summary["ferminet"]["startup_seconds"],
+        "compile_ratio": summary["ours"]["compile_seconds"] / summary["ferminet"]["compile_seconds"],
+        "runs": {code: [{k: v for k, v in r.items() if k != "settings"} for r in rows] for code, rows in runs.items()},
+    }
+    write("peer_ferminet", out)
+    print(json.dumps({k: out[k] for k in ("step_ratio", "startup_ratio", "compile_ratio")}))
+
+
+def budget(args, job: dict) -> None:
+    results = {}
+    for code in CODES:
+        raw = launch(dict(job, code=code, budget=args.seconds, eval_steps=args.eval_steps))
+        row = summarise(raw, min(args.skip, len(raw["step_times"]) - 2))
+        evaluation = raw["evaluation"]
+        row.update(energy=evaluation["energy"], energy_error=evaluation["error"],
+                   error_mha=1000 * (evaluation["energy"] - EXACT_ENERGY), error_bar_mha=1000 * evaluation["error"],
+                   eval_burn_in_calls=evaluation["burn_in_calls"])
+        results[code] = row
+        print(json.dumps({"code": code, **{k: v for k, v in row.items() if k != "settings"}}), flush=True)
+    out = header(args, "budget_lih") | {
+        "budget_seconds": args.seconds, "eval_steps": args.eval_steps, "eval_walkers": WALKERS,
+        "exact_energy": EXACT_ENERGY, "ours": results["ours"], "ferminet": results["ferminet"],
+    }
+    write("budget_lih", out)
+
+
+def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "child":
+        child(json.loads(sys.argv[2]), sys.argv[3])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    modes = parser.add_subparsers(dest="mode", required=True)
+    for mode in ("speed", "budget"):
+        sub = modes.add_parser(mode)
+        sub.add_argument("--ferminet", required=True, help="path of FermiNet's source (the directory with setup.py)")
+        sub.add_argument("--ours-preset", default="small")
+        sub.add_argument("--set", dest="ours_settings", action="append", default=[], metavar="KEY=VALUE",
+                         help="a setting of this project's run (as vmc train --set), repeatable")
+        sub.add_argument("--ferminet-network", type=int, nargs=4, default=[2, 64, 16, 4],
+                         metavar=("LAYERS", "SINGLE", "PAIR", "DETERMINANTS"))
+        sub.add_argument("--skip", type=int, default=50, help="first steps left out of the step time")
+        if mode == "speed":
+            sub.add_argument("--steps", type=int, default=600, help="training steps of every run")
+            sub.add_argument("--repeats", type=int, default=2, help="runs of each code, alternating")
+        else:
+            sub.add_argument("--seconds", type=float, default=360.0, help="wall-clock budget of each training")
+            sub.add_argument("--eval-steps", type=int, default=2000, help="MCMC calls of each evaluation")
+    args = parser.parse_args()
+    if not os.path.isfile(os.path.join(args.ferminet, "ferminet", "train.py")):
+        parser.error(f"{args.ferminet} holds no FermiNet source (ferminet/train.py)")
+    job = {"ferminet": os.path.abspath(args.ferminet), "ours_preset": args.ours_preset,
+           "ours_settings": args.ours_settings, "ferminet_network": args.ferminet_network,
+           "steps": getattr(args, "steps", None), "budget": None}
+    if args.mode == "speed":
+        if not 0 <= args.skip < args.steps - 1:
+            parser.error("--skip must be below --steps - 1")
+        speed(args, job)
+    else:
+        budget(args, job)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Profile: where one VMC training step spends its time, part by part.
+
+Each part of a step is compiled on its own and timed on the same state (median of --repeats
+calls after two warm-up calls, results waited for):
+
+- ``log_psi``: log|psi| of all walkers (one Metropolis step evaluates it once);
+- ``orbitals``: the molecule-only half of the network (orbital GNN and heads), once;
+- ``mcmc``: one MCMC call (``mcmc_steps`` Metropolis steps, the sampler of training);
+- ``local_energy``: the local energies (kinetic term by the chosen Laplacian);
+- ``energy_gradient``: the loss and its VMC gradient (local energies, then the gradient of
+  log|psi| contracted with the centred, clipped local energies);
+- ``curvature_log_psi``: the per-walker log|psi| KFAC estimates its curvature from (every
+  walker with its own copy of the molecule's inputs) and its gradient;
+- ``kfac_step``: the whole KFAC step (gradient, curvature estimate, factor inverses, update);
+  ``kfac_step_no_inverse`` the same without recomputing the inverses (inverse_update_period
+  past the timed steps), so their difference is the cost of the inverses;
+- ``adam_step``: the Adam step (gradient and update only);
+- ``training_step``: wall-clock seconds per step of ``vmc train`` with the same settings
+  (from the log's timestamps, steps after --skip), everything the loop does included.
+
+Derived: ``inverses`` = kfac_step - kfac_step_no_inverse; ``curvature_estimate`` =
+kfac_step_no_inverse - adam_step; ``outside_step`` = training_step - mcmc - kfac_step (logging,
+host round-trips, checkpoints). Writes experiments/results/vmc_profile_<label>_<platform>.json (label: the system by default).
+
+    .venv/bin/python experiments/vmc_profile.py --system LiH
+    .venv/bin/python experiments/vmc_profile.py --system LiH --set curvature_walker_stride=4 --label LiH_stride4
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from machine import machine_info, result_stem  # noqa: E402
+from molfoundation.settings import apply_settings  # noqa: E402
+from vmc import ansatz, geometries, optimizers  # noqa: E402
+from vmc.config import SystemsConfig, preset_config, run_directory  # noqa: E402
+from vmc.geometries import GeometryBatch  # noqa: E402
+from vmc_speed import first_geometry  # noqa: E402
+
+
+def timed(fn, *args, repeats: int) -> float:
+    """Median seconds of ``fn(*args)`` (results waited for) after two warm-up calls."""
+    times = []
+    for i in range(repeats + 2):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:])
+
+
+def profile_parts(config, repeats: int) -> dict:
+    problem, group, rows, params, sampler, sample = first_geometry(config)
+    for i in range(5):  # walkers off their starting positions
+        sampler, _, _ = sample(params, sampler, rows, jax.random.PRNGKey(100 + i))
+    batch = GeometryBatch(sampler.walkers, group.select(rows))
+    fns = problem.functions
+    geometry = jax.tree.map(lambda x: x[0], group.geometries)
+    module = ansatz.TransferableWavefunction(config.ansatz)
+    log_psi_all = jax.jit(geometries.over_batch(fns.log_psi))
+    orbitals = jax.jit(lambda p, g: module.apply(p, g.inputs, method=module.orbitals))
+    curvature_log_psi = geometries.make_kfac_log_psi(config.ansatz, config.kfac.curvature_walker_stride)
+    curvature = jax.jit(jax.value_and_grad(lambda p, b: jnp.mean(curvature_log_psi(p, b))))
+    energy_gradient = jax.jit(jax.value_and_grad(problem.energy_loss, has_aux=True))
+
+    def optimizer_step(optimizer):
+        own = jax.tree.map(lambda x: x.copy(), params)  # the KFAC step donates its parameters
+        state = optimizer.init(own, jax.random.PRNGKey(2), batch)
+        key = jax.random.PRNGKey(3)
+        state_box = [own, state]
+
+        def step():
+            p, s, stats = optimizer.step(state_box[0], state_box[1], key, batch)
+            state_box[0], state_box[1] = p, s
+            return stats["energy"]
+
+        return step
+
+    kfac = problem.optimizer
+    no_inverse = geometries.make_kfac(problem.energy_loss, config.ansatz,
+                                      dataclasses.replace(config.kfac, inverse_update_period=10**6))
+    adam = optimizers.make_adam(problem.energy_loss, config.adam)
+    parts = {
+        "log_psi": timed(log_psi_all, params, batch, repeats=repeats),
+        "orbitals": timed(orbitals, params, geometry, repeats=repeats),
+        "mcmc": timed(sample, params, sampler, rows, jax.random.PRNGKey(7), repeats=repeats),
+        "local_energy": timed(problem.local_energy, params, batch, repeats=repeats),
+        "energy_gradient": timed(energy_gradient, params, batch, repeats=repeats),
+        "curvature_log_psi": timed(curvature, params, batch, repeats=repeats),
+        "kfac_step": timed(optimizer_step(kfac), repeats=repeats),
+        "kfac_step_no_inverse": timed(optimizer_step(no_inverse), repeats=repeats),
+        "adam_step": timed(optimizer_step(adam), repeats=repeats),
+    }
+    n_params = int(sum(x.size for x in jax.tree.leaves(params)))
+    return {"parts": parts, "parameters": n_params, "electrons": group.n_electrons}
+
+
+def training_step(config_args: list[str], system: str, steps: int, skip: int) -> float:
+    from vmc import cli
+
+    with tempfile.TemporaryDirectory() as work:
+        run_dir = os.path.join(work, "run")
+        try:
+            cli.main(["train", system, "--run-dir", run_dir, "--steps", str(steps), *config_args])
+        except SystemExit as exit_:
+            if exit_.code:
+                raise
+        times = [e["time"] for e in run_directory(run_dir).read_log("vmc")]
+    return (times[-1] - times[skip]) / (len(times) - 1 - skip)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--system", default="LiH")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--laplacian", default="folx", choices=["folx", "hessian"])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=300, help="steps of the timed training run")
+    parser.add_argument("--skip", type=int, default=50)
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting of the run configuration (as vmc train --set), repeatable")
+    parser.add_argument("--label", help="result file label [default: the system]")
+    args = parser.parse_args()
+
+    config = preset_config(args.preset, SystemsConfig(args.system), hf_fit_steps=0, laplacian=args.laplacian)
+    config = apply_settings(config, args.settings)
+    profile = profile_parts(config, args.repeats)
+    parts = profile["parts"]
+    sets = [item for setting in args.settings for item in ("--set", setting)]
+    parts["training_step"] = training_step(["--preset", args.preset, "--hf-fit-steps", "0",
+                                            "--set", f"laplacian={args.laplacian}", *sets],
+                                           args.system, args.steps, args.skip)
+    derived = {
+        "inverses": parts["kfac_step"] - parts["kfac_step_no_inverse"],
+        "curvature_estimate": parts["kfac_step_no_inverse"] - parts["adam_step"],
+        "outside_step": parts["training_step"] - parts["mcmc"] - parts["kfac_step"],
+    }
+    out = {
+        "benchmark": "vmc_profile",
+        "command": "python experiments/vmc_profile.py " + " ".join(sys.argv[1:]),
+        "machine": machine_info(),
+        "jax": jax.__version__,
+        "system": args.system, "preset": args.preset, "laplacian": args.laplacian, "settings": args.settings,
+        "walkers": config.vmc.n_walkers, "mcmc_steps": config.vmc.mcmc_steps,
+        "parameters": profile["parameters"], "electrons": profile["electrons"],
+        "seconds": parts, "derived_seconds": derived,
+    }
+    print(json.dumps(out, indent=1))
+    path = result_stem("vmc_profile", args.label or args.system, jax.default_backend()) + ".json"
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    main()
