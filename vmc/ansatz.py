@@ -554,22 +554,23 @@ class TransferableWavefunction(nn.Module):
             b = self.electron_vectors(g_en)  # (i, I, c)
             electron_vectors = b[..., None] * r_en[:, :, None, :]  # (i, I, c, 3)
 
-        def block(electrons_: slice, orbitals_: slice, t: int):
-            """(i, k, d) orbitals k of one spin at electrons i of one spin; t = 0 where the
-            spins are the same, 1 where they are opposite."""
-            envelope = jnp.exp(-alpha[orbitals_, :, t][None] * d_en[electrons_, None, :, None])
-            inner = jnp.einsum("iw,kIdw->ikId", h[electrons_], f_scalar[orbitals_, :, t])
-            if cfg.backflow_vectors:
-                inner = inner + jnp.einsum("iIcx,kIdcx->ikId", electron_vectors[electrons_],
-                                           f_vector[orbitals_, :, t])
-            return jnp.sum(envelope * inner, axis=2)
+        # The whole N x N matrix at once: each (electron i, orbital k) pair takes the heads'
+        # same-spin (t = 0) or opposite-spin (t = 1) outputs, selected before the contractions
+        # (a handful of operations instead of a set per spin block, which the Laplacian and
+        # the gradients would multiply).
+        spin_up = np.arange(n_el) < n_up
+        opposite = spin_up[:, None] != spin_up[None, :]  # (i, k)
 
-        # The full N x N matrix, assembled from its spin blocks (empty blocks left out).
-        spins = [sl for sl in (slice(0, n_up), slice(n_up, n_el)) if sl.stop > sl.start]
-        rows = [
-            jnp.concatenate([block(e, o, int(e != o)) for o in spins], axis=1) for e in spins
-        ]
-        return jnp.moveaxis(jnp.concatenate(rows, axis=0), -1, 0)  # (d, i, k)
+        def select(x):
+            """(k, I, 2, ...) -> (i, k, I, ...): the spin pairing t of every (i, k)."""
+            mask = opposite.reshape(opposite.shape + (1,) * (x.ndim - 2))
+            return jnp.where(mask, x[None, :, :, 1], x[None, :, :, 0])
+
+        envelope = jnp.exp(-select(alpha) * d_en[:, None, :, None])  # (i, k, I, d)
+        inner = jnp.einsum("iw,ikIdw->ikId", h, select(f_scalar))
+        if cfg.backflow_vectors:
+            inner = inner + jnp.einsum("iIcx,ikIdcx->ikId", electron_vectors, select(f_vector))
+        return jnp.einsum("ikId,ikId->dik", envelope, inner)
 
     def from_orbitals(self, electrons, inputs: AnsatzInputs, orbitals: OrbitalParameters):
         """(sign, log|psi|) of one configuration (n_el, 3) bohr."""
