@@ -149,17 +149,20 @@ def test_divergence_stops_and_keeps_the_last_checkpoint(runs, problem, tmp_path,
 
     run_dir = str(tmp_path / "run")
     shutil.copytree(straight, run_dir)
-    good_step = problem.optimizer.step
+    good_step = problem.vmc_step
     calls = []
 
-    def poisoned_step(params, state, key, batch):
-        calls.append(1)
-        params, state, stats = good_step(params, state, key, batch)
-        if len(calls) == 2:  # the second step of this resumed run returns NaN parameters
-            params = jax.tree.map(lambda x: x * jnp.nan, params)
-        return params, state, stats
+    def poisoned_step(group):
+        def step(*args):
+            calls.append(1)
+            params, *rest = good_step(group)(*args)
+            if len(calls) == 2:  # the second step of this resumed run returns NaN parameters
+                params = jax.tree.map(lambda x: x * jnp.nan, params)
+            return params, *rest
 
-    monkeypatch.setitem(problem.__dict__, "optimizer", problem.optimizer._replace(step=poisoned_step))
+        return step
+
+    monkeypatch.setattr(problem, "vmc_step", poisoned_step)
     # Step 7 succeeds (checkpoints every 2 steps: the last one is 6); step 8 diverges.
     with pytest.raises(TrainingDiverged, match=r"non-finite parameters after VMC step 7; "
                                                 r"the last checkpoint \(vmc step 6\) is kept"):

@@ -189,6 +189,7 @@ def make_kfac(loss: EnergyLoss, curvature_log_psi: Callable[[Params, Any], jax.A
         norm_constraint=config.norm_constraint,
         curvature_ema=config.curvature_ema,
         inverse_update_period=config.inverse_update_period,
+        curvature_update_period=1,
         estimation_mode="fisher_gradients",
         # Burn-in steps of the curvature would spend extra evaluations before the first
         # update; the exponential average starting from the first step is enough here.
@@ -203,7 +204,10 @@ def make_kfac(loss: EnergyLoss, curvature_log_psi: Callable[[Params, Any], jax.A
         return optimizer.init(params, key, walkers)
 
     def step(params, state, key, walkers):
-        params, state, kfac_stats = optimizer.step(params, state, key, batch=walkers)
+        # kfac-jax reads the step number on the host (a device sync, and not traceable inside
+        # an enclosing jit) only to schedule burn-in, damping adaptation and curvature updates
+        # less often than every step, none of which is used here; any number then serves.
+        params, state, kfac_stats = optimizer.step(params, state, key, batch=walkers, global_step_int=1)
         stats = _energy_stats(kfac_stats["aux"])
         stats.update(
             learning_rate=kfac_stats["learning_rate"],

@@ -220,6 +220,35 @@ class Problem:
             self._compiled[cache_key] = run
         return self._compiled[cache_key]
 
+    def vmc_step(self, group: GeometryGroup):
+        """``fn(params, opt_state, sampler, spread, visits, key, rows (G,), members (G,)) ->
+        (params, opt_state, sampler, spread, visits, key, stats)``: one VMC step on the rows'
+        geometries of ``group`` (``members``: their indices in the system set), compiled as one
+        call per group: the MCMC call on their walkers (``sampler``, the group's whole stack),
+        the optimiser's update on the new walkers, and the schedule's spread and visits.
+        ``stats``: the optimiser's, with the sampler's ``acceptance``, ``step_size`` and
+        ``n_reset`` (G,). One call instead of one per part: between separate calls the device
+        idles while the host waits for each result and dispatches the next. ``params`` and
+        ``opt_state`` are donated."""
+        cache_key = (id(group), "vmc_step")
+        if cache_key not in self._compiled:
+            sample, optimizer = self.sampler(group), self.optimizer
+
+            @functools.partial(jax.jit, donate_argnums=(0, 1))
+            def step(params, opt_state, sampler, spread, visits, key, rows, members):
+                key, key_sample, key_opt = jax.random.split(key, 3)
+                picked = jax.tree.map(lambda x: x[rows], sampler)
+                picked, acceptance, n_reset = sample(params, picked, rows, key_sample)
+                batch = GeometryBatch(picked.walkers, group.select(rows))
+                params, opt_state, stats = optimizer.step(params, opt_state, key_opt, batch)
+                sampler = jax.tree.map(lambda x, y: x.at[rows].set(y), sampler, picked)
+                spread = spread.at[members].set(jnp.sqrt(stats["variance"].astype(spread.dtype)))
+                stats = dict(stats, acceptance=acceptance, step_size=picked.step_size, n_reset=n_reset)
+                return params, opt_state, sampler, spread, visits.at[members].add(1), key, stats
+
+            self._compiled[cache_key] = step
+        return self._compiled[cache_key]
+
     def init_sampler(self, group: GeometryGroup, params, walkers, hartree_fock: bool = False) -> mcmc.MCMCState:
         """The stacked sampler state of every geometry of ``group`` for ``walkers`` (size, W,
         n_el, 3); jit-compiled per group."""
@@ -465,17 +494,16 @@ def run_vmc(run: runs.RunDirectory, problem: Problem, devices: WalkerParallel, s
         group = problem.groups[g]
         members = np.asarray(group.members)[rows]
         names = [problem.names[i] for i in members]
-        key, key_sample, key_opt = jax.random.split(state.key, 3)
-        picked = _take(state.samplers[g], rows, group.size)
-        picked, acceptance, n_reset = problem.sampler(group)(state.params, picked, _rows(rows), key_sample)
-        n_reset = np.asarray(n_reset)
+        params, opt_state, sampler, spread, visits, key, stats = problem.vmc_step(group)(
+            state.params, state.opt_state, state.samplers[g], state.spread, state.visits, state.key,
+            _rows(rows), _rows(members))
+        stats = jax.device_get(stats)
+        n_reset = stats["n_reset"]
         if np.any(n_reset == n_walkers):
             raise TrainingDiverged(f"no walker of {names[int(np.argmax(n_reset))]} has a finite "
                                    f"wavefunction at VMC step {step}")
-        batch = GeometryBatch(picked.walkers, group.select(_rows(rows)))
-        params, opt_state, stats = optimizer.step(state.params, state.opt_state, key_opt, batch)
         energy = np.asarray(stats["energy"], np.float64)
-        n_nonfinite = np.asarray(stats["n_nonfinite"])
+        n_nonfinite = stats["n_nonfinite"]
         if not np.all(np.isfinite(energy)) or np.any(n_nonfinite > MAX_NONFINITE_FRACTION * n_walkers):
             raise TrainingDiverged(f"local energies of {names} not finite at VMC step {step} "
                                    f"({n_nonfinite.tolist()} of {n_walkers} walkers)")
@@ -483,16 +511,13 @@ def run_vmc(run: runs.RunDirectory, problem: Problem, devices: WalkerParallel, s
             raise TrainingDiverged(f"non-finite parameters after VMC step {step}")
         variance = np.asarray(stats["variance"], np.float64)
         samplers = list(state.samplers)
-        samplers[g] = _put(samplers[g], rows, picked)
-        new = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, samplers=tuple(samplers),
-            spread=state.spread.at[members].set(jnp.sqrt(jnp.asarray(variance, state.spread.dtype))),
-            visits=state.visits.at[members].add(1), key=key)
+        samplers[g] = sampler
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            samplers=tuple(samplers), spread=spread, visits=visits, key=key)
         entry = {"step": step + 1, "systems": names, "energy": energy.tolist(),
                  "mean_energy": float(energy.mean()), "variance": variance.tolist(),
-                 "acceptance": np.asarray(acceptance).tolist(),
-                 "step_size": np.asarray(picked.step_size).tolist(),
-                 "clipped_fraction": np.asarray(stats["clipped_fraction"]).tolist(),
+                 "acceptance": stats["acceptance"].tolist(), "step_size": stats["step_size"].tolist(),
+                 "clipped_fraction": stats["clipped_fraction"].tolist(),
                  "n_nonfinite": int(n_nonfinite.sum()), "n_walkers_reset": int(n_reset.sum()),
                  "learning_rate": float(stats["learning_rate"])}
         if "damping" in stats:
