@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from vmc import ansatz, geometries, hamiltonian, kfac_compat, loss, mcmc, optimizers, orbitals, systems, train
+from molfoundation.errors import InputError
+from molfoundation.settings import apply_settings
 from vmc.config import SystemsConfig, preset_config
 
 CLIP_SCALE = 5.0
@@ -49,11 +51,12 @@ def float64():
     jax.config.update("jax_enable_x64", previous)
 
 
-def kfac_log_psi(config, dtype):
-    """``fn(params, walkers (W, n_el, 3)) -> (W,)``: the per-walker log|psi| KFAC's curvature
-    uses (vmc.geometries.make_kfac_log_psi) for H2 alone, a batch of one geometry."""
+def kfac_log_psi(config, dtype, walker_stride=1):
+    """``fn(params, walkers (W, n_el, 3)) -> (W / walker_stride,)``: the per-walker log|psi|
+    KFAC's curvature uses (vmc.geometries.make_kfac_log_psi) for H2 alone, a batch of one
+    geometry."""
     geometry = jax.tree_util.tree_map(lambda x: x[None], geometries.geometry_of(h2_orbitals(), config, dtype))
-    batched = geometries.make_kfac_log_psi(config)
+    batched = geometries.make_kfac_log_psi(config, walker_stride)
     return lambda params, walkers: batched(params, geometries.GeometryBatch(walkers[None], geometry))[0]
 
 
@@ -148,13 +151,22 @@ def test_nonfinite_local_energy_is_excluded_and_counted(float64):
     assert_trees_close(grads, clean_grads, atol=1e-10)
 
 
-def test_per_walker_log_psi_for_kfac_equals_vmap(float64):
+@pytest.mark.parametrize("stride", [1, 4])
+def test_per_walker_log_psi_for_kfac_equals_vmap(float64, stride):
+    """With a walker stride, the curvature sees walkers 0, stride, 2 stride, ... only."""
     system, config, inputs, params, log_psi, _ = h2_problem()
     walkers = start_walkers(system, 8)
-    batched = kfac_log_psi(config, inputs.atom_positions.dtype)
+    batched = kfac_log_psi(config, inputs.atom_positions.dtype, stride)
     np.testing.assert_allclose(jax.jit(batched)(params, walkers),
-                               jax.jit(jax.vmap(log_psi, in_axes=(None, 0)))(params, walkers),
+                               jax.jit(jax.vmap(log_psi, in_axes=(None, 0)))(params, walkers[::stride]),
                                rtol=0, atol=1e-12)
+
+
+def test_walker_stride_must_divide_the_walkers():
+    config = preset_config("tiny", SystemsConfig("H2"))
+    with pytest.raises(InputError, match="curvature_walker_stride 3 does not divide n_walkers 32"):
+        apply_settings(config, ["curvature_walker_stride=3"])
+    assert apply_settings(config, ["curvature_walker_stride=4"]).kfac.curvature_walker_stride == 4
 
 
 def test_schedules():
