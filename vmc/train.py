@@ -464,7 +464,6 @@ def run_vmc(run: runs.RunDirectory, problem: Problem, devices: WalkerParallel, s
     """VMC up to ``max_steps`` optimisation steps in all (resumable); ``start`` is the HF-fit
     state, None when a VMC checkpoint exists."""
     cfg = problem.config
-    optimizer = problem.optimizer
     by_spread = cfg.schedule.schedule == "spread"
 
     def template():
