@@ -72,21 +72,17 @@ def time_config(config: RunConfig, repeats: int) -> dict:
     """First-step (trace + compile) and median step seconds of the VMC step (one MCMC call and
     one optimiser step) on the first geometry of ``config``'s systems, with the sizes that set
     them."""
-    problem, group, rows, params, sampler, sample = first_geometry(config)
+    problem, group, rows, params, sampler, _ = first_geometry(config)
     opt_state = problem.optimizer.init(params, jax.random.PRNGKey(2), GeometryBatch(sampler.walkers, group.geometries))
-
-    def step(params, opt_state, sampler, key):
-        key_sample, key_opt = jax.random.split(key)
-        sampler, _, _ = sample(params, sampler, rows, key_sample)
-        batch = GeometryBatch(sampler.walkers, group.geometries)
-        params, opt_state, stats = problem.optimizer.step(params, opt_state, key_opt, batch)
-        jax.block_until_ready((params, stats["energy"]))
-        return params, opt_state, sampler
+    spread, visits = train._statistics(problem)
+    vmc_step = problem.vmc_step(group)  # the training loop's step: MCMC call and update
 
     times = []
     for i in range(repeats + 3):
         start = time.perf_counter()
-        params, opt_state, sampler = step(params, opt_state, sampler, jax.random.PRNGKey(10 + i))
+        params, opt_state, sampler, spread, visits, _, stats = vmc_step(
+            params, opt_state, sampler, spread, visits, jax.random.PRNGKey(10 + i), rows, rows)
+        jax.block_until_ready((params, stats["energy"]))
         times.append(time.perf_counter() - start)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     return {
