@@ -218,7 +218,11 @@ def preset_config(name: str, systems_config: SystemsConfig, schedule: ScheduleCo
       runs of 10^5 steps).
     - ``small``: a CPU-sized network with 256 walkers and 10 Metropolis steps, and FermiNet's
       constant KFAC damping 1e-3, which suits runs of a few thousand steps (on H2 it reaches the
-      energy plateau within 250 steps, where the decaying damping needs about 1000).
+      energy plateau within 250 steps, where the decaying damping needs about 1000). KFAC
+      estimates its curvature from every 4th walker and inverts its factors every 4th step:
+      on LiH this cuts the step from 52 to 40 ms, and after 6 minutes of training the
+      evaluated error was 0.46(44) mHa against 1.73(40) mHa with the full curvature
+      (experiments/results/budget_lih*_cpu.json).
     - ``tiny``: for tests; the Hessian-loop Laplacian, which compiles in about half the time
       of folx's at these sizes and is as fast to run.
     """
@@ -227,7 +231,7 @@ def preset_config(name: str, systems_config: SystemsConfig, schedule: ScheduleCo
     elif name == "small":
         network = ansatz.small_config()
         sampling = dict(n_walkers=256, mcmc_steps=10, burn_in_sweeps=20, hf_fit_steps=200, checkpoint_every=200)
-        kfac = dict(damping=1e-3, min_damping=1e-3)
+        kfac = dict(damping=1e-3, min_damping=1e-3, curvature_walker_stride=4, inverse_update_period=4)
     elif name == "tiny":
         network = ansatz.small_config(n_determinants=1, embedding_layers=1, gnn_iterations=1)
         sampling = dict(n_walkers=32, mcmc_steps=5, burn_in_sweeps=4, hf_fit_steps=10, checkpoint_every=50,

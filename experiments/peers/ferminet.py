@@ -9,7 +9,7 @@ process (nothing compiled is shared between runs), the codes alternating. Time i
 stamps each code takes as it logs a step (this project: the ``time`` of its log lines;
 FermiNet: the writer its ``train.train`` takes).
 
-``speed`` (experiments/results/peer_ferminet_<platform>.json), --repeats runs of --steps steps:
+``speed`` (experiments/results/peer_ferminet[_<label>]_<platform>.json), --repeats runs of --steps steps:
 
 - ``step_seconds``: wall-clock seconds per training step from step --skip to the last,
   everything the training loop does included (sampling, the update, logging, checkpoints);
@@ -20,7 +20,7 @@ FermiNet: the writer its ``train.train`` takes).
 - ``parameters``: each network's parameter count;
 - ``step_ratio``, ``startup_ratio``, ``compile_ratio``: ours / FermiNet, of the medians.
 
-``budget`` (experiments/results/budget_lih_<platform>.json): each code trains for --seconds
+``budget`` (experiments/results/budget_lih[_<label>]_<platform>.json): each code trains for --seconds
 of wall-clock time from its process's start (start-up included), then its final parameters
 are evaluated with --eval-steps MCMC calls of 256 walkers (this project: ``vmc evaluate``,
 fresh walkers after 200 calls of burn-in; FermiNet: its inference mode, from the training's
@@ -280,10 +280,10 @@ def versions(peer: str) -> dict:
     return found
 
 
-def write(name: str, out: dict) -> None:
+def write(name: str, label: str | None, out: dict) -> None:
     import jax
 
-    path = result_stem(name, None, jax.default_backend()) + ".json"
+    path = result_stem(name, label, jax.default_backend()) + ".json"
     with open(path + ".tmp", "w") as f:
         json.dump(out, f, indent=2)
     os.replace(path + ".tmp", path)
@@ -323,7 +323,7 @@ def speed(args, job: dict) -> None:
         "compile_ratio": summary["ours"]["compile_seconds"] / summary["ferminet"]["compile_seconds"],
         "runs": {code: [{k: v for k, v in r.items() if k != "settings"} for r in rows] for code, rows in runs.items()},
     }
-    write("peer_ferminet", out)
+    write("peer_ferminet", args.label, out)
     print(json.dumps({k: out[k] for k in ("step_ratio", "startup_ratio", "compile_ratio")}))
 
 
@@ -342,7 +342,7 @@ def budget(args, job: dict) -> None:
         "budget_seconds": args.seconds, "eval_steps": args.eval_steps, "eval_walkers": WALKERS,
         "exact_energy": EXACT_ENERGY, "ours": results["ours"], "ferminet": results["ferminet"],
     }
-    write("budget_lih", out)
+    write("budget_lih", args.label, out)
 
 
 def main():
@@ -360,6 +360,7 @@ def main():
         sub.add_argument("--ferminet-network", type=int, nargs=4, default=[2, 64, 16, 4],
                          metavar=("LAYERS", "SINGLE", "PAIR", "DETERMINANTS"))
         sub.add_argument("--skip", type=int, default=50, help="first steps left out of the step time")
+        sub.add_argument("--label", help="suffix of the result file's name, for a variant of the settings")
         if mode == "speed":
             sub.add_argument("--steps", type=int, default=600, help="training steps of every run")
             sub.add_argument("--repeats", type=int, default=2, help="runs of each code, alternating")
