@@ -113,10 +113,16 @@ class AOLayout:
         return e3nn.Irreps([(1, (l, 1 if l % 2 == 0 else -1)) for l in self.shell_l])
 
 
-@functools.lru_cache(maxsize=None)
-def _fit_pyscf_to_e3nn(l: int) -> np.ndarray:
-    import e3nn_jax as e3nn
-    import jax
+def fit_pyscf_shell_map(l: int, harmonics) -> np.ndarray:
+    """(2l+1, 2l+1) orthogonal map Q from pyscf AO coefficients of one shell of order ``l`` to
+    the components of another real spherical-harmonic basis of the same order.
+
+    ``harmonics(points)`` gives that basis at (n, 3) unit vectors, (n, 2l+1); its functions
+    must be orthogonal on the sphere with one common norm (any norm), evaluated in float64. Then
+    ``components = Q @ pyscf_coefficients``, and an AO matrix block ``B`` between shells of
+    orders l1, l2 becomes ``Q(l1) @ B @ Q(l2).T``. Raises AssertionError if the basis does not
+    span pyscf's shell or is not orthogonal to it up to a scale.
+    """
     from pyscf import gto
 
     rng = np.random.default_rng(20211206)
@@ -127,23 +133,32 @@ def _fit_pyscf_to_e3nn(l: int) -> np.ndarray:
     # sphere its radial factor is a constant, so the values are the angular functions.
     mol = gto.M(atom=[["He", (0.0, 0.0, 0.0)]], basis={"He": [[l, [1.0, 1.0]]]}, unit="Bohr")
     pyscf_values = mol.eval_gto("GTOval_sph", points)  # (n_points, 2l+1)
-    with jax.enable_x64(True):
-        e3nn_values = np.asarray(
-            e3nn.spherical_harmonics(
-                f"{l}{parity_letter(l)}", points, normalize=True, normalization="component"
-            ).array
-        )
-    # pyscf_values = e3nn_values @ M, so pyscf AO coefficients c map to e3nn components M @ c.
-    M, residual, rank, _ = np.linalg.lstsq(e3nn_values, pyscf_values, rcond=None)
-    fit_error = np.abs(e3nn_values @ M - pyscf_values).max() / np.abs(pyscf_values).max()
-    if rank != 2 * l + 1 or fit_error > 1e-12:
-        raise AssertionError(f"pyscf l={l} shell is not spanned by e3nn harmonics ({fit_error})")
+    other_values = np.asarray(harmonics(points), dtype=np.float64)
+    # pyscf_values = other_values @ M, so pyscf AO coefficients c map to components M @ c.
+    M, residual, rank, _ = np.linalg.lstsq(other_values, pyscf_values, rcond=None)
+    fit_error = np.abs(other_values @ M - pyscf_values).max() / np.abs(pyscf_values).max()
+    if rank != 2 * l + 1 or fit_error > 1e-10:
+        raise AssertionError(f"pyscf l={l} shell is not spanned by the given harmonics ({fit_error})")
     # Both bases are orthogonal on the sphere, so M is orthogonal up to one common scale.
     scale = np.linalg.norm(M[:, 0])
     Q = M / scale
-    if np.abs(Q @ Q.T - np.eye(2 * l + 1)).max() > 1e-12:
-        raise AssertionError(f"pyscf-to-e3nn map for l={l} is not orthogonal")
+    if np.abs(Q @ Q.T - np.eye(2 * l + 1)).max() > 1e-10:
+        raise AssertionError(f"the map from pyscf's l={l} shell to the given harmonics is not orthogonal")
     Q[np.abs(Q) < 1e-14] = 0.0
+    return Q
+
+
+@functools.lru_cache(maxsize=None)
+def _fit_pyscf_to_e3nn(l: int) -> np.ndarray:
+    import e3nn_jax as e3nn
+    import jax
+
+    def harmonics(points):
+        with jax.enable_x64(True):
+            return e3nn.spherical_harmonics(
+                f"{l}{parity_letter(l)}", points, normalize=True, normalization="component").array
+
+    Q = fit_pyscf_shell_map(l, harmonics)
     Q.setflags(write=False)
     return Q
 
@@ -160,7 +175,8 @@ def pyscf_to_e3nn(l: int) -> np.ndarray:
     return _fit_pyscf_to_e3nn(l)
 
 
-def _block_diagonal(layout: AOLayout, blocks_by_l: dict[int, np.ndarray]) -> np.ndarray:
+def block_diagonal(layout: AOLayout, blocks_by_l: dict[int, np.ndarray]) -> np.ndarray:
+    """(n_ao, n_ao) matrix with ``blocks_by_l[l]`` on the diagonal block of every shell of order l."""
     out = np.zeros((layout.n_ao, layout.n_ao))
     for sl, l in zip(layout.shell_slices, layout.shell_l):
         out[sl, sl] = blocks_by_l[l]
@@ -173,7 +189,7 @@ def pyscf_to_e3nn_matrix(layout: AOLayout) -> np.ndarray:
     ``T @ F @ T.T`` expresses an AO matrix ``F`` with rows and columns as e3nn irreps, shell by
     shell in the order of ``layout.irreps``.
     """
-    return _block_diagonal(layout, {l: pyscf_to_e3nn(l) for l in set(layout.shell_l)})
+    return block_diagonal(layout, {l: pyscf_to_e3nn(l) for l in set(layout.shell_l)})
 
 
 def wigner_d_e3nn(l: int, rotation: np.ndarray) -> np.ndarray:
@@ -207,7 +223,7 @@ def ao_rotation(layout: AOLayout, rotation: np.ndarray) -> np.ndarray:
     for l in set(layout.shell_l):
         Q = pyscf_to_e3nn(l)
         blocks[l] = Q.T @ wigner_d_e3nn(l, rotation) @ Q
-    return _block_diagonal(layout, blocks)
+    return block_diagonal(layout, blocks)
 
 
 def ao_permutation(layout: AOLayout, atom_order: np.ndarray) -> np.ndarray:

@@ -186,25 +186,35 @@ def orbital_metrics(fock_pred, fock_ref, overlap_ref, n_occupied: int) -> tuple[
     return np.abs(eps_p[occ] - eps_r[occ]), float(cos.mean())
 
 
-def accuracy(trained: TrainedModel, data: HamiltonianData, batch_size: int = 16) -> dict:
-    """MAE of F (uHa), S, occupied eps (uHa) and mean psi similarity over a data split."""
-    if len(data) == 0:
-        raise InputError("the selected split has no samples (all went to training/validation)")
-    fock, overlap = predict_matrices(trained, data.inputs, batch_size)
+def matrix_accuracy(fock, overlap, fock_ref, overlap_ref, n_ao, n_occupied) -> dict:
+    """MAE of F (uHa), S, occupied eps (uHa) and mean psi similarity of predicted matrices.
+
+    fock, overlap, fock_ref, overlap_ref: (n, M, M) in hartree, padded; n_ao: (n,) AOs of each
+    sample (its top-left block is compared); n_occupied: (n,) doubly occupied orbitals.
+    """
     f_err, s_err, eps_err, psi = [], [], [], []
-    for i in range(len(data)):
-        k = int(np.asarray(data.inputs.ao_mask[i]).sum())
-        f_p, f_r = fock[i, :k, :k], data.fock[i, :k, :k]
-        s_p, s_r = overlap[i, :k, :k], data.overlap[i, :k, :k]
+    for i in range(len(fock_ref)):
+        k = int(n_ao[i])
+        f_p, f_r = np.asarray(fock[i, :k, :k]), np.asarray(fock_ref[i, :k, :k])
+        s_p, s_r = np.asarray(overlap[i, :k, :k]), np.asarray(overlap_ref[i, :k, :k])
         f_err.append(np.abs(f_p - f_r).ravel())
         s_err.append(np.abs(s_p - s_r).ravel())
-        e, c = orbital_metrics(f_p, f_r, s_r, int(data.n_occupied[i]))
+        e, c = orbital_metrics(f_p, f_r, s_r, int(n_occupied[i]))
         eps_err.append(e)
         psi.append(c)
     return {
-        "samples": len(data),
+        "samples": len(fock_ref),
         "fock_mae_uha": float(np.concatenate(f_err).mean() * HARTREE_TO_MICRO),
         "overlap_mae": float(np.concatenate(s_err).mean()),
         "orbital_energy_mae_uha": float(np.concatenate(eps_err).mean() * HARTREE_TO_MICRO),
         "orbital_cosine_similarity": float(np.mean(psi)),
     }
+
+
+def accuracy(trained: TrainedModel, data: HamiltonianData, batch_size: int = 16) -> dict:
+    """MAE of F (uHa), S, occupied eps (uHa) and mean psi similarity over a data split."""
+    if len(data) == 0:
+        raise InputError("the selected split has no samples (all went to training/validation)")
+    fock, overlap = predict_matrices(trained, data.inputs, batch_size)
+    return matrix_accuracy(fock, overlap, data.fock, data.overlap,
+                           np.asarray(data.inputs.ao_mask).sum(axis=-1), data.n_occupied)

@@ -40,19 +40,17 @@ project's oldest supported JAX (requirements/oldest-jax.txt) with FermiNet's own
     .venv-peers/bin/python experiments/peers/ferminet.py budget --ferminet PEER --seconds 360
 """
 
-import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
-from machine import machine_info, result_stem  # noqa: E402
+import harness  # noqa: E402
+from harness import launch, mode_parsers, run_child, write_result  # noqa: E402
 
 LIH_BOND = 3.015  # bohr, as vmc.systems' LiH
 EXACT_ENERGY = -8.070548  # hartree, vmc.references
@@ -241,22 +239,6 @@ def child(job: dict, out_path: str) -> None:
 # The harness.
 
 
-def launch(job: dict) -> dict:
-    """One code's run in a fresh process; what its child wrote, with the launch time."""
-    with tempfile.TemporaryDirectory() as work:
-        out = os.path.join(work, "out.json")
-        job = dict(job, launched=time.time())
-        env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), "child", json.dumps(job), out],
-                              env=env, text=True, capture_output=True)
-        if done.returncode != 0:
-            raise SystemExit(f"the {job['code']} run failed:\n{done.stderr[-4000:]}")
-        with open(out) as f:
-            raw = json.load(f)
-    raw["launched"] = job["launched"]
-    return raw
-
-
 def summarise(raw: dict, skip: int) -> dict:
     times = raw["step_times"]
     return {
@@ -271,32 +253,8 @@ def summarise(raw: dict, skip: int) -> dict:
     }
 
 
-def versions(peer: str) -> dict:
-    import importlib.metadata as md
-
-    found = {name: md.version(name) for name in ("jax", "jaxlib", "kfac-jax", "folx", "flax", "optax")}
-    commit = subprocess.run(["git", "-C", peer, "rev-parse", "HEAD"], capture_output=True, text=True)
-    found["ferminet_commit"] = commit.stdout.strip() if commit.returncode == 0 else None
-    return found
-
-
-def write(name: str, label: str | None, out: dict) -> None:
-    import jax
-
-    path = result_stem(name, label, jax.default_backend()) + ".json"
-    with open(path + ".tmp", "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
-
-
 def header(args, benchmark: str) -> dict:
-    return {
-        "benchmark": benchmark,
-        "command": "python experiments/peers/ferminet.py " + " ".join(
-            "PEER" if a == args.ferminet else a for a in sys.argv[1:]),
-        "machine": machine_info(),
-        "versions": versions(args.ferminet),
+    return harness.header(__file__, benchmark, args.ferminet, ("jax", "jaxlib", "kfac-jax", "folx", "flax", "optax")) | {
         "system": {"name": "LiH", "bond_bohr": LIH_BOND, "walkers": WALKERS, "mcmc_steps": MCMC_STEPS,
                    "pretrain_steps": PRETRAIN_STEPS, "burn_in_calls": BURN_IN_CALLS, "optimizer": "kfac",
                    "laplacian": "folx"},
@@ -307,7 +265,7 @@ def speed(args, job: dict) -> None:
     runs = {code: [] for code in CODES}
     for repeat in range(args.repeats):
         for code in CODES:
-            row = summarise(launch(dict(job, code=code)), args.skip)
+            row = summarise(launch(__file__, dict(job, code=code)), args.skip)
             runs[code].append(row)
             print(json.dumps({"code": code, "repeat": repeat, **{k: v for k, v in row.items() if k != "settings"}}),
                   flush=True)
@@ -323,14 +281,14 @@ def speed(args, job: dict) -> None:
         "compile_ratio": summary["ours"]["compile_seconds"] / summary["ferminet"]["compile_seconds"],
         "runs": {code: [{k: v for k, v in r.items() if k != "settings"} for r in rows] for code, rows in runs.items()},
     }
-    write("peer_ferminet", args.label, out)
+    write_result("peer_ferminet", args.label, out)
     print(json.dumps({k: out[k] for k in ("step_ratio", "startup_ratio", "compile_ratio")}))
 
 
 def budget(args, job: dict) -> None:
     results = {}
     for code in CODES:
-        raw = launch(dict(job, code=code, budget=args.seconds, eval_steps=args.eval_steps))
+        raw = launch(__file__, dict(job, code=code, budget=args.seconds, eval_steps=args.eval_steps))
         row = summarise(raw, min(args.skip, len(raw["step_times"]) - 2))
         evaluation = raw["evaluation"]
         row.update(energy=evaluation["energy"], energy_error=evaluation["error"],
@@ -342,25 +300,21 @@ def budget(args, job: dict) -> None:
         "budget_seconds": args.seconds, "eval_steps": args.eval_steps, "eval_walkers": WALKERS,
         "exact_energy": EXACT_ENERGY, "ours": results["ours"], "ferminet": results["ferminet"],
     }
-    write("budget_lih", args.label, out)
+    write_result("budget_lih", args.label, out)
 
 
 def main():
-    if len(sys.argv) == 4 and sys.argv[1] == "child":
-        child(json.loads(sys.argv[2]), sys.argv[3])
+    if run_child(child):
         return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    modes = parser.add_subparsers(dest="mode", required=True)
-    for mode in ("speed", "budget"):
-        sub = modes.add_parser(mode)
-        sub.add_argument("--ferminet", required=True, help="path of FermiNet's source (the directory with setup.py)")
+    parser, subs = mode_parsers(__doc__.splitlines()[0], "ferminet",
+                                "path of FermiNet's source (the directory with setup.py)")
+    for mode, sub in subs.items():
         sub.add_argument("--ours-preset", default="small")
         sub.add_argument("--set", dest="ours_settings", action="append", default=[], metavar="KEY=VALUE",
                          help="a setting of this project's run (as vmc train --set), repeatable")
         sub.add_argument("--ferminet-network", type=int, nargs=4, default=[2, 64, 16, 4],
                          metavar=("LAYERS", "SINGLE", "PAIR", "DETERMINANTS"))
         sub.add_argument("--skip", type=int, default=50, help="first steps left out of the step time")
-        sub.add_argument("--label", help="suffix of the result file's name, for a variant of the settings")
         if mode == "speed":
             sub.add_argument("--steps", type=int, default=600, help="training steps of every run")
             sub.add_argument("--repeats", type=int, default=2, help="runs of each code, alternating")

@@ -1,0 +1,99 @@
+"""What the peer benchmarks share: each code's run in a fresh process, versions, result files.
+
+A benchmark script runs itself as ``SCRIPT child JOB OUT`` for every measured run: the child
+writes its figures as JSON to OUT and may leave arrays in ``arrays_path(OUT)``.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from machine import machine_info, result_stem
+
+
+def run_child(child) -> bool:
+    """When this process is a child (``SCRIPT child JOB OUT``), run ``child(job, out_path)``
+    and say so."""
+    if len(sys.argv) == 4 and sys.argv[1] == "child":
+        child(json.loads(sys.argv[2]), sys.argv[3])
+        return True
+    return False
+
+
+def mode_parsers(description: str, peer: str, peer_help: str):
+    """The command line of a peer benchmark: a ``speed`` and a ``budget`` mode, each with
+    ``--<peer>`` (path of the peer's source) and ``--label``. Returns (parser, {mode: subparser})."""
+    parser = argparse.ArgumentParser(description=description)
+    modes = parser.add_subparsers(dest="mode", required=True)
+    subs = {}
+    for mode in ("speed", "budget"):
+        subs[mode] = sub = modes.add_parser(mode)
+        sub.add_argument(f"--{peer}", required=True, help=peer_help)
+        sub.add_argument("--label", help="suffix of the result file's name, for a variant of the settings")
+    return parser, subs
+
+
+def arrays_path(out_path: str) -> str:
+    """Where a child leaves its arrays (an .npz beside its JSON)."""
+    return os.path.join(os.path.dirname(out_path), "arrays.npz")
+
+
+def launch(script: str, job: dict) -> dict:
+    """Run ``job`` in a fresh process of ``script`` (nothing compiled is shared between runs):
+    what its child wrote, its arrays under ``"arrays"`` if it left any, and ``"launched"``, the
+    time the process was started."""
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as work:
+        out = os.path.join(work, "out.json")
+        job = dict(job, launched=time.time())
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+        done = subprocess.run([sys.executable, os.path.abspath(script), "child", json.dumps(job), out],
+                              env=env, text=True, capture_output=True)
+        if done.returncode != 0:
+            raise SystemExit(f"the {job['code']} run failed:\n{done.stderr[-4000:]}")
+        with open(out) as f:
+            raw = json.load(f)
+        if os.path.exists(arrays_path(out)):
+            with np.load(arrays_path(out)) as arrays:
+                raw["arrays"] = {k: arrays[k] for k in arrays.files}
+    raw["launched"] = job["launched"]
+    return raw
+
+
+def versions(peer: str, packages: tuple[str, ...]) -> dict:
+    """Installed versions of ``packages`` and the git commit of the peer's source (``peer_commit``)."""
+    import importlib.metadata as md
+
+    found = {name: md.version(name) for name in packages}
+    commit = subprocess.run(["git", "-C", peer, "rev-parse", "HEAD"], capture_output=True, text=True)
+    found["peer_commit"] = commit.stdout.strip() if commit.returncode == 0 else None
+    return found
+
+
+def header(script: str, benchmark: str, peer: str, packages: tuple[str, ...]) -> dict:
+    """What every peer result file starts with: the benchmark's name, the command that made it
+    (see ``command_line``), the machine and the versions (see ``versions``)."""
+    return {"benchmark": benchmark, "command": command_line(script, peer), "machine": machine_info(),
+            "versions": versions(peer, packages)}
+
+
+def command_line(script: str, peer: str) -> str:
+    """This process's command line, with the peer's path written as PEER."""
+    return f"python experiments/peers/{os.path.basename(script)} " + " ".join(
+        "PEER" if a == peer else a for a in sys.argv[1:])
+
+
+def write_result(name: str, label: str | None, out: dict) -> None:
+    """Write experiments/results/<name>[_<label>]_<platform>.json atomically."""
+    import jax
+
+    path = result_stem(name, label, jax.default_backend()) + ".json"
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=2)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
