@@ -47,9 +47,9 @@ def measure(preset: str, molecule: str, batch: int, repeats: int) -> dict:
     return row
 
 
-def measure_model(cfg: PhiSNetConfig, mol: molecules.Molecule, batch: int, repeats: int) -> dict:
-    """Parameters, init, training-step and inference times of the model ``cfg`` on ``batch``
-    copies of ``mol`` (random float32 targets), compile times apart."""
+def training_problem(cfg: PhiSNetConfig, mol: molecules.Molecule, batch: int):
+    """The model ``cfg``, one molecule's float32 inputs, ``batch`` copies of them, random
+    float32 targets (F, S) of the batch, and the training configuration with its optimiser."""
     model = make_phisnet(cfg)
     single = cast_inputs(make_inputs(cfg, mol.atomic_numbers, mol.positions), np.float32)
     batched = MoleculeInputs(**{k: np.repeat(np.asarray(v)[None], batch, 0) for k, v in vars(single).items()})
@@ -57,9 +57,15 @@ def measure_model(cfg: PhiSNetConfig, mol: molecules.Molecule, batch: int, repea
     rng = np.random.default_rng(0)
     fock = jnp.asarray(rng.normal(size=(batch, n_ao, n_ao)), jnp.float32)
     overlap = jnp.asarray(rng.normal(size=(batch, n_ao, n_ao)), jnp.float32)
-
     tcfg = TrainConfig(batch_size=batch)
-    optimizer = make_optimizer(tcfg)
+    return model, single, batched, (fock, overlap), tcfg, make_optimizer(tcfg)
+
+
+def measure_model(cfg: PhiSNetConfig, mol: molecules.Molecule, batch: int, repeats: int) -> dict:
+    """Parameters, init, training-step and inference times of the model ``cfg`` on ``batch``
+    copies of ``mol`` (random float32 targets), compile times apart."""
+    model, single, batched, (fock, overlap), tcfg, optimizer = training_problem(cfg, mol, batch)
+    n_ao = single.ao_mask.shape[0]
     t0 = time.perf_counter()
     state = jax.block_until_ready(init_state(model, tcfg, batched, optimizer))
     init_seconds = time.perf_counter() - t0
