@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -90,10 +91,21 @@ def atom_pair_blocks(
     for L, out in enumerate(outputs):
         if tables.channels[L] == 0:
             continue
-        table = jnp.asarray(tables.tables[L], dtype=out.dtype)
-        pair_table = table[element_index[:, None], element_index[None, :]]  # (N, N, C, 2L+1, A, A)
-        blocks = blocks + jnp.einsum("ijcM,ijcMpq->ijpq", out, pair_table)
+        table = jnp.asarray(tables.tables[L], dtype=out.dtype)  # (E, E, C, 2L+1, A, A)
+        _, pairs = element_indicators(element_index, table.shape[0], out.dtype)
+        blocks = blocks + jnp.einsum("ijabcM,abcMpq->ijpq", jnp.einsum("ijcM,ijab->ijabcM", out, pairs), table)
     return blocks
+
+
+def element_indicators(z_idx, n_elements: int, dtype):
+    """(N, E) one-hot elements of the atoms and (N, N, E, E) of the atom pairs.
+
+    Per-element tables and weights are contracted with these instead of gathered per atom
+    (pair): on CPU such a gather, per molecule of a batch, and the scatter-add of its
+    gradient cost more than the contraction.
+    """
+    atoms = jax.nn.one_hot(z_idx, n_elements, dtype=dtype)
+    return atoms, atoms[:, None, :, None] * atoms[None, :, None, :]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

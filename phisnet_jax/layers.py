@@ -57,19 +57,31 @@ def _group_by_input_orders(paths):
     return groups
 
 
+def paths_by_output_order(paths, max_order: int) -> tuple[np.ndarray, ...]:
+    """For each output order L <= max_order, the indices of the paths l1 x l2 -> L in ``paths``."""
+    return tuple(np.array([p for p, (_, _, out) in enumerate(paths) if out == L], dtype=np.int32)
+                 for L in range(max_order + 1))
+
+
 def weighted_cg_product(
-    x: jnp.ndarray, y: jnp.ndarray, paths, weights: jnp.ndarray, subscripts: str, max_order: int
+    x: jnp.ndarray, y: jnp.ndarray, paths, weights, subscripts: str, max_order: int
 ) -> jnp.ndarray:
     """Sum over paths of ``weights[..., path, f] * CG(x^l1, y^l2)^L``, channel by channel.
 
     ``subscripts`` describes how x and y broadcast to the output, in the form
     'X,Y->O' with the channel letter 'f' and the component letters 'a' (x) and 'b' (y) as the
-    last one/two letters, e.g. 'ifa,jfb->ijf' for all atom pairs (i, j). ``weights`` has the
-    output's leading shape followed by (n_paths, F). Returns (..., F, (max_order+1)^2).
+    last one/two letters, e.g. 'ifa,jfb->ijf' for all atom pairs (i, j). ``weights[L]`` holds
+    the weights of the paths with output order L (``paths_by_output_order``), shape (...,
+    P_L, F) with the output's leading shape (or one that broadcasts to it). Returns (..., F,
+    (max_order+1)^2).
+
+    The weights come per output order, not as one (..., n_paths, F) array, because the
+    gradient of one array sliced path by path is a full-size array per path: with 5 modules
+    at order 4 that assembly took more than half of a training step.
     """
     in_x, rest = subscripts.split(",")
     in_y, out = rest.split("->")
-    outputs = [0.0] * (max_order + 1)
+    parts: dict[int, jnp.ndarray] = {}  # path -> its product (..., F, 2L+1)
     for (l1, l2), entries in _group_by_input_orders(paths).items():
         cg = np.concatenate([_cg(l1, l2, L) for _, L in entries], axis=-1)
         product = jnp.einsum(
@@ -78,12 +90,18 @@ def weighted_cg_product(
         )
         start = 0
         for p, L in entries:
-            part = product[..., start : start + 2 * L + 1]
-            outputs[L] = outputs[L] + weights[..., p, :, None] * part
+            parts[p] = product[..., start : start + 2 * L + 1]
             start += 2 * L + 1
-    shape = jnp.broadcast_shapes(*(o.shape[:-1] for o in outputs if not isinstance(o, float)))
+    outputs = []
+    for L, indices in enumerate(paths_by_output_order(paths, max_order)):
+        if len(indices) == 0:
+            outputs.append(None)
+            continue
+        stacked = jnp.stack([parts[p] for p in indices], axis=-3)  # (..., P_L, F, 2L+1)
+        outputs.append(jnp.sum(weights[L][..., None] * stacked, axis=-3))
+    shape = jnp.broadcast_shapes(*(o.shape[:-1] for o in outputs if o is not None))
     return jnp.concatenate(
-        [jnp.broadcast_to(o, shape + (2 * L + 1,)) if not isinstance(o, float)
+        [jnp.broadcast_to(o, shape + (2 * L + 1,)) if o is not None
          else jnp.zeros(shape + (2 * L + 1,), x.dtype) for L, o in enumerate(outputs)],
         axis=-1,
     )
@@ -139,21 +157,25 @@ class SelfMixing(nn.Module):
         out = keep_per_component * x
         if paths:
             mix = self.param("mix", nn.initializers.normal(0.1), (len(paths), F), x.dtype)
-            out = out + weighted_cg_product(x, x, paths, mix, "...fa,...fb->...f", self.max_order)
+            mix_by_order = [mix[indices] for indices in paths_by_output_order(paths, self.max_order)]
+            out = out + weighted_cg_product(x, x, paths, mix_by_order, "...fa,...fb->...f", self.max_order)
         return out
 
 
 class RadialPathWeights(nn.Module):
-    """Per-path, per-channel weights (..., n_paths, F) as a linear map of a radial basis."""
+    """Per-path, per-channel weights as a linear map of a radial basis (..., K): for each output
+    order L, (..., P_L, F) for the paths l1 x l2 -> L (``paths_by_output_order``)."""
 
-    n_paths: int
+    paths: tuple[tuple[int, int, int], ...]
+    max_order: int
     features: int
 
     @nn.compact
-    def __call__(self, radial: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, radial: jnp.ndarray) -> list[jnp.ndarray]:
         K = radial.shape[-1]
         w = self.param(
-            "weight", nn.initializers.normal(1.0 / np.sqrt(K)), (K, self.n_paths, self.features),
+            "weight", nn.initializers.normal(1.0 / np.sqrt(K)), (K, len(self.paths), self.features),
             radial.dtype,
         )
-        return jnp.einsum("...k,kpf->...pf", radial, w)
+        return [jnp.einsum("...k,kpf->...pf", radial, w[:, indices])
+                for indices in paths_by_output_order(self.paths, self.max_order)]

@@ -25,7 +25,7 @@ import numpy as np
 from molfoundation.elements import ElementBasis, electron_configuration, element_basis, onsite_overlap_blocks
 from molfoundation.errors import InputError
 from molfoundation.gaussians import overlap_blocks, overlap_tables
-from phisnet_jax.blocks import ExpansionTables, assemble_matrix, atom_pair_blocks, expansion_tables
+from phisnet_jax.blocks import ExpansionTables, assemble_matrix, atom_pair_blocks, element_indicators, expansion_tables
 from phisnet_jax.layers import (
     PerOrderLinear,
     RadialPathWeights,
@@ -192,7 +192,7 @@ class Interaction(nn.Module):
     residual_blocks: int
 
     @nn.compact
-    def __call__(self, x, radial, harmonics, pair_mask):
+    def __call__(self, x, radial, harmonics):
         F, L, n = self.features, self.max_order, self.residual_blocks
 
         def path(name):
@@ -201,8 +201,8 @@ class Interaction(nn.Module):
 
         receiver, sender = path("receiver"), path("sender")
         paths = cg_paths(L)
-        weights = RadialPathWeights(len(paths), F, name="pair_mixing_radial")(radial)  # (N, N, P, F)
-        weights = weights * pair_mask[..., None, None]
+        # Zero beyond the cutoff and for i = j, as the radial basis is there.
+        weights = RadialPathWeights(paths, L, F, name="pair_mixing_radial")(radial)
         messages = weighted_cg_product(sender, harmonics, paths, weights, "jfa,ijb->ijf", L).sum(axis=1)
         v = residual_stack(receiver + messages, n, F, L, "message_residual")
         return x + PerOrderLinear(F, L, name="message_linear")(ScalarSwish(name="message_activation")(v))
@@ -239,7 +239,7 @@ class PhiSNet(nn.Module):
         final = 0.0
         for m in range(cfg.num_modules):
             x = residual_stack(x, cfg.residual_blocks, F, L, f"module{m}_pre")
-            x = Interaction(F, L, cfg.residual_blocks, name=f"module{m}_interaction")(x, radial, harmonics, pair_mask)
+            x = Interaction(F, L, cfg.residual_blocks, name=f"module{m}_interaction")(x, radial, harmonics)
             x = residual_stack(x, cfg.residual_blocks, F, L, f"module{m}_post")
             final = final + residual_stack(x, cfg.residual_blocks, F, L, f"module{m}_output")
 
@@ -272,7 +272,7 @@ class PhiSNet(nn.Module):
         contributions, neighbour_sum = neighbour_terms("offsite_neighbour_radial")
         onsite = a + onsite_sum
         paths = cg_paths(L)
-        pair_weights = RadialPathWeights(len(paths), F, name="pair_mixing_radial")(radial)
+        pair_weights = RadialPathWeights(paths, L, F, name="pair_mixing_radial")(radial)
         offsite = weighted_cg_product(a, a, paths, pair_weights, "ifa,jfb->ijf", L)
         offsite = offsite + neighbour_sum[:, None] - contributions  # sum over k not in {i, j}
         onsite = residual_stack(onsite, cfg.residual_blocks, F, L, "onsite_residual")
@@ -296,6 +296,7 @@ class PhiSNet(nn.Module):
         n_el = len(cfg.elements)
         n = z_idx.shape[0]
         is_diagonal = jnp.eye(n, dtype=bool)
+        atoms, pairs = element_indicators(z_idx, n_el, onsite.dtype)
         outputs = []
         for order in range(self.tables.max_order + 1):
             C = self.tables.channels[order]
@@ -305,8 +306,8 @@ class PhiSNet(nn.Module):
             init = nn.initializers.normal(1.0 / np.sqrt(F))
             w_off = self.param(f"{prefix}offsite_head_{order}", init, (n_el, n_el, F, C), onsite.dtype)
             w_on = self.param(f"{prefix}onsite_head_{order}", init, (n_el, F, C), onsite.dtype)
-            out_off = jnp.einsum("ijfM,ijfc->ijcM", offsite[..., order_slice(order)], w_off[z_idx[:, None], z_idx[None, :]])
-            out_on = jnp.einsum("ifM,ifc->icM", onsite[..., order_slice(order)], w_on[z_idx])
+            out_off = jnp.einsum("ijabfM,abfc->ijcM", jnp.einsum("ijfM,ijab->ijabfM", offsite[..., order_slice(order)], pairs), w_off)
+            out_on = jnp.einsum("iafM,afc->icM", jnp.einsum("ifM,ia->iafM", onsite[..., order_slice(order)], atoms), w_on)
             if order == 0:
                 # Invariant per-element constants of the on-site blocks (e.g. core orbital
                 # energies); ``initial_onsite_offsets`` sets them to training-data means.
@@ -324,6 +325,7 @@ class PhiSNet(nn.Module):
         e = nn.Dense(Fs, param_dtype=scalars.dtype, name="overlap_embedding")(scalars)
         pair_scalars = e[:, None, :] * e[None, :, :]  # (N, N, Fs)
         n = z_idx.shape[0]
+        _, pairs = element_indicators(z_idx, len(cfg.elements), scalars.dtype)
         outputs = []
         for order in range(self.tables.max_order + 1):
             C = self.tables.channels[order]
@@ -336,7 +338,7 @@ class PhiSNet(nn.Module):
                 f"overlap_head_{order}", nn.initializers.normal(1.0 / np.sqrt(Fs)),
                 (len(cfg.elements), len(cfg.elements), Fs, C), scalars.dtype,
             )
-            channels = jnp.einsum("ijf,ijfc->ijc", amplitude, head[z_idx[:, None], z_idx[None, :]])
+            channels = jnp.einsum("ijabf,abfc->ijc", jnp.einsum("ijf,ijab->ijabf", amplitude, pairs), head)
             y = harmonics[..., order_slice(order)]  # (N, N, 2L+1)
             outputs.append(channels[..., None] * y[:, :, None, :] * pair_mask[..., None, None])
         offsite = atom_pair_blocks(outputs, self.tables, z_idx)
