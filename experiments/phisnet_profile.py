@@ -54,9 +54,9 @@ from phisnet_speed import training_problem  # noqa: E402
 # (part, pattern in the op's name stack), first match wins. The einsum subscripts are those of
 # phisnet_jax.layers.weighted_cg_product as called by each layer.
 MODEL_PARTS = (
-    ("cg_interaction", "jfa,ijb,abc->ijfc"),
-    ("cg_pair", "ifa,jfb,abc->ijfc"),
-    ("cg_self_mixing", "...fa,...fb,abc->...fc"),
+    ("cg_interaction", "jaf,ijb,abc->ijcf"),
+    ("cg_pair", "iaf,jbf,abc->ijcf"),
+    ("cg_self_mixing", "...af,...bf,abc->...cf"),
     ("radial_weights", r"_radial(_\d+)?(/|$)"),
     ("linear", r"PerOrderLinear|_linear(/|$)"),
     ("activations", r"ScalarSwish|_activation(/|$)"),

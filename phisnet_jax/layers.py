@@ -1,10 +1,12 @@
 """Equivariant layers of PhiSNet on per-order feature arrays.
 
-Features of an atom (or atom pair) are arrays of shape (..., F, (L+1)^2): F channels, each an
+Features of an atom (or atom pair) are arrays of shape (..., (L+1)^2, F): F channels, each an
 e3nn IrrepsArray of irreps ``0e + 1e + ... + Le`` (components of order l at
-``order_slice(l)``, in e3nn's real-harmonic basis). As in the paper, the network is
-SO(3)-equivariant: every order carries the label 'e', so every Clebsch-Gordan path
-l1 x l2 -> L is allowed, and features transform under a rotation R as ``D_l(R)`` for each order.
+``order_slice(l)`` of the second-last axis, in e3nn's real-harmonic basis). Channels come
+last so that the channel mixing of each order and the weighted sums over paths act on the
+minor axis without transposes. As in the paper, the network is SO(3)-equivariant: every order
+carries the label 'e', so every Clebsch-Gordan path l1 x l2 -> L is allowed, and features
+transform under a rotation R as ``D_l(R)`` for each order.
 """
 
 from __future__ import annotations
@@ -68,12 +70,12 @@ def weighted_cg_product(
 ) -> jnp.ndarray:
     """Sum over paths of ``weights[..., path, f] * CG(x^l1, y^l2)^L``, channel by channel.
 
-    ``subscripts`` describes how x and y broadcast to the output, in the form
-    'X,Y->O' with the channel letter 'f' and the component letters 'a' (x) and 'b' (y) as the
-    last one/two letters, e.g. 'ifa,jfb->ijf' for all atom pairs (i, j). ``weights[L]`` holds
-    the weights of the paths with output order L (``paths_by_output_order``), shape (...,
-    P_L, F) with the output's leading shape (or one that broadcasts to it). Returns (..., F,
-    (max_order+1)^2).
+    ``subscripts`` describes how x and y broadcast to the output, in the form 'X,Y->O' with
+    the component letters 'a' (x), 'b' (y) and 'c' (output) and the channel letter 'f', e.g.
+    'iaf,jbf->ijcf' for all atom pairs (i, j) (y may lack channels: 'jaf,ijb->ijcf'); the
+    output must end in 'cf'. ``weights[L]`` holds the weights of the paths with output order L
+    (``paths_by_output_order``), shape (..., P_L, F) with the output's leading shape (or one
+    that broadcasts to it). Returns (..., (max_order+1)^2, F).
 
     The weights come per output order, not as one (..., n_paths, F) array, because the
     gradient of one array sliced path by path is a full-size array per path: with 5 modules
@@ -81,30 +83,37 @@ def weighted_cg_product(
     """
     in_x, rest = subscripts.split(",")
     in_y, out = rest.split("->")
-    parts: dict[int, jnp.ndarray] = {}  # path -> its product (..., F, 2L+1)
+    parts: dict[int, jnp.ndarray] = {}  # path -> its product (..., 2L+1, F)
     for (l1, l2), entries in _group_by_input_orders(paths).items():
         cg = np.concatenate([_cg(l1, l2, L) for _, L in entries], axis=-1)
         product = jnp.einsum(
-            f"{in_x},{in_y},abc->{out}c",
-            x[..., order_slice(l1)], y[..., order_slice(l2)], jnp.asarray(cg, x.dtype),
+            f"{in_x},{in_y},abc->{out}",
+            x[..., order_slice(l1), :], _order_part(y, l2, in_y.endswith("b")),
+            jnp.asarray(cg, x.dtype),
         )
         start = 0
         for p, L in entries:
-            parts[p] = product[..., start : start + 2 * L + 1]
+            parts[p] = product[..., start : start + 2 * L + 1, :]
             start += 2 * L + 1
     outputs = []
     for L, indices in enumerate(paths_by_output_order(paths, max_order)):
         if len(indices) == 0:
             outputs.append(None)
             continue
-        stacked = jnp.stack([parts[p] for p in indices], axis=-3)  # (..., P_L, F, 2L+1)
-        outputs.append(jnp.sum(weights[L][..., None] * stacked, axis=-3))
-    shape = jnp.broadcast_shapes(*(o.shape[:-1] for o in outputs if o is not None))
+        stacked = jnp.stack([parts[p] for p in indices], axis=-3)  # (..., P_L, 2L+1, F)
+        outputs.append(jnp.sum(weights[L][..., None, :] * stacked, axis=-3))
+    lead = jnp.broadcast_shapes(*(o.shape[:-2] for o in outputs if o is not None))
+    F = x.shape[-1]
     return jnp.concatenate(
-        [jnp.broadcast_to(o, shape + (2 * L + 1,)) if o is not None
-         else jnp.zeros(shape + (2 * L + 1,), x.dtype) for L, o in enumerate(outputs)],
-        axis=-1,
+        [jnp.broadcast_to(o, lead + (2 * L + 1, F)) if o is not None
+         else jnp.zeros(lead + (2 * L + 1, F), x.dtype) for L, o in enumerate(outputs)],
+        axis=-2,
     )
+
+
+def _order_part(y: jnp.ndarray, l: int, components_last: bool) -> jnp.ndarray:
+    """The order-l components of y: on its last axis (no channels) or its second-last."""
+    return y[..., order_slice(l)] if components_last else y[..., order_slice(l), :]
 
 
 class PerOrderLinear(nn.Module):
@@ -116,16 +125,16 @@ class PerOrderLinear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        f_in = x.shape[-2]
+        f_in = x.shape[-1]
         init = nn.initializers.normal(stddev=1.0 / np.sqrt(f_in))
         parts = []
         for l in range(self.max_order + 1):
             w = self.param(f"weight_{l}", init, (f_in, self.features), x.dtype)
-            parts.append(jnp.einsum("...fm,fg->...gm", x[..., order_slice(l)], w))
-        y = jnp.concatenate(parts, axis=-1)
+            parts.append(x[..., order_slice(l), :] @ w)
+        y = jnp.concatenate(parts, axis=-2)
         if self.use_bias:
             b = self.param("bias", nn.initializers.zeros, (self.features,), x.dtype)
-            y = y.at[..., 0].add(b)
+            y = y.at[..., 0, :].add(b)
         return y
 
 
@@ -134,11 +143,11 @@ class ScalarSwish(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        F = x.shape[-2]
+        F = x.shape[-1]
         a = self.param("alpha", nn.initializers.ones, (F,), x.dtype)
         b = self.param("beta", nn.initializers.constant(1.702), (F,), x.dtype)
-        s = x[..., 0]
-        return x.at[..., 0].set(a * s * jax.nn.sigmoid(b * s))
+        s = x[..., 0, :]
+        return x.at[..., 0, :].set(a * s * jax.nn.sigmoid(b * s))
 
 
 class SelfMixing(nn.Module):
@@ -148,17 +157,17 @@ class SelfMixing(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        F = x.shape[-2]
+        F = x.shape[-1]
         paths = cg_paths(self.max_order, strictly_increasing=True)
         keep = self.param("keep", nn.initializers.ones, (self.max_order + 1, F), x.dtype)
         keep_per_component = jnp.concatenate(
-            [jnp.repeat(keep[l][:, None], 2 * l + 1, axis=1) for l in range(self.max_order + 1)], axis=1
+            [jnp.repeat(keep[l][None, :], 2 * l + 1, axis=0) for l in range(self.max_order + 1)], axis=0
         )
         out = keep_per_component * x
         if paths:
             mix = self.param("mix", nn.initializers.normal(0.1), (len(paths), F), x.dtype)
             mix_by_order = [mix[indices] for indices in paths_by_output_order(paths, self.max_order)]
-            out = out + weighted_cg_product(x, x, paths, mix_by_order, "...fa,...fb->...f", self.max_order)
+            out = out + weighted_cg_product(x, x, paths, mix_by_order, "...af,...bf->...cf", self.max_order)
         return out
 
 

@@ -203,7 +203,7 @@ class Interaction(nn.Module):
         paths = cg_paths(L)
         # Zero beyond the cutoff and for i = j, as the radial basis is there.
         weights = RadialPathWeights(paths, L, F, name="pair_mixing_radial")(radial)
-        messages = weighted_cg_product(sender, harmonics, paths, weights, "jfa,ijb->ijf", L).sum(axis=1)
+        messages = weighted_cg_product(sender, harmonics, paths, weights, "jaf,ijb->ijcf", L).sum(axis=1)
         v = residual_stack(receiver + messages, n, F, L, "message_residual")
         return x + PerOrderLinear(F, L, name="message_linear")(ScalarSwish(name="message_activation")(v))
 
@@ -233,7 +233,7 @@ class PhiSNet(nn.Module):
         descriptors = jnp.asarray(np.stack([electron_configuration(z) for z in cfg.elements]), dtype)
         element_vectors = nn.Embed(n_el, F, param_dtype=dtype, name="element_embedding")(z_idx)
         scalars = element_vectors + nn.Dense(F, use_bias=False, param_dtype=dtype, name="configuration_embedding")(descriptors[z_idx])
-        x = jnp.zeros(scalars.shape + ((L + 1) ** 2,), dtype).at[..., 0].set(scalars)
+        x = jnp.zeros(scalars.shape[:-1] + ((L + 1) ** 2, F), dtype).at[..., 0, :].set(scalars)
         x = x * inputs.atom_mask[:, None, None]
 
         final = 0.0
@@ -258,12 +258,12 @@ class PhiSNet(nn.Module):
         b = residual_stack(final, cfg.residual_blocks, F, L, "pair_neighbour")
 
         def neighbour_terms(name):
-            """(N, N, F, D) R(r_ik) * b_k with radial weights per order and channel, and their
-            sums over k != i, (N, F, D)."""
+            """(N, N, D, F) R(r_ik) * b_k with radial weights per order and channel, and their
+            sums over k != i, (N, D, F)."""
             weights = nn.Dense(F * (L + 1), use_bias=False, param_dtype=radial.dtype, name=name)(radial)
             weights = weights.reshape(radial.shape[:-1] + (F, L + 1)) * pair_mask[..., None, None]
             per_component = jnp.concatenate(
-                [jnp.repeat(weights[..., l : l + 1], 2 * l + 1, axis=-1) for l in range(L + 1)], axis=-1
+                [jnp.repeat(weights[..., None, :, l], 2 * l + 1, axis=-2) for l in range(L + 1)], axis=-2
             )
             contributions = per_component * b[None, :, :, :]
             return contributions, contributions.sum(axis=1)
@@ -273,7 +273,7 @@ class PhiSNet(nn.Module):
         onsite = a + onsite_sum
         paths = cg_paths(L)
         pair_weights = RadialPathWeights(paths, L, F, name="pair_mixing_radial")(radial)
-        offsite = weighted_cg_product(a, a, paths, pair_weights, "ifa,jfb->ijf", L)
+        offsite = weighted_cg_product(a, a, paths, pair_weights, "iaf,jbf->ijcf", L)
         offsite = offsite + neighbour_sum[:, None] - contributions  # sum over k not in {i, j}
         onsite = residual_stack(onsite, cfg.residual_blocks, F, L, "onsite_residual")
         offsite = residual_stack(offsite, cfg.residual_blocks, F, L, "offsite_residual")
@@ -306,8 +306,8 @@ class PhiSNet(nn.Module):
             init = nn.initializers.normal(1.0 / np.sqrt(F))
             w_off = self.param(f"{prefix}offsite_head_{order}", init, (n_el, n_el, F, C), onsite.dtype)
             w_on = self.param(f"{prefix}onsite_head_{order}", init, (n_el, F, C), onsite.dtype)
-            out_off = jnp.einsum("ijabfM,abfc->ijcM", jnp.einsum("ijfM,ijab->ijabfM", offsite[..., order_slice(order)], pairs), w_off)
-            out_on = jnp.einsum("iafM,afc->icM", jnp.einsum("ifM,ia->iafM", onsite[..., order_slice(order)], atoms), w_on)
+            out_off = jnp.einsum("ijabMf,abfc->ijcM", jnp.einsum("ijMf,ijab->ijabMf", offsite[..., order_slice(order), :], pairs), w_off)
+            out_on = jnp.einsum("iaMf,afc->icM", jnp.einsum("iMf,ia->iaMf", onsite[..., order_slice(order), :], atoms), w_on)
             if order == 0:
                 # Invariant per-element constants of the on-site blocks (e.g. core orbital
                 # energies); ``initial_onsite_offsets`` sets them to training-data means.
