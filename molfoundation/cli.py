@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from molfoundation import distributed
+from molfoundation import compiling, distributed
 from molfoundation.errors import InputError
 
 EXIT_BAD_INPUT = 2
@@ -22,9 +22,11 @@ EXIT_INTERRUPTED = 130
 
 def run_cli(group: click.Group, argv: list[str] | None = None) -> None:
     """Run a click group (``sys.argv`` by default, ``--help`` when no arguments are given) with
-    the error contract above; always ends with ``sys.exit``."""
+    the error contract above, compiled programs kept between runs
+    (:func:`~molfoundation.compiling.use_persistent_cache`); always ends with ``sys.exit``."""
     argv = sys.argv[1:] if argv is None else argv
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's informational messages
+    compiling.use_persistent_cache()
     try:
         code = group.main(args=argv or ["--help"], standalone_mode=False)
     except click.exceptions.Exit as exc:

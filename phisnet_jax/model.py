@@ -32,6 +32,7 @@ from phisnet_jax.layers import (
     ScalarSwish,
     SelfMixing,
     cg_paths,
+    component_orders,
     order_slice,
     weighted_cg_product,
 )
@@ -262,9 +263,7 @@ class PhiSNet(nn.Module):
             sums over k != i, (N, D, F)."""
             weights = nn.Dense(F * (L + 1), use_bias=False, param_dtype=radial.dtype, name=name)(radial)
             weights = weights.reshape(radial.shape[:-1] + (F, L + 1)) * pair_mask[..., None, None]
-            per_component = jnp.concatenate(
-                [jnp.repeat(weights[..., None, :, l], 2 * l + 1, axis=-2) for l in range(L + 1)], axis=-2
-            )
+            per_component = jnp.swapaxes(weights[..., component_orders(L)], -1, -2)  # (N, N, D, F)
             contributions = per_component * b[None, :, :, :]
             return contributions, contributions.sum(axis=1)
 

@@ -27,7 +27,7 @@ from molfoundation import runs
 from molfoundation.errors import InputError
 from molfoundation.shipped import ModelShelf
 
-KIND, SCHEMA_VERSION = "phisnet model", 1
+KIND, SCHEMA_VERSION = "phisnet model", 2
 CHECK_FILE = "check.npz"
 MODELS = ModelShelf(KIND, SCHEMA_VERSION, os.path.join(os.path.dirname(os.path.abspath(__file__)), "models"))
 

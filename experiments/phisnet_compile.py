@@ -1,0 +1,140 @@
+"""Benchmark: what a PhiSNet training run compiles before its first step, and how long that takes.
+
+For each preset, a fresh process (no persistent compilation cache) builds the water training
+problem of experiments/phisnet_speed.py (def2-SVP, float32, random targets) and times
+- the parameter initialisation as a run makes it (``jit_once(model.init)``: trace, compile, run),
+- the training step (loss, gradient, optimiser, EMA): tracing and lowering, then compiling,
+- the compiled step itself (median of ``--repeats``).
+It also counts the parameter arrays and the kernels (fusions) of the compiled step, the two
+things compile time grows with. ``--reference DIR`` runs the same measurements on another
+checkout of this project in the same run, alternating with this one, and adds the ratios
+(this / reference). Last, this checkout twice more with one persistent compilation cache
+(``molfoundation.compiling.use_persistent_cache``, as the command lines use it): the second
+run is a repeated or resumed run's start-up (``this_warm_cache``).
+Writes experiments/results/phisnet_compile_<platform>.json.
+
+    .venv/bin/python experiments/phisnet_compile.py [--presets small] [--batch 10] [--repeats 5]
+        [--reference DIR] [--rounds 2]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from machine import machine_info, result_stem  # noqa: E402
+
+# One measurement in a fresh process, run from the root of the checkout it measures.
+MEASURE = r"""
+import json, os, re, statistics, sys, time
+sys.path.insert(0, "experiments")
+import jax, numpy as np
+from molfoundation import compiling, molecules
+from phisnet_jax.model import MODEL_PRESETS, PhiSNetConfig
+from phisnet_jax.train import init_state, make_train_step
+from phisnet_speed import training_problem
+preset, batch, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+if os.environ["JAX_COMPILATION_CACHE_DIR"]:
+    compiling.use_persistent_cache()
+cfg = PhiSNetConfig(basis="def2-svp", elements=(1, 8), max_order=4, **MODEL_PRESETS[preset])
+model, single, batched, (fock, overlap), tcfg, opt = training_problem(cfg, molecules.from_name("water"), batch)
+t0 = time.perf_counter()
+state = init_state(model, tcfg, batched, opt)
+jax.block_until_ready(state)
+init_seconds = time.perf_counter() - t0
+step = jax.jit(make_train_step(model, tcfg, opt))
+t0 = time.perf_counter()
+lowered = step.lower(state, batched, fock, overlap)
+t1 = time.perf_counter()
+compiled = lowered.compile()
+t2 = time.perf_counter()
+jax.block_until_ready(compiled(state, batched, fock, overlap))
+times = []
+for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(state, batched, fock, overlap))
+    times.append(time.perf_counter() - t)
+entry = compiled.as_text().split("ENTRY", 1)[1]
+print(json.dumps({
+    "init_seconds": init_seconds, "train_trace_seconds": t1 - t0, "train_compile_seconds": t2 - t1,
+    "startup_seconds": init_seconds + t2 - t0, "train_step_ms": 1e3 * statistics.median(times),
+    "parameter_arrays": len(jax.tree.leaves(state.params)),
+    "parameters": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
+    "step_kernels": len(re.findall(r"= \S+ fusion\(", entry)), "jax": jax.__version__,
+    "platform": jax.default_backend(),
+}))
+"""
+
+KEYS = ("init_seconds", "train_trace_seconds", "train_compile_seconds", "startup_seconds", "train_step_ms")
+
+
+def measure(root: str, preset: str, batch: int, repeats: int, cache: str = "") -> dict:
+    """One measurement in a fresh process; ``cache``: its persistent compilation cache (none)."""
+    env = {**os.environ, "PYTHONPATH": root, "JAX_COMPILATION_CACHE_DIR": cache}
+    done = subprocess.run([sys.executable, "-c", MEASURE, preset, str(batch), str(repeats)], cwd=root, env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"measurement in {root} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarise(runs: list[dict]) -> dict:
+    return {**{k: v for k, v in runs[0].items() if k not in KEYS},
+            **{k: statistics.median(r[k] for r in runs) for k in KEYS}, "runs": runs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["small"])
+    parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2, help="measurements of each checkout, alternated")
+    parser.add_argument("--reference", help="another checkout of this project to measure in the same run")
+    parser.add_argument("--output")
+    args = parser.parse_args()
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = []
+    for preset in args.presets:
+        ours, reference = [], []
+        for _ in range(args.rounds):
+            ours.append(measure(here, preset, args.batch, args.repeats))
+            print(json.dumps({"preset": preset, "code": "this", **ours[-1]}), flush=True)
+            if args.reference:
+                reference.append(measure(os.path.abspath(args.reference), preset, args.batch, args.repeats))
+                print(json.dumps({"preset": preset, "code": "reference", **reference[-1]}), flush=True)
+        with tempfile.TemporaryDirectory() as cache:
+            measure(here, preset, args.batch, args.repeats, cache)  # fills the cache
+            warm = measure(here, preset, args.batch, args.repeats, cache)
+        print(json.dumps({"preset": preset, "code": "this, warm cache", **warm}), flush=True)
+        row = {"preset": preset, "molecule": "water", "batch": args.batch, "this": summarise(ours),
+               "this_warm_cache": warm}
+        if reference:
+            row["reference"] = summarise(reference)
+            row["ratios"] = {k: row["this"][k] / row["reference"][k] for k in KEYS}
+        results.append(row)
+    output = args.output or result_stem("phisnet_compile", None, results[0]["this"]["platform"]) + ".json"
+    command = sys.argv[1:]
+    if args.reference:  # the reference by its commit, not by where it lies on this machine
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.reference, capture_output=True,
+                                text=True).stdout.strip()
+        command = [f"<checkout of {commit}>" if a == args.reference else a for a in command]
+        for row in results:
+            row["reference"]["commit"] = commit
+    record = {
+        "benchmark": "PhiSNet start-up: parameter initialisation and training-step compilation (float32)",
+        "command": "python experiments/phisnet_compile.py " + " ".join(command),
+        "machine": machine_info(), "results": results,
+    }
+    with open(output + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(output + ".tmp", output)
+    print(output)
+
+
+if __name__ == "__main__":
+    main()
