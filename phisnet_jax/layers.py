@@ -1,8 +1,8 @@
 """Equivariant layers of PhiSNet on per-order feature arrays.
 
 Features of an atom (or atom pair) are arrays of shape (..., (L+1)^2, F): F channels, each an
-e3nn IrrepsArray of irreps ``0e + 1e + ... + Le`` (components of order l at
-``order_slice(l)`` of the second-last axis, in e3nn's real-harmonic basis). Channels come
+e3nn IrrepsArray of irreps ``0e + 1e + ... + Le`` (components of order l at l^2 ... (l+1)^2 - 1
+of the second-last axis, ``order_parts``; e3nn's real-harmonic basis). Channels come
 last so that the channel mixing of each order and the weighted sums over paths act on the
 minor axis without transposes. As in the paper, the network is SO(3)-equivariant: every order
 carries the label 'e', so every Clebsch-Gordan path l1 x l2 -> L is allowed, and features
@@ -19,8 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def order_slice(l: int) -> slice:
-    return slice(l * l, (l + 1) * (l + 1))
+def order_parts(x: jnp.ndarray, max_order: int, axis: int = -2) -> list[jnp.ndarray]:
+    """The components of each order l <= max_order of x, split along ``axis`` in one operation.
+
+    One split, not a slice per order: the gradient of a split is one concatenation, that of
+    each slice a full-size padding of its own (a kernel per slice and use)."""
+    return jnp.split(x, [l * l for l in range(1, max_order + 1)], axis=axis)
 
 
 def component_orders(max_order: int) -> np.ndarray:
@@ -88,14 +92,13 @@ def weighted_cg_product(
     """
     in_x, rest = subscripts.split(",")
     in_y, out = rest.split("->")
+    x_parts = order_parts(x, max_order)
+    # y's components are on its last axis when it has no channels.
+    y_parts = order_parts(y, max_order, axis=-1 if in_y.endswith("b") else -2)
     parts: dict[int, jnp.ndarray] = {}  # path -> its product (..., 2L+1, F)
     for (l1, l2), entries in _group_by_input_orders(paths).items():
         cg = np.concatenate([_cg(l1, l2, L) for _, L in entries], axis=-1)
-        product = jnp.einsum(
-            f"{in_x},{in_y},abc->{out}",
-            x[..., order_slice(l1), :], _order_part(y, l2, in_y.endswith("b")),
-            jnp.asarray(cg, x.dtype),
-        )
+        product = jnp.einsum(f"{in_x},{in_y},abc->{out}", x_parts[l1], y_parts[l2], jnp.asarray(cg, x.dtype))
         start = 0
         for p, L in entries:
             parts[p] = product[..., start : start + 2 * L + 1, :]
@@ -116,11 +119,6 @@ def weighted_cg_product(
     )
 
 
-def _order_part(y: jnp.ndarray, l: int, components_last: bool) -> jnp.ndarray:
-    """The order-l components of y: on its last axis (no channels) or its second-last."""
-    return y[..., order_slice(l)] if components_last else y[..., order_slice(l), :]
-
-
 class PerOrderLinear(nn.Module):
     """Channel mixing with separate weights per order; a bias on the scalars (L = 0) only.
 
@@ -138,7 +136,8 @@ class PerOrderLinear(nn.Module):
         f_in = x.shape[-1]
         init = nn.initializers.normal(stddev=1.0 / np.sqrt(f_in))
         w = self.param("weight", init, (self.max_order + 1, f_in, self.features), x.dtype)
-        y = jnp.concatenate([x[..., order_slice(l), :] @ w[l] for l in range(self.max_order + 1)], axis=-2)
+        weights = [jnp.squeeze(w_l, 0) for w_l in jnp.split(w, self.max_order + 1)]
+        y = jnp.concatenate([x_l @ w_l for x_l, w_l in zip(order_parts(x, self.max_order), weights)], axis=-2)
         if self.use_bias:
             b = self.param("bias", nn.initializers.zeros, (self.features,), x.dtype)
             y = y.at[..., 0, :].add(b)

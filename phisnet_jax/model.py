@@ -33,7 +33,7 @@ from phisnet_jax.layers import (
     SelfMixing,
     cg_paths,
     component_orders,
-    order_slice,
+    order_parts,
     weighted_cg_product,
 )
 from phisnet_jax.radial import exponential_bernstein
@@ -296,6 +296,7 @@ class PhiSNet(nn.Module):
         n = z_idx.shape[0]
         is_diagonal = jnp.eye(n, dtype=bool)
         atoms, pairs = element_indicators(z_idx, n_el, onsite.dtype)
+        onsite_parts, offsite_parts = order_parts(onsite, cfg.max_order), order_parts(offsite, cfg.max_order)
         outputs = []
         for order in range(self.tables.max_order + 1):
             C = self.tables.channels[order]
@@ -305,8 +306,8 @@ class PhiSNet(nn.Module):
             init = nn.initializers.normal(1.0 / np.sqrt(F))
             w_off = self.param(f"{prefix}offsite_head_{order}", init, (n_el, n_el, F, C), onsite.dtype)
             w_on = self.param(f"{prefix}onsite_head_{order}", init, (n_el, F, C), onsite.dtype)
-            out_off = jnp.einsum("ijabMf,abfc->ijcM", jnp.einsum("ijMf,ijab->ijabMf", offsite[..., order_slice(order), :], pairs), w_off)
-            out_on = jnp.einsum("iaMf,afc->icM", jnp.einsum("iMf,ia->iaMf", onsite[..., order_slice(order), :], atoms), w_on)
+            out_off = jnp.einsum("ijabMf,abfc->ijcM", jnp.einsum("ijMf,ijab->ijabMf", offsite_parts[order], pairs), w_off)
+            out_on = jnp.einsum("iaMf,afc->icM", jnp.einsum("iMf,ia->iaMf", onsite_parts[order], atoms), w_on)
             if order == 0:
                 # Invariant per-element constants of the on-site blocks (e.g. core orbital
                 # energies); ``initial_onsite_offsets`` sets them to training-data means.
@@ -325,6 +326,7 @@ class PhiSNet(nn.Module):
         pair_scalars = e[:, None, :] * e[None, :, :]  # (N, N, Fs)
         n = z_idx.shape[0]
         _, pairs = element_indicators(z_idx, len(cfg.elements), scalars.dtype)
+        harmonic_parts = order_parts(harmonics, cfg.max_order, axis=-1)  # (N, N, 2L+1) each
         outputs = []
         for order in range(self.tables.max_order + 1):
             C = self.tables.channels[order]
@@ -338,8 +340,7 @@ class PhiSNet(nn.Module):
                 (len(cfg.elements), len(cfg.elements), Fs, C), scalars.dtype,
             )
             channels = jnp.einsum("ijabf,abfc->ijc", jnp.einsum("ijf,ijab->ijabf", amplitude, pairs), head)
-            y = harmonics[..., order_slice(order)]  # (N, N, 2L+1)
-            outputs.append(channels[..., None] * y[:, :, None, :] * pair_mask[..., None, None])
+            outputs.append(channels[..., None] * harmonic_parts[order][:, :, None, :] * pair_mask[..., None, None])
         offsite = atom_pair_blocks(outputs, self.tables, z_idx)
         onsite = jnp.asarray(self.onsite_overlap, scalars.dtype)[z_idx]  # (N, A, A)
         n_range = jnp.arange(n)
