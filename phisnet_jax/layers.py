@@ -136,28 +136,42 @@ class PerOrderLinear(nn.Module):
         f_in = x.shape[-1]
         init = nn.initializers.normal(stddev=1.0 / np.sqrt(f_in))
         w = self.param("weight", init, (self.max_order + 1, f_in, self.features), x.dtype)
-        weights = [jnp.squeeze(w_l, 0) for w_l in jnp.split(w, self.max_order + 1)]
-        y = jnp.concatenate([x_l @ w_l for x_l, w_l in zip(order_parts(x, self.max_order), weights)], axis=-2)
+        y = jnp.concatenate([x_l @ w_l for x_l, w_l in zip(order_parts(x, self.max_order), rows(w))], axis=-2)
         if self.use_bias:
             b = self.param("bias", nn.initializers.zeros, (self.features,), x.dtype)
             y = y.at[..., 0, :].add(b)
         return y
 
 
+def rows(w: jnp.ndarray) -> list[jnp.ndarray]:
+    """w[0], w[1], ... in one split (whose gradient is one concatenation, not a padding per row)."""
+    return [jnp.squeeze(row, 0) for row in jnp.split(w, w.shape[0])]
+
+
+def _swish_init(key, shape, dtype):
+    del key
+    return jnp.stack([jnp.ones(shape[1:], dtype), jnp.full(shape[1:], 1.702, dtype)])
+
+
 class ScalarSwish(nn.Module):
-    """Learnable swish a * x * sigmoid(b * x) on the L = 0 components; higher orders unchanged."""
+    """Learnable swish a * x * sigmoid(b * x) on the L = 0 components; higher orders unchanged.
+
+    a and b (a = 1, b = 1.702 at first) are the rows of one (2, F) parameter: one array, as in
+    PerOrderLinear."""
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         F = x.shape[-1]
-        a = self.param("alpha", nn.initializers.ones, (F,), x.dtype)
-        b = self.param("beta", nn.initializers.constant(1.702), (F,), x.dtype)
+        a, b = rows(self.param("swish", _swish_init, (2, F), x.dtype))
         s = x[..., 0, :]
         return x.at[..., 0, :].set(a * s * jax.nn.sigmoid(b * s))
 
 
 class SelfMixing(nn.Module):
-    """s(x)^L = k^L * x^L + sum_{l1 < l2} s^{l1 l2 L} * CG(x^l1, x^l2)^L, weights per channel."""
+    """s(x)^L = k^L * x^L + sum_{l1 < l2} s^{l1 l2 L} * CG(x^l1, x^l2)^L, weights per channel.
+
+    One (L+1 + n_paths, F) parameter: the k^L (1 at first), then the s of each path of
+    ``cg_paths(L, strictly_increasing=True)`` (normal, standard deviation 0.1, at first)."""
 
     max_order: int
 
@@ -165,10 +179,15 @@ class SelfMixing(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         F = x.shape[-1]
         paths = cg_paths(self.max_order, strictly_increasing=True)
-        keep = self.param("keep", nn.initializers.ones, (self.max_order + 1, F), x.dtype)
+        n_keep = self.max_order + 1
+
+        def init(key, shape, dtype):
+            mix = nn.initializers.normal(0.1)(key, (shape[0] - n_keep,) + shape[1:], dtype)
+            return jnp.concatenate([jnp.ones((n_keep,) + shape[1:], dtype), mix])
+
+        keep, mix = jnp.split(self.param("weights", init, (n_keep + len(paths), F), x.dtype), [n_keep])
         out = keep[component_orders(self.max_order)] * x
         if paths:
-            mix = self.param("mix", nn.initializers.normal(0.1), (len(paths), F), x.dtype)
             mix_by_order = [mix[indices] for indices in paths_by_output_order(paths, self.max_order)]
             out = out + weighted_cg_product(x, x, paths, mix_by_order, "...af,...bf->...cf", self.max_order)
         return out
