@@ -124,8 +124,9 @@ class PerOrderLinear(nn.Module):
 
     The weights of all orders are one parameter, (L+1, F_in, F), not one per order: XLA
     compiles every parameter array's initialisation and optimiser update into kernels of its
-    own, and with five arrays per layer PhiSNet's small preset took 24.1 s instead of 7.3 s to
-    initialise a training state (experiments/phisnet_compile.py)."""
+    own: with an array per order (and ScalarSwish's and SelfMixing's weights in two arrays each)
+    PhiSNet's small preset took 21.9 s instead of 6.5 s to initialise a training state
+    (experiments/results/phisnet_compile_cpu.json)."""
 
     features: int
     max_order: int
