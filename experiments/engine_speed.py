@@ -16,7 +16,6 @@ shared VMC on three H4 chains (all three in every step), PhiSNet small preset on
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import revisions  # noqa: E402
 from machine import machine_info  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,14 +83,9 @@ def main():
                         help="runs of each version per case, alternating; the median step time is kept")
     args = parser.parse_args()
 
-    work = tempfile.mkdtemp(prefix="engine_speed_")
-    baseline_tree = os.path.join(work, "baseline")
-    subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", baseline_tree, args.baseline], check=True,
-                   capture_output=True)
-    revision = subprocess.run(["git", "-C", baseline_tree, "rev-parse", "HEAD"], check=True, capture_output=True,
-                              text=True).stdout.strip()
-    trees = {"baseline": baseline_tree, "this": ROOT}
-    try:
+    with tempfile.TemporaryDirectory(prefix="engine_speed_") as work, \
+            revisions.checkout(args.baseline) as (baseline_tree, revision):
+        trees = {"baseline": baseline_tree, "this": ROOT}
         dataset = args.dataset and os.path.abspath(args.dataset)
         if dataset is None:
             dataset = os.path.join(work, "water.h5")
@@ -117,9 +112,6 @@ def main():
             row["ratio_this_to_baseline"] = row["this"]["step_seconds"] / row["baseline"]["step_seconds"]
             results[name] = row
             print(name, json.dumps(row), flush=True)
-    finally:
-        subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", baseline_tree], capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
     import jax
 
     record = {"benchmark": "engine_speed", "command": "python experiments/engine_speed.py " + " ".join(sys.argv[1:]),

@@ -6,15 +6,15 @@ problem of experiments/phisnet_speed.py (def2-SVP, float32, random targets) and 
 - the training step (loss, gradient, optimiser, EMA): tracing and lowering, then compiling,
 - the compiled step itself (median of ``--repeats``).
 It also counts the parameter arrays and the kernels (fusions) of the compiled step, the two
-things compile time grows with. ``--reference DIR`` runs the same measurements on another
-checkout of this project in the same run, alternating with this one, and adds the ratios
-(this / reference). Last, this checkout twice more with one persistent compilation cache
-(``molfoundation.compiling.use_persistent_cache``, as the command lines use it): the second
-run is a repeated or resumed run's start-up (``this_warm_cache``).
+things compile time grows with. ``--reference REV`` runs the same measurements on another git
+revision of this project (checked out beside this one) in the same run, alternating with this
+one, and adds the ratios (this / reference). Last, this checkout twice more with one
+persistent compilation cache (``molfoundation.compiling.use_persistent_cache``, as the command
+lines use it): the second run is a repeated or resumed run's start-up (``this_warm_cache``).
 Writes experiments/results/phisnet_compile_<platform>.json.
 
     .venv/bin/python experiments/phisnet_compile.py [--presets small] [--batch 10] [--repeats 5]
-        [--reference DIR] [--rounds 2]
+        [--reference REV] [--rounds 2]
 """
 
 import argparse
@@ -27,7 +27,10 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import revisions  # noqa: E402
 from machine import machine_info, result_stem  # noqa: E402
+
+ROOT = revisions.ROOT
 
 # One measurement in a fresh process, run from the root of the checkout it measures.
 MEASURE = r"""
@@ -88,46 +91,48 @@ def summarise(runs: list[dict]) -> dict:
             **{k: statistics.median(r[k] for r in runs) for k in KEYS}, "runs": runs}
 
 
+def measure_preset(preset: str, args, reference_tree: str | None) -> dict:
+    """One preset's row: this checkout (and the reference) ``args.rounds`` times, alternated,
+    then this checkout twice with one persistent compilation cache."""
+    ours, reference = [], []
+    for _ in range(args.rounds):
+        ours.append(measure(ROOT, preset, args.batch, args.repeats))
+        print(json.dumps({"preset": preset, "code": "this", **ours[-1]}), flush=True)
+        if reference_tree:
+            reference.append(measure(reference_tree, preset, args.batch, args.repeats))
+            print(json.dumps({"preset": preset, "code": "reference", **reference[-1]}), flush=True)
+    with tempfile.TemporaryDirectory() as cache:
+        measure(ROOT, preset, args.batch, args.repeats, cache)  # fills the cache
+        warm = measure(ROOT, preset, args.batch, args.repeats, cache)
+    print(json.dumps({"preset": preset, "code": "this, warm cache", **warm}), flush=True)
+    row = {"preset": preset, "molecule": "water", "batch": args.batch, "this": summarise(ours),
+           "this_warm_cache": warm}
+    if reference:
+        row["reference"] = summarise(reference)
+        row["ratios"] = {k: row["this"][k] / row["reference"][k] for k in KEYS}
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=["small"])
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="measurements of each checkout, alternated")
-    parser.add_argument("--reference", help="another checkout of this project to measure in the same run")
+    parser.add_argument("--reference", help="a git revision of this project to measure in the same run")
     parser.add_argument("--output")
     args = parser.parse_args()
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    results = []
-    for preset in args.presets:
-        ours, reference = [], []
-        for _ in range(args.rounds):
-            ours.append(measure(here, preset, args.batch, args.repeats))
-            print(json.dumps({"preset": preset, "code": "this", **ours[-1]}), flush=True)
-            if args.reference:
-                reference.append(measure(os.path.abspath(args.reference), preset, args.batch, args.repeats))
-                print(json.dumps({"preset": preset, "code": "reference", **reference[-1]}), flush=True)
-        with tempfile.TemporaryDirectory() as cache:
-            measure(here, preset, args.batch, args.repeats, cache)  # fills the cache
-            warm = measure(here, preset, args.batch, args.repeats, cache)
-        print(json.dumps({"preset": preset, "code": "this, warm cache", **warm}), flush=True)
-        row = {"preset": preset, "molecule": "water", "batch": args.batch, "this": summarise(ours),
-               "this_warm_cache": warm}
-        if reference:
-            row["reference"] = summarise(reference)
-            row["ratios"] = {k: row["this"][k] / row["reference"][k] for k in KEYS}
-        results.append(row)
-    output = args.output or result_stem("phisnet_compile", None, results[0]["this"]["platform"]) + ".json"
-    command = sys.argv[1:]
-    if args.reference:  # the reference by its commit, not by where it lies on this machine
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.reference, capture_output=True,
-                                text=True).stdout.strip()
-        command = [f"<checkout of {commit}>" if a == args.reference else a for a in command]
+    if args.reference:
+        with revisions.checkout(args.reference) as (tree, commit):
+            results = [measure_preset(preset, args, tree) for preset in args.presets]
         for row in results:
             row["reference"]["commit"] = commit
+    else:
+        results = [measure_preset(preset, args, None) for preset in args.presets]
+    output = args.output or result_stem("phisnet_compile", None, results[0]["this"]["platform"]) + ".json"
     record = {
         "benchmark": "PhiSNet start-up: parameter initialisation and training-step compilation (float32)",
-        "command": "python experiments/phisnet_compile.py " + " ".join(command),
+        "command": "python experiments/phisnet_compile.py " + " ".join(sys.argv[1:]),
         "machine": machine_info(), "results": results,
     }
     with open(output + ".tmp", "w") as f:

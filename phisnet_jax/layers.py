@@ -27,6 +27,11 @@ def order_parts(x: jnp.ndarray, max_order: int, axis: int = -2) -> list[jnp.ndar
     return jnp.split(x, [l * l for l in range(1, max_order + 1)], axis=axis)
 
 
+def rows(w: jnp.ndarray) -> list[jnp.ndarray]:
+    """w[0], w[1], ... in one split (whose gradient is one concatenation, not a padding per row)."""
+    return [jnp.squeeze(row, 0) for row in jnp.split(w, w.shape[0])]
+
+
 def component_orders(max_order: int) -> np.ndarray:
     """The order l of each of the (max_order+1)^2 components: [0, 1, 1, 1, 2, ...]."""
     return np.repeat(np.arange(max_order + 1), 2 * np.arange(max_order + 1) + 1)
@@ -142,11 +147,6 @@ class PerOrderLinear(nn.Module):
             b = self.param("bias", nn.initializers.zeros, (self.features,), x.dtype)
             y = y.at[..., 0, :].add(b)
         return y
-
-
-def rows(w: jnp.ndarray) -> list[jnp.ndarray]:
-    """w[0], w[1], ... in one split (whose gradient is one concatenation, not a padding per row)."""
-    return [jnp.squeeze(row, 0) for row in jnp.split(w, w.shape[0])]
 
 
 def _swish_init(key, shape, dtype):
