@@ -246,12 +246,14 @@ def test_cli_pretrain_resume_finetune_and_zero_shot(runs, tmp_path, capsys, monk
 def test_two_processes_give_the_run_of_one(runs, two_process_run):
     """Two processes joined by jax.distributed (gloo on 127.0.0.1), each with half of every
     geometry's walkers, give the schedule, energies and parameters of the single-process run;
-    process 0 alone writes the log."""
+    process 0 alone writes the log, the configuration and the plot, and both write the
+    checkpoints together. (``vmc train`` runs this engine on a set of one.)"""
     config, _, straight, _, _ = runs
     run_dir, group = two_process_run
     for i, out in enumerate(group.wait()):
         assert out.returncode == 0, (i, out.stderr[-3000:])
     assert dataclasses.replace(load_config(run_dir), systems=config.systems) == config
+    assert os.path.isfile(os.path.join(run_dir, "energy.png"))
     one, two = log_lines(straight), log_lines(run_dir)
     assert [(e["phase"], e["step"], e["systems"]) for e in one] == [(e["phase"], e["step"], e["systems"]) for e in two]
     assert_vmc_logs_agree(one, two)

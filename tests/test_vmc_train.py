@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (ProcessGroupRun, assert_same_checkpoints, assert_vmc_logs_agree, background_for,
-                      background_run_for, directory_digest, sigint_then_kill_9, log_lines, reuse_problems,
-                      run_vmc_cli, without_timings)
+from conftest import (assert_same_checkpoints, assert_vmc_logs_agree, background_run_for, directory_digest,
+                      log_lines, reuse_problems, run_vmc_cli, sigint_then_kill_9, without_timings)
 
 from molfoundation.errors import InputError, TrainingDiverged
 from vmc import evaluate, mcmc, train
@@ -52,17 +51,6 @@ def two_device_run(request, tmp_path_factory):
     with background_run_for(request, "test_walkers_sharded_over_two_devices_give_the_same_run",
                             TWO_DEVICE_RUN, run_dir, os.path.dirname(__file__)) as background:
         yield run_dir, background
-
-
-@pytest.fixture(scope="module", autouse=True)
-def two_process_run(request, tmp_path_factory):
-    """``vmc train`` of the ``runs`` configuration as two processes of one run (one CPU device
-    each, the walkers split over both), started with the module."""
-    run_dir = str(tmp_path_factory.mktemp("two_processes") / "run")
-    command = ["vmc", "train", "H2", "--run-dir", run_dir, "--preset", "tiny", "--float64",
-               "--set", "checkpoint_every=2", "--steps", "6"]
-    with background_for(request, "test_two_processes_give_the_run_of_one", lambda: ProcessGroupRun(command)) as group:
-        yield run_dir, group
 
 
 @pytest.fixture(scope="module")
@@ -323,23 +311,6 @@ def test_walkers_sharded_over_two_devices_give_the_same_run(runs, two_device_run
     two = log_lines(run_dir)
     assert [e["step"] for e in one] == [e["step"] for e in two]
     assert_vmc_logs_agree(one, two)
-
-
-def test_two_processes_give_the_run_of_one(runs, two_process_run):
-    """Two processes joined by jax.distributed (gloo on 127.0.0.1), each with half the walkers,
-    give the energies and parameters of the single-process run; process 0 alone writes the
-    log, the configuration and the plot, and both write the checkpoints together."""
-    config, _, straight, _ = runs
-    run_dir, group = two_process_run
-    for i, out in enumerate(group.wait()):
-        assert out.returncode == 0, (i, out.stderr[-3000:])
-    assert load_config(run_dir) == config
-    assert os.path.isfile(os.path.join(run_dir, "energy.png"))
-    one, two = log_lines(straight), log_lines(run_dir)
-    assert [(e["phase"], e["step"]) for e in one] == [(e["phase"], e["step"]) for e in two]  # no line twice
-    assert_vmc_logs_agree(one, two)
-    for x, y in zip(jax.tree.leaves(final_params(straight)), jax.tree.leaves(final_params(run_dir))):
-        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-8, atol=1e-10)
 
 
 def test_hf_fit_reaches_the_hartree_fock_orbitals():
