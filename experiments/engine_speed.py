@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,18 +26,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 import revisions  # noqa: E402
 from machine import machine_info  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = revisions.ROOT
 RESULTS = os.path.join(ROOT, "experiments", "results")
 
 
 def run(tree: str, module: str, args: list[str]) -> float:
     """``python -m module args`` with the packages of ``tree``; returns its wall-clock seconds."""
-    env = dict(os.environ, PYTHONPATH=tree)
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", module, *args], cwd=tree, env=env, text=True,
-                         capture_output=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{module} {' '.join(args)} failed in {tree}:\n{out.stderr[-3000:]}")
+    revisions.run_python(tree, ["-m", module, *args])
     return time.perf_counter() - started
 
 

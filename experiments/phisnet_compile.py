@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
@@ -78,12 +77,9 @@ KEYS = ("init_seconds", "train_trace_seconds", "train_compile_seconds", "startup
 
 def measure(root: str, preset: str, batch: int, repeats: int, cache: str = "") -> dict:
     """One measurement in a fresh process; ``cache``: its persistent compilation cache (none)."""
-    env = {**os.environ, "PYTHONPATH": root, "JAX_COMPILATION_CACHE_DIR": cache}
-    done = subprocess.run([sys.executable, "-c", MEASURE, preset, str(batch), str(repeats)], cwd=root, env=env,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"measurement in {root} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    out = revisions.run_python(root, ["-c", MEASURE, preset, str(batch), str(repeats)],
+                               JAX_COMPILATION_CACHE_DIR=cache)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def summarise(runs: list[dict]) -> dict:
