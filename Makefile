@@ -32,22 +32,28 @@ OLDEST_TESTS ?= tests/test_vmc_optim.py
 
 .PHONY: run test test-oldest-jax venv clean-venv bench gpu-prepare gpu-rehearsal
 
+# Packages are installed by uv (pinned here; pip installs it into each environment first): the
+# same resolved versions as pip, in a sixth of the time (both environments 18 s instead of
+# 1 min 42 s from empty caches), most of it because modules are compiled to bytecode when first
+# imported rather than all at installation.
+UV := uv==0.13.9
+
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "no Python 3.12 found; install one (pyenv install 3.12) or set PYTHON" >&2; exit 2; }
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
+	$(BIN)/pip install --quiet $(UV)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 $(OLDEST_STAMP): pyproject.toml requirements/oldest-jax.txt
 	@test -n "$(OLDEST_PYTHON)" || { echo "no Python 3.11 found for the oldest-JAX environment; set OLDEST_PYTHON" >&2; exit 2; }
 	rm -rf $(OLDEST_VENV)
 	$(OLDEST_PYTHON) -m venv $(OLDEST_VENV)
-	$(OLDEST_VENV)/bin/pip install --quiet --upgrade pip
+	$(OLDEST_VENV)/bin/pip install --quiet $(UV)
 	$(OLDEST_VENV)/bin/python requirements/override.py requirements/oldest-jax.txt > $(OLDEST_VENV)/requirements.txt
-	$(OLDEST_VENV)/bin/pip install --quiet -r $(OLDEST_VENV)/requirements.txt
-	$(OLDEST_VENV)/bin/pip install --quiet --no-deps -e .
+	$(OLDEST_VENV)/bin/uv pip install --quiet --python $(OLDEST_VENV)/bin/python -r $(OLDEST_VENV)/requirements.txt
+	$(OLDEST_VENV)/bin/uv pip install --quiet --python $(OLDEST_VENV)/bin/python --no-deps -e .
 	touch $@
 
 # Main job, both pillars on a small built-in default (11 minutes on 2 CPU cores from a fresh
