@@ -37,23 +37,23 @@ OLDEST_TESTS ?= tests/test_vmc_optim.py
 # installation, as pip does, so that the many processes the tests start do not each compile
 # them again where PYTHONDONTWRITEBYTECODE is set.
 UV := uv==0.13.9
+# new_venv: a new environment $(2) of the interpreter $(1), with uv in it. uv_install: installs
+# into the environment $(1) what the arguments after it name.
+new_venv = rm -rf $(2) && $(1) -m venv $(2) && $(2)/bin/pip install --quiet $(UV)
+uv_install = $(1)/bin/uv pip install --quiet --compile-bytecode --python $(1)/bin/python
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "no Python 3.12 found; install one (pyenv install 3.12) or set PYTHON" >&2; exit 2; }
-	rm -rf $(VENV)
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet $(UV)
-	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[$(EXTRAS)]'
+	$(call new_venv,$(PYTHON),$(VENV))
+	$(call uv_install,$(VENV)) -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 $(OLDEST_STAMP): pyproject.toml requirements/oldest-jax.txt
 	@test -n "$(OLDEST_PYTHON)" || { echo "no Python 3.11 found for the oldest-JAX environment; set OLDEST_PYTHON" >&2; exit 2; }
-	rm -rf $(OLDEST_VENV)
-	$(OLDEST_PYTHON) -m venv $(OLDEST_VENV)
-	$(OLDEST_VENV)/bin/pip install --quiet $(UV)
+	$(call new_venv,$(OLDEST_PYTHON),$(OLDEST_VENV))
 	$(OLDEST_VENV)/bin/python requirements/override.py requirements/oldest-jax.txt > $(OLDEST_VENV)/requirements.txt
-	$(OLDEST_VENV)/bin/uv pip install --quiet --compile-bytecode --python $(OLDEST_VENV)/bin/python -r $(OLDEST_VENV)/requirements.txt
-	$(OLDEST_VENV)/bin/uv pip install --quiet --compile-bytecode --python $(OLDEST_VENV)/bin/python --no-deps -e .
+	$(call uv_install,$(OLDEST_VENV)) -r $(OLDEST_VENV)/requirements.txt
+	$(call uv_install,$(OLDEST_VENV)) --no-deps -e .
 	touch $@
 
 # Main job, both pillars on a small built-in default (11 minutes on 2 CPU cores from a fresh
