@@ -227,17 +227,19 @@ class Phase:
         self.time_budget, self.shown, self.progress = time_budget, shown, progress
         self.started = time.perf_counter() if started is None else started
 
-    def out_of_time(self) -> bool:
-        if self.time_budget is None:
-            return False
-        late = time.perf_counter() - self.started >= self.time_budget
+    def elapsed(self) -> float:
+        """Seconds since ``started``, by process 0's clock in a multi-process run: the processes
+        must take the same decisions (stop at the same step, set the same learning rate), as
+        each waits for the others in every step."""
+        seconds = time.perf_counter() - self.started
         if jax.process_count() > 1:
-            # The processes of a run must stop at the same step (each waits for the others in
-            # every step): process 0's clock decides for all.
             from jax.experimental import multihost_utils
 
-            late = bool(multihost_utils.broadcast_one_to_all(np.asarray(late)))
-        return late
+            seconds = float(multihost_utils.broadcast_one_to_all(np.asarray(seconds)))
+        return seconds
+
+    def out_of_time(self) -> bool:
+        return self.time_budget is not None and self.elapsed() >= self.time_budget
 
     def __call__(self, state, step_fn: Callable, stop: Callable | None = None) -> tuple[Any, str]:
         """Run ``step_fn(state) -> (state, log entries)`` from ``state`` (whose ``step`` is the

@@ -164,6 +164,8 @@ def train(dataset, run_dir, molecules_, n_train, n_valid, split_seed, preset, ma
     Without DATASET, the run in --run-dir continues with its stored configuration. A model with
     the core-Hamiltonian head (--set core_hamiltonian=true) also fits H_core, and with
     --set energy_weight=... / forces_weight=... energies and forces (energy_source=scf or ccsd_t).
+    With --set lr_schedule=budget the learning rate falls linearly to min_learning_rate over
+    --steps or --time-budget, instead of the paper's reduce-on-plateau.
     """
     from phisnet_jax import train as training
     from phisnet_jax.dataset import read_file_info, read_molecule

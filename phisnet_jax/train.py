@@ -3,7 +3,10 @@
 The recipe follows the paper: MSE + MAE on F and S, AdamW with AMSGrad (betas 0.99, 0.999),
 gradient clipping at norm 1, reduce-on-plateau (halve the learning rate after 10 validations
 without improvement, stop below 1e-5) and an exponential moving average of the parameters,
-which is what validation, evaluation and prediction use.
+which is what validation, evaluation and prediction use. For a run with a fixed budget of steps
+or time, ``lr_schedule="budget"`` instead decays the learning rate linearly to its minimum over
+the budget (see :func:`budget_learning_rate`): a plateau rule rarely lowers it within a short
+budget, and the last part of a budget is then spent at a rate too high to settle.
 
 A model with the core-Hamiltonian head also learns H_core (MSE + MAE, like F) and can learn
 energies and forces end to end: the energy is ``observables.total_energy`` of the predicted
@@ -61,6 +64,7 @@ class TrainConfig:
     grad_clip_norm: float = 1.0
     ema_decay: float = 0.999
     validate_every: int = 1000
+    lr_schedule: str = "plateau"  # "plateau" (the paper's) or "budget" (linear decay over the run's limits)
     plateau_patience: int = 10
     plateau_factor: float = 0.5
     min_learning_rate: float = 1e-5
@@ -99,13 +103,29 @@ class TrainState:
     opt_state: Any
     best_valid: jnp.ndarray  # best validation loss so far (inf before the first)
     bad_validations: jnp.ndarray  # validations since the last improvement
+    budget_progress: jnp.ndarray  # fraction of the budget schedule done (lr_schedule "budget")
+
+
+# Settings the training loop reads and the compiled functions do not: functions made for one
+# configuration serve another that differs only in these (no second compilation).
+LOOP_SETTINGS = ("validate_every", "log_every", "lr_schedule", "plateau_patience", "plateau_factor",
+                 "min_learning_rate")
+
+
+def compiled_settings(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its loop settings at their defaults: equal for configurations whose
+    :class:`TrainingFunctions` are the same."""
+    return dataclasses.replace(cfg, **{name: getattr(TrainConfig, name) for name in LOOP_SETTINGS})
 
 
 ENERGY_SOURCES = {"scf": ("energy", "forces"), "ccsd_t": ("ccsd_t_energy", "ccsd_t_forces")}
+LR_SCHEDULES = ("plateau", "budget")
 
 
-def check_losses(model_cfg: PhiSNetConfig, cfg: TrainConfig) -> None:
-    """InputError for loss settings that cannot work with this model."""
+def check_settings(model_cfg: PhiSNetConfig, cfg: TrainConfig) -> None:
+    """InputError for training settings that cannot work with this model."""
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise InputError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {cfg.lr_schedule!r}")
     if cfg.energy_source not in ENERGY_SOURCES:
         raise InputError(f"energy_source must be one of {', '.join(ENERGY_SOURCES)}, not {cfg.energy_source!r}")
     weights = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.endswith("_weight")}
@@ -279,6 +299,32 @@ def current_learning_rate(state: TrainState) -> float:
     return float(state.opt_state.hyperparams["learning_rate"])
 
 
+def _with_learning_rate(state: TrainState, lr: float) -> TrainState:
+    hyper = dict(state.opt_state.hyperparams)
+    hyper["learning_rate"] = _like(lr, hyper["learning_rate"])
+    return state.replace(opt_state=state.opt_state._replace(hyperparams=hyper))
+
+
+def budget_progress(start: float, step: int, max_steps: int | None, elapsed: float,
+                    time_budget: float | None) -> float:
+    """Fraction of a run's budget done, in [0, 1]: the larger of the steps done of ``max_steps``
+    (the run's step total, so a resumed run continues where it was) and, from ``start`` (the
+    fraction done when this invocation began), the time ``elapsed`` of ``time_budget`` seconds
+    (which a resumed invocation is granted anew, so its time covers what was left)."""
+    done = start
+    if max_steps:
+        done = max(done, step / max_steps)
+    if time_budget:
+        done = max(done, start + (1.0 - start) * elapsed / time_budget)
+    return min(1.0, done)
+
+
+def budget_learning_rate(cfg: TrainConfig, progress: float) -> float:
+    """The learning rate of ``lr_schedule="budget"``: linear from ``learning_rate`` at the start
+    of the budget to ``min_learning_rate`` at its end."""
+    return cfg.learning_rate + (cfg.min_learning_rate - cfg.learning_rate) * progress
+
+
 def make_train_step(model: PhiSNet, cfg: TrainConfig, optimizer) -> Callable:
     loss_fn = make_loss(model, cfg)
 
@@ -334,6 +380,7 @@ def init_state(model: PhiSNet, cfg: TrainConfig, example: MoleculeInputs, optimi
         opt_state=optimizer.init(params),
         best_valid=jnp.asarray(np.inf, runs.float_dtype(cfg.float64)),
         bad_validations=jnp.asarray(0, jnp.int32),
+        budget_progress=jnp.asarray(0.0, runs.float_dtype(cfg.float64)),
     )
 
 
@@ -352,7 +399,7 @@ def _config_record(model_cfg: PhiSNetConfig, train_cfg: TrainConfig, data_cfg: D
 
 # The format of a run (config.json, the parameter layout of its checkpoints); a run directory
 # of another version is refused.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # The phase every log line and the checkpoints belong to.
 PHASE = "train"
 # [shortest, longest] distance (bohr) per element pair of the training data, written when the
@@ -413,9 +460,10 @@ class TrainResult:
 
 
 class TrainingFunctions(NamedTuple):
-    """Everything a training run compiles, for one model and training configuration. Build it
-    once (:func:`make_training_functions`) and pass it to :func:`train` again to reuse what was
-    compiled (resumed or repeated runs in one process)."""
+    """Everything a training run compiles, for one model and training configuration (and those
+    that differ from it only in ``LOOP_SETTINGS``). Build it once (:func:`make_training_functions`)
+    and pass it to :func:`train` again to reuse what was compiled (resumed or repeated runs in
+    one process)."""
 
     model: PhiSNet
     train_config: TrainConfig
@@ -455,7 +503,9 @@ def train(
     run continues from its own checkpoints (``init_from`` may then be left out). ``functions``:
     :func:`make_training_functions` of these configurations, made before (reused compiled code).
     """
-    check_losses(model_cfg, train_cfg)
+    check_settings(model_cfg, train_cfg)
+    if train_cfg.lr_schedule == "budget" and not (max_steps or time_budget):
+        raise InputError('lr_schedule "budget" needs a step limit or a time budget')
     run = run_directory(run_dir)
     record = _config_record(model_cfg, train_cfg, data_cfg)
     if init_from is not None:
@@ -468,7 +518,7 @@ def train(
         init_from = stored_origin
     if functions is None:
         functions = make_training_functions(model_cfg, train_cfg)
-    elif functions.model.config != model_cfg or functions.train_config != train_cfg:
+    elif functions.model.config != model_cfg or compiled_settings(functions.train_config) != compiled_settings(train_cfg):
         raise ValueError("the training functions were made for another configuration")
     model, optimizer = functions.model, functions.optimizer
     dtype = runs.float_dtype(train_cfg.float64)
@@ -559,9 +609,14 @@ def _loop(run: runs.RunDirectory, functions: TrainingFunctions, cfg, devices, st
     dtype = runs.float_dtype(cfg.float64)
     model, train_step, evaluate = functions.model, functions.step, functions.evaluate
     started = time.perf_counter()
+    start_progress = float(state.budget_progress)
 
     def step_fn(state: TrainState):
         step = int(state.step)
+        if cfg.lr_schedule == "budget":
+            done = budget_progress(start_progress, step, max_steps, phase.elapsed(), time_budget)
+            state = _with_learning_rate(state, budget_learning_rate(cfg, done))
+            state = state.replace(budget_progress=_like(done, state.budget_progress))
         rows = batch_rows(step, len(train_data), cfg.batch_size, cfg.seed)
         batch = train_data.take(rows)
         inputs, fock, overlap, labels = devices.put_split(
@@ -583,7 +638,10 @@ def _loop(run: runs.RunDirectory, functions: TrainingFunctions, cfg, devices, st
         return state, entries
 
     def stop(state: TrainState) -> str | None:
-        return "min_learning_rate" if current_learning_rate(state) < cfg.min_learning_rate else None
+        # The budget schedule ends at the minimum learning rate: its limits stop it.
+        if cfg.lr_schedule == "plateau" and current_learning_rate(state) < cfg.min_learning_rate:
+            return "min_learning_rate"
+        return None
 
     phase = runs.Phase(run, PHASE, max_steps, checkpoint_every=cfg.validate_every, time_budget=time_budget,
                        started=started, progress=progress, shown=("loss", "learning_rate"))
@@ -596,22 +654,22 @@ def _loop(run: runs.RunDirectory, functions: TrainingFunctions, cfg, devices, st
 
 
 def _validate(state: TrainState, evaluate, valid_data, cfg: TrainConfig) -> tuple[TrainState, dict]:
-    """Validation of the EMA parameters and the reduce-on-plateau rule: (state with the new
-    learning rate and plateau counters, log entry)."""
+    """Validation of the EMA parameters and the reduce-on-plateau rule (which sets the learning
+    rate of ``lr_schedule="plateau"``): (state with the new learning rate and plateau counters,
+    log entry)."""
     metrics = evaluate(state.ema_params, valid_data)
     improved = metrics["loss"] < float(state.best_valid)
     best = min(metrics["loss"], float(state.best_valid))
     bad = 0 if improved else int(state.bad_validations) + 1
     lr = current_learning_rate(state)
     if bad >= cfg.plateau_patience:
-        lr, bad = lr * cfg.plateau_factor, 0
-    hyper = dict(state.opt_state.hyperparams)
-    hyper["learning_rate"] = _like(lr, hyper["learning_rate"])
-    opt_state = state.opt_state._replace(hyperparams=hyper)
+        bad = 0
+        if cfg.lr_schedule == "plateau":
+            lr *= cfg.plateau_factor
+            state = _with_learning_rate(state, lr)
     entry = {"valid_loss": metrics["loss"], **{f"valid_{k}": v for k, v in metrics.items() if k.endswith("_mae")},
              "learning_rate": lr}
     return state.replace(
-        opt_state=opt_state,
         best_valid=_like(best, state.best_valid),
         bad_validations=_like(bad, state.bad_validations),
     ), entry

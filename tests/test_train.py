@@ -86,9 +86,10 @@ def functions_for(**overrides):
     """The TrainConfig these tests use (float64 unless overridden) and its compiled functions."""
     settings = dict(batch_size=4, validate_every=4, log_every=1, learning_rate=3e-3, float64=True)
     cfg = training.TrainConfig(**{**settings, **overrides})
-    if cfg not in FUNCTIONS:
-        FUNCTIONS[cfg] = training.make_training_functions(TINY, cfg)
-    return cfg, FUNCTIONS[cfg]
+    key = training.compiled_settings(cfg)
+    if key not in FUNCTIONS:
+        FUNCTIONS[key] = training.make_training_functions(TINY, cfg)
+    return cfg, FUNCTIONS[key]
 
 
 def run(run_dir, path, steps, time_budget=None, **overrides):
@@ -151,6 +152,49 @@ def test_time_budget_and_minimum_learning_rate_stop_a_run(tmp_path, water_data):
     assert result.stopped_because == "time_budget" and 0 < result.steps < 1000
     result = run(tmp_path / "slow", water_data, 8, min_learning_rate=3e-3 * 1.01)
     assert result.stopped_because == "min_learning_rate" and result.steps == 0
+
+
+def test_budget_schedule_follows_the_larger_of_step_and_time_progress():
+    cfg = training.TrainConfig(learning_rate=1e-3, min_learning_rate=1e-5)
+    assert training.budget_progress(0.0, 5, 20, 0.0, None) == 0.25
+    assert training.budget_progress(0.2, 0, None, 30.0, 60.0) == pytest.approx(0.6)  # 0.2 + 0.8 * 30/60
+    assert training.budget_progress(0.0, 5, 20, 30.0, 60.0) == 0.5  # time ahead of steps
+    assert training.budget_progress(0.7, 5, 20, 0.0, None) == 0.7  # never back
+    assert training.budget_progress(0.0, 5, 20, 90.0, 60.0) == 1.0
+    assert [training.budget_learning_rate(cfg, p) for p in (0.0, 0.5, 1.0)] == pytest.approx([1e-3, 5.05e-4, 1e-5])
+
+
+def test_budget_schedule_decays_over_the_steps_and_resumes_exactly(tmp_path, water_data, monkeypatch):
+    """lr_schedule="budget" over 8 steps: step k runs at 3e-3 + (1e-5 - 3e-3) k/8, and a run
+    interrupted (Ctrl-C) at step 5 and resumed ends with the same parameters."""
+    overrides = dict(lr_schedule="budget", min_learning_rate=1e-5)
+    result = run(tmp_path / "straight", water_data, 8, **overrides)
+    assert result.steps == 8 and result.stopped_because == "max_steps"
+    rates = [e["learning_rate"] for e in map(json.loads, open(tmp_path / "straight" / "log.jsonl")) if "loss" in e]
+    assert rates == pytest.approx([3e-3 + (1e-5 - 3e-3) * k / 8 for k in range(8)], rel=1e-12)
+    real_rows = training.batch_rows
+
+    def interrupted_at_5(step, *args):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real_rows(step, *args)
+
+    monkeypatch.setattr(training, "batch_rows", interrupted_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", water_data, 8, **overrides)
+    monkeypatch.setattr(training, "batch_rows", real_rows)
+    run(tmp_path / "resumed", water_data, 8, **overrides)
+    a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_unknown_or_unlimited_schedules_are_refused(tmp_path, water_data):
+    with pytest.raises(InputError, match="lr_schedule must be one of plateau, budget, not 'cosine'"):
+        run(tmp_path / "a", water_data, 8, lr_schedule="cosine")
+    with pytest.raises(InputError, match='lr_schedule "budget" needs a step limit or a time budget'):
+        run(tmp_path / "b", water_data, None, lr_schedule="budget")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def final_params(run_dir):
