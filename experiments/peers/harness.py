@@ -24,15 +24,16 @@ def run_child(child) -> bool:
     return False
 
 
-def mode_parsers(description: str, peer: str, peer_help: str):
+def mode_parsers(description: str, peer: str, peer_help: str, optional_in: tuple[str, ...] = ()):
     """The command line of a peer benchmark: a ``speed`` and a ``budget`` mode, each with
-    ``--<peer>`` (path of the peer's source) and ``--label``. Returns (parser, {mode: subparser})."""
+    ``--<peer>`` (path of the peer's source; required except in the modes ``optional_in``) and
+    ``--label``. Returns (parser, {mode: subparser})."""
     parser = argparse.ArgumentParser(description=description)
     modes = parser.add_subparsers(dest="mode", required=True)
     subs = {}
     for mode in ("speed", "budget"):
         subs[mode] = sub = modes.add_parser(mode)
-        sub.add_argument(f"--{peer}", required=True, help=peer_help)
+        sub.add_argument(f"--{peer}", required=mode not in optional_in, help=peer_help)
         sub.add_argument("--label", help="suffix of the result file's name, for a variant of the settings")
     return parser, subs
 
@@ -65,17 +66,20 @@ def launch(script: str, job: dict) -> dict:
     return raw
 
 
-def versions(peer: str, packages: tuple[str, ...]) -> dict:
-    """Installed versions of ``packages`` and the git commit of the peer's source (``peer_commit``)."""
+def versions(peer: str | None, packages: tuple[str, ...]) -> dict:
+    """Installed versions of ``packages`` and, given its path, the git commit of the peer's
+    source (``peer_commit``)."""
     import importlib.metadata as md
 
     found = {name: md.version(name) for name in packages}
+    if peer is None:
+        return found
     commit = subprocess.run(["git", "-C", peer, "rev-parse", "HEAD"], capture_output=True, text=True)
     found["peer_commit"] = commit.stdout.strip() if commit.returncode == 0 else None
     return found
 
 
-def header(script: str, benchmark: str, peer: str, packages: tuple[str, ...]) -> dict:
+def header(script: str, benchmark: str, peer: str | None, packages: tuple[str, ...]) -> dict:
     """What every peer result file starts with: the benchmark's name, the command that made it
     (see ``command_line``), the machine and the versions (see ``versions``)."""
     return {"benchmark": benchmark, "command": command_line(script, peer), "machine": machine_info(),
@@ -88,11 +92,16 @@ def command_line(script: str, peer: str) -> str:
         "PEER" if a == peer else a for a in sys.argv[1:])
 
 
-def write_result(name: str, label: str | None, out: dict) -> None:
-    """Write experiments/results/<name>[_<label>]_<platform>.json atomically."""
+def result_path(name: str, label: str | None) -> str:
+    """experiments/results/<name>[_<label>]_<platform>.json"""
     import jax
 
-    path = result_stem(name, label, jax.default_backend()) + ".json"
+    return result_stem(name, label, jax.default_backend()) + ".json"
+
+
+def write_result(name: str, label: str | None, out: dict) -> None:
+    """Write ``result_path(name, label)`` atomically."""
+    path = result_path(name, label)
     with open(path + ".tmp", "w") as f:
         json.dump(out, f, indent=2)
     os.replace(path + ".tmp", path)

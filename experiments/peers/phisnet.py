@@ -30,7 +30,13 @@ the same split of --dataset (--train / --valid, seed 42 as in the paper, the res
 with --batch-size and a validation every --validate-every steps; then both codes' final
 moving-average parameters predict the test set, and the same function
 (``phisnet_jax.evaluate.matrix_accuracy``) scores both: ``ours.mae_f_uha`` and
-``original.mae_f_uha``, with the orbital-energy MAE (eps) and orbital similarity (psi).
+``original.mae_f_uha``, with the orbital-energy MAE (eps) and orbital similarity (psi), and
+``mae_f_ratio`` (ours / original). ``--schedule`` sets this project's learning-rate schedule
+(the paper's reduce-on-plateau, or ``budget``: linear decay over the budget). ``--codes`` runs
+one code alone: its row joins those already in the result file if that file's settings and
+training geometries (``dataset.positions_sha256``) are the same (otherwise the run is refused:
+give another --label), so each code can run in its own environment, on different days; every
+row records its own command, machine and versions (``environment``).
 
 The original is not part of this repository. Its code as published with the paper targets
 PyTorch 1.8; a public fork runs on PyTorch 2 (measured with PyTorch 2.13.0, CPU build):
@@ -43,6 +49,10 @@ PyTorch 1.8; a public fork runs on PyTorch 2 (measured with PyTorch 2.13.0, CPU 
     .venv-peers/bin/python experiments/peers/phisnet.py speed --phisnet PEER
     .venv-peers/bin/phisnet generate water -n 1200 -j 2 -o data/water.h5
     .venv-peers/bin/python experiments/peers/phisnet.py budget --phisnet PEER --dataset data/water.h5 --seconds 5400
+
+This project's row alone, in its own environment (no PyTorch, no peer source needed):
+
+    .venv/bin/python experiments/peers/phisnet.py budget --codes ours --dataset data/water.h5 --seconds 5400
 """
 
 import dataclasses
@@ -60,6 +70,9 @@ from harness import arrays_path, launch, mode_parsers, run_child, write_result  
 
 MOLECULE = "water"
 CODES = ("original", "ours")
+# The packages each code's process runs on (the original's also reads data with this project's).
+PACKAGES = {"ours": ("jax", "jaxlib", "flax", "optax", "e3nn-jax"),
+            "original": ("jax", "jaxlib", "flax", "optax", "e3nn-jax", "torch")}
 SPLIT_SEED = 42  # the paper's
 RESIDUAL_STACKS = ("pre_x", "post_x", "pre_vi", "pre_vj", "post_v", "output", "pc", "pn", "ii", "ij")
 HEAD_STACKS = ("full_ii", "full_ij", "core_ii", "core_ij", "over_ij")
@@ -325,7 +338,8 @@ def ours_budget(job: dict, run_dir: str) -> dict:
     from phisnet_jax.evaluate import load_trained_model, predict_matrices
 
     cfg = model_config(job["preset"], tuple(job["elements"]), job["basis"])
-    tcfg = training.TrainConfig(batch_size=job["batch_size"], validate_every=job["validate_every"])
+    tcfg = training.TrainConfig(batch_size=job["batch_size"], validate_every=job["validate_every"],
+                                lr_schedule=job["lr_schedule"])
     dcfg = training.DataConfig(job["dataset"], (job["molecule"],), job["train"], job["valid"])
     result = training.train(run_dir, cfg, tcfg, dcfg, time_budget=job["budget"] - (time.time() - job["launched"]),
                             progress=False)
@@ -358,7 +372,7 @@ def child(job: dict, out_path: str) -> None:
 
 
 def header(args, benchmark: str) -> dict:
-    return harness.header(__file__, benchmark, args.phisnet, ("jax", "jaxlib", "flax", "optax", "e3nn-jax", "torch"))
+    return harness.header(__file__, benchmark, args.phisnet, PACKAGES["original"])
 
 
 def speed(args, job: dict) -> None:
@@ -383,20 +397,41 @@ def speed(args, job: dict) -> None:
 
 
 def budget(args, job: dict) -> None:
+    import hashlib
+
+    import numpy as np
+
+    from molfoundation.errors import InputError
     from phisnet_jax.data import SplitSpec, load_splits
     from phisnet_jax.dataset import read_file_info, read_molecule
     from phisnet_jax.evaluate import matrix_accuracy
 
     info = read_file_info(args.dataset)
-    group = read_molecule(args.dataset, args.molecule, fields=())
+    group = read_molecule(args.dataset, args.molecule, fields=("positions",))
     elements = sorted({int(z) for z in group.atomic_numbers})
     cfg = model_config(args.preset, tuple(elements), info.level.basis)
     test = load_splits(args.dataset, [args.molecule], cfg, SplitSpec(args.train, args.valid))["test"]
+    # Rows of runs made apart (each code in its own environment) share a file only if they
+    # trained on the same geometries: the file records a digest of them (to 1e-6 bohr).
+    digest = hashlib.sha256(np.round(group.arrays["positions"], 6).tobytes()).hexdigest()
+    settings = {
+        "budget_seconds": args.seconds,
+        "dataset": {"level": dataclasses.asdict(info.level), "molecule": args.molecule, "positions_sha256": digest},
+        "preset": args.preset, "split": {"train": args.train, "valid": args.valid, "test": len(test), "seed": SPLIT_SEED},
+        "batch_size": args.batch_size, "validate_every": args.validate_every,
+    }
+    path = harness.result_path("budget_water", args.label)
+    rows = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            record = json.load(f)
+        if {k: record.get(k) for k in settings} != settings:
+            raise InputError(f"{path} holds runs of other settings or data; give another --label")
+        rows = {code: record[code] for code in CODES if code in record}
     job = dict(job, dataset=os.path.abspath(args.dataset), molecule=args.molecule, basis=info.level.basis,
                elements=elements, budget=args.seconds, train=args.train, valid=args.valid,
-               batch_size=args.batch_size, validate_every=args.validate_every)
-    results = {}
-    for code in CODES:
+               batch_size=args.batch_size, validate_every=args.validate_every, lr_schedule=args.schedule)
+    for code in args.codes:
         raw = launch(__file__, dict(job, code=code))
         predictions = raw.pop("arrays")
         metrics = matrix_accuracy(predictions["fock"], predictions["overlap"], test.fock, test.overlap,
@@ -405,15 +440,18 @@ def budget(args, job: dict) -> None:
         row.update(train_seconds=raw["trained"] - raw["launched"], mae_f_uha=metrics["fock_mae_uha"],
                    mae_eps_uha=metrics["orbital_energy_mae_uha"], psi=metrics["orbital_cosine_similarity"],
                    mae_s=metrics["overlap_mae"], test_samples=metrics["samples"])
-        results[code] = row
+        if code == "ours":
+            row["lr_schedule"] = args.schedule
+        environment = harness.header(__file__, "budget_water", args.phisnet if code == "original" else None,
+                                     PACKAGES[code])
+        row["environment"] = {k: v for k, v in environment.items() if k != "benchmark"} | {"finished": time.time()}
+        rows[code] = row
         print(json.dumps({"code": code, **row}), flush=True)
-    out = header(args, "budget_water") | {
-        "budget_seconds": args.seconds, "dataset": {"level": dataclasses.asdict(info.level), "molecule": args.molecule},
-        "preset": args.preset, "split": {"train": args.train, "valid": args.valid, "test": len(test), "seed": SPLIT_SEED},
-        "batch_size": args.batch_size, "validate_every": args.validate_every,
-        "ours": results["ours"], "original": results["original"],
-    }
-    write_result("budget_water", args.label, out)
+        out = {"benchmark": "budget_water", "commands": [rows[c]["environment"]["command"] for c in CODES if c in rows],
+               **settings, **rows}
+        if len(rows) == len(CODES):
+            out["mae_f_ratio"] = rows["ours"]["mae_f_uha"] / rows["original"]["mae_f_uha"]
+        write_result("budget_water", args.label, out)  # after each code: a failure later keeps this row
 
 
 def main():
@@ -422,7 +460,8 @@ def main():
     from molfoundation.errors import InputError
     from phisnet_jax.model import MODEL_PRESETS
 
-    parser, subs = mode_parsers(__doc__.splitlines()[0], "phisnet", "path of the original's source (the directory with nn/)")
+    parser, subs = mode_parsers(__doc__.splitlines()[0], "phisnet", "path of the original's source (the directory with nn/)",
+                                optional_in=("budget",))
     subs["speed"].add_argument("--configs", nargs="+", default=["paper", "small"], choices=sorted(MODEL_PRESETS))
     subs["speed"].add_argument("--batch", type=int, default=50, help="molecules per training step (the paper's for water)")
     subs["speed"].add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up step")
@@ -435,10 +474,15 @@ def main():
     sub.add_argument("--valid", type=int, default=500)
     sub.add_argument("--batch-size", type=int, default=10)
     sub.add_argument("--validate-every", type=int, default=500)
+    sub.add_argument("--codes", nargs="+", default=list(CODES), choices=CODES,
+                     help="which codes to run (rows of another run with the same settings and data are kept)")
+    sub.add_argument("--schedule", default="plateau", choices=("plateau", "budget"),
+                     help="this project's learning-rate schedule (phisnet_jax.train.TrainConfig.lr_schedule)")
     args = parser.parse_args()
-    if not os.path.isfile(os.path.join(args.phisnet, "nn", "neural_network.py")):
-        parser.error(f"{args.phisnet} holds no PhiSNet source (nn/neural_network.py)")
-    job = {"peer": os.path.abspath(args.phisnet), "mode": args.mode, "basis": "def2-svp",
+    if args.mode == "speed" or "original" in args.codes:
+        if not args.phisnet or not os.path.isfile(os.path.join(args.phisnet, "nn", "neural_network.py")):
+            parser.error(f"--phisnet {args.phisnet} holds no PhiSNet source (nn/neural_network.py)")
+    job = {"peer": args.phisnet and os.path.abspath(args.phisnet), "mode": args.mode, "basis": "def2-svp",
            "batch": getattr(args, "batch", None), "repeats": getattr(args, "repeats", None),
            "preset": getattr(args, "preset", None)}
     try:
