@@ -4,10 +4,7 @@ For each preset, a fresh process (no persistent compilation cache) builds the wa
 problem of experiments/phisnet_speed.py (def2-SVP, float32, random targets) and times
 - the parameter initialisation as a run makes it (``jit_once(model.init)``: trace, compile, run),
 - the training step (loss, gradient, optimiser, EMA): tracing and lowering, then compiling,
-- the compiled step itself (median of ``--repeats``);
-and, in another fresh process, the start-up as a training run has it (``this_overlapped``): the
-step compiled in a thread (``phisnet_jax.train.compile_step_in_background``) while the
-parameters are initialised, until the first step has run, less one step's time.
+- the compiled step itself (median of ``--repeats``).
 It also counts the parameter arrays and the kernels (fusions) of the compiled step, the two
 things compile time grows with. ``--reference REV`` runs the same measurements on another git
 revision of this project (checked out beside this one) in the same run, alternating with this
@@ -43,32 +40,11 @@ from molfoundation import compiling, molecules
 from phisnet_jax.model import MODEL_PRESETS, PhiSNetConfig
 from phisnet_jax.train import init_state, make_train_step
 from phisnet_speed import training_problem
-preset, batch, repeats, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+preset, batch, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 if os.environ["JAX_COMPILATION_CACHE_DIR"]:
     compiling.use_persistent_cache()
 cfg = PhiSNetConfig(basis="def2-svp", elements=(1, 8), max_order=4, **MODEL_PRESETS[preset])
 model, single, batched, (fock, overlap), tcfg, opt = training_problem(cfg, molecules.from_name("water"), batch)
-if mode == "overlapped":
-    from molfoundation.sharding import FirstAxisSharding
-    from phisnet_jax.train import compile_step_in_background, make_training_functions
-    t0 = time.perf_counter()
-    functions = make_training_functions(cfg, tcfg)
-    devices = FirstAxisSharding("data")
-    arrays = devices.put_split((batched, fock, overlap, {}))
-    background = compile_step_in_background(functions, batched, devices, lambda: arrays)
-    state = devices.replicate(init_state(functions.model, tcfg, batched, functions.optimizer, init=functions.init))
-    background.wait()
-    state, _ = jax.block_until_ready(functions.step(state, *arrays))
-    first_done = time.perf_counter()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        state, _ = jax.block_until_ready(functions.step(state, *arrays))
-        times.append(time.perf_counter() - t)
-    step_seconds = statistics.median(times)
-    print(json.dumps({"startup_seconds": first_done - t0 - step_seconds, "train_step_ms": 1e3 * step_seconds,
-                      "jax": jax.__version__, "platform": jax.default_backend()}))
-    sys.exit()
 t0 = time.perf_counter()
 state = init_state(model, tcfg, batched, opt)
 jax.block_until_ready(state)
@@ -99,29 +75,25 @@ print(json.dumps({
 KEYS = ("init_seconds", "train_trace_seconds", "train_compile_seconds", "startup_seconds", "train_step_ms")
 
 
-def measure(root: str, preset: str, batch: int, repeats: int, cache: str = "", mode: str = "sequential") -> dict:
-    """One measurement in a fresh process; ``cache``: its persistent compilation cache (none);
-    ``mode``: "sequential" or "overlapped"."""
-    out = revisions.run_python(root, ["-c", MEASURE, preset, str(batch), str(repeats), mode],
+def measure(root: str, preset: str, batch: int, repeats: int, cache: str = "") -> dict:
+    """One measurement in a fresh process; ``cache``: its persistent compilation cache (none)."""
+    out = revisions.run_python(root, ["-c", MEASURE, preset, str(batch), str(repeats)],
                                JAX_COMPILATION_CACHE_DIR=cache)
     return json.loads(out.strip().splitlines()[-1])
 
 
 def summarise(runs: list[dict]) -> dict:
-    keys = [k for k in KEYS if k in runs[0]]
-    return {**{k: v for k, v in runs[0].items() if k not in keys},
-            **{k: statistics.median(r[k] for r in runs) for k in keys}, "runs": runs}
+    return {**{k: v for k, v in runs[0].items() if k not in KEYS},
+            **{k: statistics.median(r[k] for r in runs) for k in KEYS}, "runs": runs}
 
 
 def measure_preset(preset: str, args, reference_tree: str | None) -> dict:
     """One preset's row: this checkout (and the reference) ``args.rounds`` times, alternated,
     then this checkout twice with one persistent compilation cache."""
-    ours, overlapped, reference = [], [], []
+    ours, reference = [], []
     for _ in range(args.rounds):
         ours.append(measure(ROOT, preset, args.batch, args.repeats))
         print(json.dumps({"preset": preset, "code": "this", **ours[-1]}), flush=True)
-        overlapped.append(measure(ROOT, preset, args.batch, args.repeats, mode="overlapped"))
-        print(json.dumps({"preset": preset, "code": "this, overlapped", **overlapped[-1]}), flush=True)
         if reference_tree:
             reference.append(measure(reference_tree, preset, args.batch, args.repeats))
             print(json.dumps({"preset": preset, "code": "reference", **reference[-1]}), flush=True)
@@ -130,12 +102,10 @@ def measure_preset(preset: str, args, reference_tree: str | None) -> dict:
         warm = measure(ROOT, preset, args.batch, args.repeats, cache)
     print(json.dumps({"preset": preset, "code": "this, warm cache", **warm}), flush=True)
     row = {"preset": preset, "molecule": "water", "batch": args.batch, "this": summarise(ours),
-           "this_overlapped": summarise(overlapped), "this_warm_cache": warm}
+           "this_warm_cache": warm}
     if reference:
         row["reference"] = summarise(reference)
         row["ratios"] = {k: row["this"][k] / row["reference"][k] for k in KEYS}
-        row["ratios"]["startup_overlapped_seconds"] = (row["this_overlapped"]["startup_seconds"]
-                                                       / row["reference"]["startup_seconds"])
     return row
 
 

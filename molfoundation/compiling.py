@@ -1,8 +1,6 @@
 """Compile time: functions a run calls once, and compiled programs kept on disk between runs."""
 
-import contextlib
 import os
-import threading
 
 import jax
 
@@ -43,27 +41,3 @@ def use_persistent_cache() -> str | None:
         jax.config.update("jax_compilation_cache_max_size", _CACHE_BYTES)
     return directory
 
-
-class BackgroundCompile:
-    """Trace and compile a jitted function for the arguments ``abstract()`` returns (arrays or
-    ``jax.ShapeDtypeStruct``s with the shardings of the real call) in a thread, while the caller
-    prepares those arguments (parameter initialisation, restoring a checkpoint). XLA compiles
-    without holding Python's lock, so the two overlap on a machine of more than one core. JAX's
-    in-memory caches then serve the real call (same shapes, dtypes, weak types and shardings;
-    anything else compiles again, as without this). ``context``: a context manager factory the
-    thread enters first (JAX's x64 mode is a thread's own setting). Call :meth:`wait` before the
-    first real call: a call while the thread compiles would compile the same program again."""
-
-    def __init__(self, jitted, abstract, context=contextlib.nullcontext):
-        def work():
-            try:
-                with context():
-                    jitted.lower(*abstract()).compile()
-            except Exception:  # noqa: BLE001 -- the real call raises it again, where it is handled
-                pass
-
-        self._thread = threading.Thread(target=work, name="background-compile", daemon=True)
-        self._thread.start()
-
-    def wait(self) -> None:
-        self._thread.join()
