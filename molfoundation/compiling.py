@@ -40,4 +40,3 @@ def use_persistent_cache() -> str | None:
         jax.config.update("jax_compilation_cache_dir", directory)
         jax.config.update("jax_compilation_cache_max_size", _CACHE_BYTES)
     return directory
-

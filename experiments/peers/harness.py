@@ -86,7 +86,7 @@ def header(script: str, benchmark: str, peer: str | None, packages: tuple[str, .
             "versions": versions(peer, packages)}
 
 
-def command_line(script: str, peer: str) -> str:
+def command_line(script: str, peer: str | None) -> str:
     """This process's command line, with the peer's path written as PEER."""
     return f"python experiments/peers/{os.path.basename(script)} " + " ".join(
         "PEER" if a == peer else a for a in sys.argv[1:])
