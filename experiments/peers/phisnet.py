@@ -412,8 +412,10 @@ def budget(args, job: dict) -> None:
     cfg = model_config(args.preset, tuple(elements), info.level.basis)
     test = load_splits(args.dataset, [args.molecule], cfg, SplitSpec(args.train, args.valid))["test"]
     # Rows of runs made apart (each code in its own environment) share a file only if they
-    # trained on the same geometries: the file records a digest of them (to 1e-6 bohr).
-    digest = hashlib.sha256(np.round(group.arrays["positions"], 6).tobytes()).hexdigest()
+    # trained on the same geometries: the file records a digest of them (to 1e-6 bohr). Adding
+    # 0.0 turns -0.0 into 0.0: a planar molecule's out-of-plane coordinates are round-off around
+    # zero whose sign differs between builds of the same libraries.
+    digest = hashlib.sha256((np.round(group.arrays["positions"], 6) + 0.0).tobytes()).hexdigest()
     settings = {
         "budget_seconds": args.seconds,
         "dataset": {"level": dataclasses.asdict(info.level), "molecule": args.molecule, "positions_sha256": digest},
