@@ -112,37 +112,19 @@ def run_phisnet_cli(args, capsys):
     return _run_cli(cli.main, args, capsys)
 
 
-class BackgroundRun:
-    """``python -c CODE ARGS...`` on two forced CPU devices, started before the tests that need
-    it so that its compilation (a two-device program is compiled anew) runs on the core this
-    single-process test session leaves idle most of the time."""
-
-    def __init__(self, code: str, *args: str):
-        env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2")
-        self.process = subprocess.Popen([sys.executable, "-c", code, *args], env=env, text=True,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-    def wait(self, timeout: float = 600) -> subprocess.CompletedProcess:
-        out, err = self.process.communicate(timeout=timeout)
-        return subprocess.CompletedProcess(self.process.args, self.process.returncode, out, err)
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.communicate()
-
-
 class ProcessGroupRun:
     """``python -m ARGS`` started as every process of one multi-process run
-    (:mod:`molfoundation.distributed`): ``n_processes`` processes on one CPU device each,
-    joined through a coordinator on 127.0.0.1 and gloo collectives."""
+    (:mod:`molfoundation.distributed`): ``n_processes`` processes on ``devices_per_process``
+    forced CPU devices each, joined through a coordinator on 127.0.0.1 and gloo collectives."""
 
-    def __init__(self, args: list[str], n_processes: int = 2):
+    def __init__(self, args: list[str], n_processes: int = 2, devices_per_process: int = 1):
         with socket.socket() as s:  # a free port for the coordinator
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         group = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n_processes)]
-        self.processes = [subprocess.Popen([sys.executable, "-m", *args, *group, "--process-id", str(i)],
+        env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"]
+                   + f" --xla_force_host_platform_device_count={devices_per_process}")
+        self.processes = [subprocess.Popen([sys.executable, "-m", *args, *group, "--process-id", str(i)], env=env,
                                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                           for i in range(n_processes)]
 
@@ -162,9 +144,9 @@ class ProcessGroupRun:
 
 @contextlib.contextmanager
 def background_for(request, test_name: str, start):
-    """``start()`` (a :class:`BackgroundRun` or :class:`ProcessGroupRun`) while the module's
-    tests run if ``test_name`` is among the selected tests, else None; stopped (killed if still
-    running) at the end of the module."""
+    """``start()`` (a :class:`ProcessGroupRun`) while the module's tests run if ``test_name`` is
+    among the selected tests, else None; stopped (killed if still running) at the end of the
+    module."""
     selected = any(item.originalname == test_name for item in request.session.items)
     run = start() if selected else None
     try:
@@ -172,11 +154,6 @@ def background_for(request, test_name: str, start):
     finally:
         if run is not None:
             run.stop()
-
-
-def background_run_for(request, test_name: str, code: str, *args: str):
-    """:func:`background_for` a :class:`BackgroundRun` of ``code`` with ``args``."""
-    return background_for(request, test_name, lambda: BackgroundRun(code, *args))
 
 
 def interrupt_at_random_moment(args: list[str], log_path: str, signal_number: int, seed: int,

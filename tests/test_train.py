@@ -18,7 +18,7 @@ from phisnet_jax.generate import GenerationRequest, generate
 from phisnet_jax.model import PhiSNetConfig, make_inputs
 from phisnet_jax.reference import LevelOfTheory
 from phisnet_jax.sampling import thermal_ensemble
-from conftest import (ProcessGroupRun, assert_same_checkpoints, background_for, background_run_for,
+from conftest import (ProcessGroupRun, assert_same_checkpoints, background_for,
                       directory_digest, sigint_then_kill_9, run_phisnet_cli, start_geometry, without_timings)
 
 # The CLI's "tiny" preset on water in STO-3G.
@@ -36,26 +36,6 @@ def water_data(tmp_path_factory):
     return path
 
 
-TWO_DEVICE_STEP = r"""
-import json, sys
-import jax
-sys.path.insert(0, sys.argv[3])
-from test_train import run
-assert jax.device_count() == 2
-run(sys.argv[1], sys.argv[2], 1)
-"""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def two_device_step(request, water_data, tmp_path_factory):
-    """One step of ``run`` with the batch split over two forced CPU devices, in a subprocess
-    started with the module (see conftest.BackgroundRun)."""
-    run_dir = str(tmp_path_factory.mktemp("two") / "run")
-    with background_run_for(request, "test_two_devices_give_the_same_step_as_one",
-                            TWO_DEVICE_STEP, run_dir, water_data, os.path.dirname(__file__)) as background:
-        yield run_dir, background
-
-
 # ``run()``'s configuration on the command line (train for STEPS more).
 def train_command(data, run_dir, steps):
     return ["phisnet_jax", "train", data, "--run-dir", run_dir, "--train", "8", "--valid", "4",
@@ -66,11 +46,12 @@ def train_command(data, run_dir, steps):
 @pytest.fixture(scope="module", autouse=True)
 def two_process_run(request, water_data, tmp_path_factory):
     """``phisnet train`` of ``run()``'s configuration for 4 steps (one validation) as two
-    processes of one run (one CPU device each, the batch split over both), started with the
-    module; with a time budget too (never reached), which process 0 decides for both."""
+    processes of one run, two CPU devices each (the batch of 4 split over all four), started
+    with the module; with a time budget too (never reached), which process 0 decides for all."""
     run_dir = str(tmp_path_factory.mktemp("two_processes") / "run")
     command = train_command(water_data, run_dir, 4) + ["--time-budget", "3600"]
-    with background_for(request, "test_two_processes_give_the_run_of_one", lambda: ProcessGroupRun(command)) as group:
+    with background_for(request, "test_two_processes_give_the_run_of_one",
+                        lambda: ProcessGroupRun(command, devices_per_process=2)) as group:
         yield run_dir, group
 
 
@@ -261,24 +242,10 @@ def test_run_directory_of_another_schema_version_is_refused(tmp_path, water_data
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
 
 
-def test_two_devices_give_the_same_step_as_one(tmp_path, water_data, two_device_step):
-    """One float64 step with the batch split over two (forced CPU) devices, in a subprocess,
-    against the same step on this process's single device (compiled already by the tests above)."""
-    run(tmp_path / "one", water_data, 1)
-    two_dir, background = two_device_step
-    out = background.wait()
-    assert out.returncode == 0, out.stderr[-3000:]
-    with jax.enable_x64(True):
-        one, two = (jax.tree.leaves(load_trained_model(d).params) for d in (str(tmp_path / "one"), two_dir))
-    assert len(one) == len(two)
-    for x, y in zip(one, two):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12, atol=1e-14)
-
-
 def test_two_processes_give_the_run_of_one(tmp_path, water_data, two_process_run):
     """Two processes joined by jax.distributed (gloo on 127.0.0.1), each with half of every
-    batch, give the log and parameters of the single-process run; process 0 alone writes the
-    log, the configuration and the learning curve."""
+    batch split over its two devices, give the log and parameters of the single-process run on
+    one device; process 0 alone writes the log, the configuration and the learning curve."""
     run(tmp_path / "one", water_data, 4)
     run_dir, group = two_process_run
     for i, out in enumerate(group.wait()):

@@ -47,11 +47,12 @@ def pretrain_args(set_file, run_dir, steps):
 
 @pytest.fixture(scope="module", autouse=True)
 def two_process_run(request, tmp_path_factory):
-    """``vmc pretrain`` of the ``runs`` configuration as two processes of one run (one CPU device
-    each, every geometry's walkers split over both), started with the module."""
+    """``vmc pretrain`` of the ``runs`` configuration as two processes of one run, two CPU devices
+    each, every geometry's walkers split over all four, started with the module."""
     base = tmp_path_factory.mktemp("two_processes")
     command = ["vmc", *pretrain_args(write_set(base / "set.xyz"), str(base / "run"), 6)]
-    with background_for(request, "test_two_processes_give_the_run_of_one", lambda: ProcessGroupRun(command)) as group:
+    with background_for(request, "test_two_processes_give_the_run_of_one",
+                        lambda: ProcessGroupRun(command, devices_per_process=2)) as group:
         yield str(base / "run"), group
 
 
@@ -245,7 +246,8 @@ def test_cli_pretrain_resume_finetune_and_zero_shot(runs, tmp_path, capsys, monk
 
 def test_two_processes_give_the_run_of_one(runs, two_process_run):
     """Two processes joined by jax.distributed (gloo on 127.0.0.1), each with half of every
-    geometry's walkers, give the schedule, energies and parameters of the single-process run;
+    geometry's walkers sharded over its two devices, give the schedule, energies and parameters
+    of the single-process run on one device;
     process 0 alone writes the log, the configuration and the plot, and both write the
     checkpoints together. (``vmc train`` runs this engine on a set of one.)"""
     config, _, straight, _, _ = runs

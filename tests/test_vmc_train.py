@@ -1,6 +1,6 @@
 """VMC training of one system (a set of one): run directory, exact resume, divergence handling,
-walker sharding over two devices, evaluation with blocking error bars, and the ``vmc`` command
-line.
+evaluation with blocking error bars, and the ``vmc`` command line. (Walkers sharded over several
+devices and processes are tested on ``vmc pretrain``, tests/test_vmc_shared.py: the same engine.)
 
 One configuration (H2, tiny network, KFAC, float64) is used throughout; its
 :class:`vmc.train.Problem` is built once per module and passed to every run, so its functions
@@ -9,13 +9,12 @@ are traced and compiled once."""
 import json
 import os
 import shutil
-import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (assert_same_checkpoints, assert_vmc_logs_agree, background_run_for, directory_digest,
+from conftest import (assert_same_checkpoints, assert_vmc_logs_agree, directory_digest,
                       log_lines, reuse_problems, run_vmc_cli, sigint_then_kill_9, without_timings)
 
 from molfoundation.errors import InputError, TrainingDiverged
@@ -30,27 +29,6 @@ def tiny_config(**vmc_changes):
 
 def final_params(run_dir):
     return evaluate.load_model(run_dir)[1]
-
-
-TWO_DEVICE_RUN = textwrap.dedent("""
-    import json, sys
-    import jax
-    sys.path.insert(0, sys.argv[2])
-    from test_vmc_train import tiny_config
-    from vmc import train
-    assert jax.device_count() == 2
-    train.train(sys.argv[1], tiny_config(), max_steps=3, progress=False)
-""")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def two_device_run(request, tmp_path_factory):
-    """The first 3 steps of the ``runs`` configuration with the walkers sharded over two forced
-    CPU devices, in a subprocess started with the module (see conftest.BackgroundRun)."""
-    run_dir = str(tmp_path_factory.mktemp("two") / "run")
-    with background_run_for(request, "test_walkers_sharded_over_two_devices_give_the_same_run",
-                            TWO_DEVICE_RUN, run_dir, os.path.dirname(__file__)) as background:
-        yield run_dir, background
 
 
 @pytest.fixture(scope="module")
@@ -300,17 +278,6 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, messag
 def test_cli_evaluate_without_checkpoint(tmp_path, capsys):
     code, _, err = run_vmc_cli(["evaluate", str(tmp_path)], capsys)
     assert code == 2 and "not a VMC run directory" in err
-
-
-def test_walkers_sharded_over_two_devices_give_the_same_run(runs, two_device_run):
-    _, _, straight, _ = runs
-    run_dir, background = two_device_run
-    out = background.wait()
-    assert out.returncode == 0, out.stderr[-3000:]
-    one = [e for e in log_lines(straight)][: len(log_lines(run_dir))]
-    two = log_lines(run_dir)
-    assert [e["step"] for e in one] == [e["step"] for e in two]
-    assert_vmc_logs_agree(one, two)
 
 
 def test_hf_fit_reaches_the_hartree_fock_orbitals():

@@ -20,9 +20,10 @@ Schedules (transferable-wavefunction reference recipe, step t counted from 0):
 
 Devices: the KFAC optimiser runs kfac-jax with ``multi_device=False`` (no pmap): one device, or
 several devices through jit's automatic partitioning when the walkers are given a sharding over
-them (tested on two devices of one process and on two processes, tests/test_vmc_train.py). kfac-jax's own pmap path (``multi_device=True``)
-is not used here. Note that importing kfac-jax 0.0.8 switches JAX's ``jax_pmap_shmap_merge``
-flag off for the whole process (legacy pmap), which matters only to code that uses pmap.
+them (tested on two processes of two devices each, tests/test_vmc_shared.py). kfac-jax's own
+pmap path (``multi_device=True``) is not used here. Note that importing kfac-jax 0.0.8 switches
+JAX's ``jax_pmap_shmap_merge`` flag off for the whole process (legacy pmap), which matters only
+to code that uses pmap.
 
 KFAC takes the gradient from the loss and the curvature from a second function, the
 per-walker log|psi| of :func:`vmc.geometries.make_kfac_log_psi` (see there why), so the orbital
