@@ -198,16 +198,18 @@ def test_vmc_run_configuration():
 
     config = preset_config("tiny", SystemsConfig("H2"))
     changed = apply_settings(config, ["spin=2", "localization=none", "jastrow=false", "kfac.learning_rate=0.05",
-                                      "checkpoint_every=3", "schedule=round_robin", "systems.seed=4"])
+                                      "checkpoint_every=3", "schedule=round_robin", "systems.seed=4",
+                                      "folx_sparsity=0"])
     assert changed.systems.spin == 2 and type(changed.systems.spin) is int
     assert changed.systems.localization is None and changed.systems.seed == 4
     assert changed.ansatz.jastrow is False and changed.kfac.learning_rate == 0.05
     assert changed.vmc.checkpoint_every == 3 and changed.schedule.schedule == "round_robin"
-    assert changed.ansatz.slots == config.ansatz.slots
+    assert changed.ansatz.slots == config.ansatz.slots and changed.vmc.folx_sparsity == 0
     for item, message in [("slots=2,1", "ansatz.slots cannot be set from text"),
                           ("seed=1", "ambiguous; write one of systems.seed, vmc.seed"),
                           ("vmc.optimizer=sgd", "invalid setting vmc.optimizer=sgd: unknown optimizer 'sgd'"),
-                          ("schedule.schedule=random", "invalid setting schedule.schedule=random: unknown schedule")]:
+                          ("schedule.schedule=random", "invalid setting schedule.schedule=random: unknown schedule"),
+                          ("folx_sparsity=-1", "folx_sparsity must be at least 0, got -1")]:
         with pytest.raises(InputError, match=message):
             apply_settings(config, [item])
 

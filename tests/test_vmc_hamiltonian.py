@@ -132,7 +132,7 @@ def correlated_samples():
     return params, walkers
 
 
-@pytest.mark.parametrize("sparsity_threshold", [0, hamiltonian.DEFAULT_SPARSITY_THRESHOLD])
+@pytest.mark.parametrize("sparsity_threshold", [0, hamiltonian.SPARSITY_THRESHOLD])
 def test_folx_agrees_with_hessian_loop(correlated_samples, sparsity_threshold):
     params, walkers = correlated_samples
     kinetic = {

@@ -97,6 +97,10 @@ class VMCConfig:
       hf_fit_learning_rate: Adam's rate during the HF fit.
       optimizer: "kfac" or "adam".
       laplacian: "folx" (forward Laplacian) or "hessian" (reference loop).
+      folx_sparsity: folx keeps a Jacobian sparse while each entry depends on at most this
+        many electron coordinates (0: dense); None: chosen by the electron count
+        (:func:`vmc.hamiltonian.folx_sparsity_threshold`). Speed only: the local energies
+        differ by rounding.
       clip_scale: local energies clipped at median +- clip_scale x mean absolute deviation
         for the gradient.
       checkpoint_every: steps between checkpoints (also written at the end of every run).
@@ -113,6 +117,7 @@ class VMCConfig:
     hf_fit_learning_rate: float = 3e-4
     optimizer: str = "kfac"
     laplacian: str = "folx"
+    folx_sparsity: int | None = None
     clip_scale: float = loss.DEFAULT_CLIP_SCALE
     checkpoint_every: int = 500
     seed: int = 0
@@ -123,6 +128,8 @@ class VMCConfig:
             raise InputError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
         if self.laplacian not in hamiltonian.METHODS:
             raise InputError(f"unknown laplacian {self.laplacian!r}; expected one of {hamiltonian.METHODS}")
+        if self.folx_sparsity is not None and self.folx_sparsity < 0:
+            raise InputError(f"folx_sparsity must be at least 0, got {self.folx_sparsity}")
         if self.n_walkers < 2 or self.mcmc_steps < 1 or self.burn_in_sweeps < 0 or self.hf_fit_steps < 0:
             raise InputError("n_walkers >= 2, mcmc_steps >= 1, burn_in_sweeps >= 0 and hf_fit_steps >= 0 needed")
         if self.checkpoint_every < 1:

@@ -178,9 +178,11 @@ def make_log_psi(config: ansatz.AnsatzConfig) -> Callable:
     return log_psi
 
 
-def make_local_energy(config: ansatz.AnsatzConfig, laplacian: str = "folx") -> Callable:
-    """``fn((params, geometry), electrons (n_el, 3) bohr) -> E_L`` hartree."""
-    kinetic_energy = hamiltonian.make_kinetic_energy(make_log_psi(config), laplacian)
+def make_local_energy(config: ansatz.AnsatzConfig, laplacian: str = "folx",
+                      sparsity_threshold: int | None = None) -> Callable:
+    """``fn((params, geometry), electrons (n_el, 3) bohr) -> E_L`` hartree (``laplacian`` and
+    ``sparsity_threshold``: as :func:`vmc.hamiltonian.make_kinetic_energy`)."""
+    kinetic_energy = hamiltonian.make_kinetic_energy(make_log_psi(config), laplacian, sparsity_threshold)
 
     def local_energy(params_geometry, electrons):
         geometry = params_geometry[1]
@@ -290,11 +292,12 @@ def make_hf_fit_loss(config: ansatz.AnsatzConfig, ao_values: Callable, n_up: int
     return hf_fit_loss
 
 
-def functions(config: ansatz.AnsatzConfig, laplacian: str) -> "GeometryFunctions":
+def functions(config: ansatz.AnsatzConfig, laplacian: str,
+              sparsity_threshold: int | None = None) -> "GeometryFunctions":
     """The composition-independent functions for ``config``."""
     return GeometryFunctions(
         log_psi=make_log_psi(config),
-        local_energy=over_batch(make_local_energy(config, laplacian)),
+        local_energy=over_batch(make_local_energy(config, laplacian, sparsity_threshold)),
     )
 
 

@@ -40,7 +40,20 @@ METHODS = ("folx", "hessian")
 # two-electron streams of a FermiNet-like embedding, which then cost O(N) instead of O(N^2)
 # memory each; anything mixing more electrons (determinants, sums over electrons) is stored
 # dense, which avoids repeated materialisation of nearly dense Jacobians.
-DEFAULT_SPARSITY_THRESHOLD = 6
+SPARSITY_THRESHOLD = 6
+
+# Below this many electrons the dense Jacobians (3N columns) are so small that tracking
+# sparsity costs more than it saves: folx then traces its index bookkeeping eagerly, op by op,
+# and the step carries gathers and scatters. Measured for a KFAC training step of the small
+# preset (experiments/folx_sparsity.py): dense is faster per step and starts faster for LiH
+# (4 electrons), H6 and H8; sparse is faster per step for H2O (10 electrons).
+SPARSE_FROM_ELECTRONS = 10
+
+
+def folx_sparsity_threshold(n_electrons: int) -> int:
+    """folx's sparsity threshold for a wavefunction of ``n_electrons``: 0 (dense Jacobians)
+    below :data:`SPARSE_FROM_ELECTRONS`, else :data:`SPARSITY_THRESHOLD`."""
+    return 0 if n_electrons < SPARSE_FROM_ELECTRONS else SPARSITY_THRESHOLD
 
 
 def _pair_distances(x: jax.Array) -> jax.Array:
@@ -133,7 +146,7 @@ def _laplacian_and_gradient_hessian(
 def make_kinetic_energy(
     log_psi: LogPsi,
     method: str = "folx",
-    sparsity_threshold: int | float = DEFAULT_SPARSITY_THRESHOLD,
+    sparsity_threshold: int | float | None = None,
 ) -> LocalEnergy:
     """Local kinetic energy -1/2 (laplacian log|psi| + |grad log|psi||^2).
 
@@ -141,7 +154,8 @@ def make_kinetic_energy(
         log_psi: ``log_psi(params, electrons) -> log|psi|`` for one configuration.
         method: ``"folx"`` (forward Laplacian, fast) or ``"hessian"`` (loop over the 3N
             diagonal Hessian entries, reference).
-        sparsity_threshold: folx sparsity option, used by ``"folx"`` only.
+        sparsity_threshold: folx's sparsity threshold (0: dense), used by ``"folx"`` only;
+            None: :func:`folx_sparsity_threshold` of the configuration's electron count.
 
     Returns:
         ``fn(params, electrons: (n_electrons, 3) bohr) -> scalar`` hartree; meant to be jitted
@@ -153,7 +167,9 @@ def make_kinetic_energy(
     def kinetic_energy(params: Params, electrons: jax.Array) -> jax.Array:
         f = lambda x: log_psi(params, x)  # noqa: E731
         if method == "folx":
-            laplacian, gradient = _laplacian_and_gradient_folx(f, electrons, sparsity_threshold)
+            threshold = (folx_sparsity_threshold(electrons.shape[0]) if sparsity_threshold is None
+                         else sparsity_threshold)
+            laplacian, gradient = _laplacian_and_gradient_folx(f, electrons, threshold)
         else:
             laplacian, gradient = _laplacian_and_gradient_hessian(f, electrons)
         return -0.5 * (laplacian + jnp.sum(gradient**2))
@@ -166,7 +182,7 @@ def make_local_energy(
     atom_positions: jax.Array,
     charges: jax.Array,
     method: str = "folx",
-    sparsity_threshold: int | float = DEFAULT_SPARSITY_THRESHOLD,
+    sparsity_threshold: int | float | None = None,
 ) -> LocalEnergy:
     """Local energy E_L = (H psi) / psi of one configuration.
 
@@ -175,7 +191,7 @@ def make_local_energy(
         atom_positions: (n_atoms, 3) bohr.
         charges: (n_atoms,) nuclear charges.
         method: ``"folx"`` or ``"hessian"``; see :func:`make_kinetic_energy`.
-        sparsity_threshold: folx sparsity option, used by ``"folx"`` only.
+        sparsity_threshold: see :func:`make_kinetic_energy`.
 
     Returns:
         ``fn(params, electrons: (n_electrons, 3) bohr) -> scalar`` hartree; jit-able.
@@ -201,7 +217,7 @@ def make_batched_local_energy(
     atom_positions: jax.Array,
     charges: jax.Array,
     method: str = "folx",
-    sparsity_threshold: int | float = DEFAULT_SPARSITY_THRESHOLD,
+    sparsity_threshold: int | float | None = None,
 ) -> LocalEnergy:
     """:func:`make_local_energy` over walkers: ``fn(params, walkers: (n_walkers, n_electrons,
     3) bohr) -> (n_walkers,)`` hartree."""

@@ -184,7 +184,7 @@ class Problem:
 
     @functools.cached_property
     def functions(self) -> geometries.GeometryFunctions:
-        return geometries.functions(self.config.ansatz, self.config.vmc.laplacian)
+        return geometries.functions(self.config.ansatz, self.config.vmc.laplacian, self.config.vmc.folx_sparsity)
 
     def init_walkers(self, key, group: GeometryGroup) -> jax.Array:
         """(size, W, n_el, 3) starting walkers around each geometry's atoms."""
