@@ -52,7 +52,10 @@ def launch(script: str, job: dict) -> dict:
     with tempfile.TemporaryDirectory() as work:
         out = os.path.join(work, "out.json")
         job = dict(job, launched=time.time())
+        # No persistent compilation cache (an empty directory setting turns off both JAX's
+        # and this project's default one), or a repeat would load what the first run compiled.
         env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+        env["JAX_COMPILATION_CACHE_DIR"] = ""
         done = subprocess.run([sys.executable, os.path.abspath(script), "child", json.dumps(job), out],
                               env=env, text=True, capture_output=True)
         if done.returncode != 0:
