@@ -23,36 +23,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 from machine import machine_info, result_stem  # noqa: E402
+from vmc_profile import training_run  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = ["burn_in_sweeps=20", "n_walkers=256", "mcmc_steps=10", "optimizer=kfac", "laplacian=folx"]
 THRESHOLDS = {"dense": 0, "sparse": 6}
-
-
-def one_run(system: str, threshold: int, steps: int, skip: int, hf_fit_steps: int) -> dict:
-    """A fresh ``vmc train`` process; its start-up and seconds per step."""
-    with tempfile.TemporaryDirectory() as work:
-        run_dir = os.path.join(work, "run")
-        command = [sys.executable, "-m", "vmc", "train", system, "--run-dir", run_dir, "--preset", "small",
-                   "--hf-fit-steps", str(hf_fit_steps), "--steps", str(steps),
-                   *[item for s in [*SETTINGS, f"folx_sparsity={threshold}"] for item in ("--set", s)]]
-        launched = time.time()
-        done = subprocess.run(command, cwd=ROOT, env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=""),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if done.returncode:
-            raise SystemExit(f"vmc train {system} failed:\n{done.stderr[-2000:]}")
-        with open(os.path.join(run_dir, "log.jsonl")) as f:
-            times = [e["time"] for e in map(json.loads, f) if e.get("phase") == "vmc"]
-    return {"startup_seconds": times[0] - launched,
-            "step_seconds": (times[-1] - times[skip]) / (len(times) - 1 - skip)}
 
 
 def main():
@@ -69,7 +48,10 @@ def main():
         runs = {name: [] for name in THRESHOLDS}
         for _ in range(args.repeats):
             for name, threshold in THRESHOLDS.items():
-                runs[name].append(one_run(system, threshold, args.steps, args.skip, args.hf_fit_steps))
+                settings = [*SETTINGS, f"folx_sparsity={threshold}"]
+                runs[name].append(training_run(system, ["--preset", "small", "--hf-fit-steps", str(args.hf_fit_steps),
+                                                        *[item for s in settings for item in ("--set", s)]],
+                                               args.steps, args.skip))
                 print(system, name, runs[name][-1], flush=True)
         row = {"system": system}
         for name in THRESHOLDS:

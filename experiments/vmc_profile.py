@@ -15,8 +15,9 @@ calls after two warm-up calls, results waited for):
   ``kfac_step_no_inverse`` the same without recomputing the inverses (inverse_update_period
   past the timed steps), so their difference is the cost of the inverses;
 - ``adam_step``: the Adam step (gradient and update only);
-- ``training_step``: wall-clock seconds per step of ``vmc train`` with the same settings
-  (from the log's timestamps, steps after --skip), everything the loop does included.
+- ``training_step``: wall-clock seconds per step of ``vmc train`` with the same settings, in
+  a fresh process (from the log's timestamps, steps after --skip), everything the loop does
+  included.
 
 Derived: ``inverses`` = kfac_step - kfac_step_no_inverse; ``curvature_estimate`` =
 kfac_step_no_inverse - adam_step; ``outside_step`` = training_step - mcmc - kfac_step (logging,
@@ -31,6 +32,7 @@ import dataclasses
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +48,8 @@ from vmc import ansatz, geometries, optimizers  # noqa: E402
 from vmc.config import SystemsConfig, preset_config, run_directory  # noqa: E402
 from vmc.geometries import GeometryBatch  # noqa: E402
 from vmc_speed import first_geometry  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -104,18 +108,23 @@ def profile_parts(config, repeats: int) -> dict:
     return {"parts": parts, "parameters": n_params, "electrons": group.n_electrons}
 
 
-def training_step(config_args: list[str], system: str, steps: int, skip: int) -> float:
-    from vmc import cli
-
+def training_run(system: str, args: list[str], steps: int, skip: int) -> dict:
+    """``vmc train SYSTEM ARGS --steps STEPS`` in a fresh process without a persistent
+    compilation cache: ``startup_seconds`` from its start to its first VMC step logged (imports,
+    Hartree-Fock, compilation, HF fit, burn-in, the first step) and ``step_seconds``, wall-clock
+    seconds per VMC step from step ``skip`` to the last, from the log's time stamps."""
     with tempfile.TemporaryDirectory() as work:
         run_dir = os.path.join(work, "run")
-        try:
-            cli.main(["train", system, "--run-dir", run_dir, "--steps", str(steps), *config_args])
-        except SystemExit as exit_:
-            if exit_.code:
-                raise
+        launched = time.time()
+        done = subprocess.run([sys.executable, "-m", "vmc", "train", system, "--run-dir", run_dir,
+                               "--steps", str(steps), *args],
+                              cwd=ROOT, env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=""),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode:
+            raise SystemExit(f"vmc train {system} failed:\n{done.stderr[-2000:]}")
         times = [e["time"] for e in run_directory(run_dir).read_log("vmc")]
-    return (times[-1] - times[skip]) / (len(times) - 1 - skip)
+    return {"startup_seconds": times[0] - launched,
+            "step_seconds": (times[-1] - times[skip]) / (len(times) - 1 - skip)}
 
 
 def main():
@@ -136,9 +145,9 @@ def main():
     profile = profile_parts(config, args.repeats)
     parts = profile["parts"]
     sets = [item for setting in args.settings for item in ("--set", setting)]
-    parts["training_step"] = training_step(["--preset", args.preset, "--hf-fit-steps", "0",
-                                            "--set", f"laplacian={args.laplacian}", *sets],
-                                           args.system, args.steps, args.skip)
+    parts["training_step"] = training_run(args.system, ["--preset", args.preset, "--hf-fit-steps", "0",
+                                                        "--set", f"laplacian={args.laplacian}", *sets],
+                                          args.steps, args.skip)["step_seconds"]
     derived = {
         "inverses": parts["kfac_step"] - parts["kfac_step_no_inverse"],
         "curvature_estimate": parts["kfac_step_no_inverse"] - parts["adam_step"],

@@ -414,7 +414,9 @@ def fit_hartree_fock(run: runs.RunDirectory, problem: Problem, devices: WalkerPa
     state = run.restore("hf_fit", lambda: jax.eval_shape(template))
     if state is None:
         state = devices.place(_fresh_hf_fit_state(problem, functools.partial(_initial_params, problem)))
-        state = _burn_in_all(problem, state, state.params, cfg.burn_in_sweeps, hartree_fock=True)
+        # The HF wavefunction takes no parameters: None, as the fit's own MCMC calls pass it,
+        # so that both use one compiled sampler.
+        state = _burn_in_all(problem, state, None, cfg.burn_in_sweeps, hartree_fock=True)
     else:
         state = devices.place(state)
     if int(state.step) >= cfg.hf_fit_steps:
