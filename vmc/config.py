@@ -228,8 +228,9 @@ def preset_config(name: str, systems_config: SystemsConfig, schedule: ScheduleCo
       energy plateau within 250 steps, where the decaying damping needs about 1000). KFAC
       estimates its curvature from every 4th walker and inverts its factors every 4th step:
       on LiH this cuts the step from 52 to 40 ms, and after 6 minutes of training the
-      evaluated error was 0.46(44) mHa against 1.73(40) mHa with the full curvature
-      (experiments/results/budget_lih*_cpu.json).
+      evaluated error was 0.46(44) mHa against 1.73(40) mHa with the full curvature, two runs
+      on one machine with sparse folx Jacobians (the latter is
+      experiments/results/budget_lih_full_curvature_cpu.json).
     - ``tiny``: for tests; the Hessian-loop Laplacian, which compiles in about half the time
       of folx's at these sizes and is as fast to run.
     """
