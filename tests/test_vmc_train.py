@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (assert_same_checkpoints, assert_vmc_logs_agree, directory_digest,
-                      log_lines, reuse_problems, run_vmc_cli, sigint_then_kill_9, without_timings)
+from conftest import (assert_same_checkpoints, directory_digest, log_lines,
+                      reuse_problems, run_vmc_cli, sigint_then_kill_9, without_timings)
 
 from molfoundation.errors import InputError, TrainingDiverged
 from vmc import evaluate, mcmc, train
