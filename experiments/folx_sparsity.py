@@ -2,8 +2,8 @@
 
 For each system, ``vmc train SYSTEM --preset small`` runs in fresh processes with no persistent
 compilation cache, once with ``--set folx_sparsity=0`` (dense Jacobians) and once with
-``--set folx_sparsity=6`` (sparse while an entry depends on one electron or one pair), the two
-alternating, --repeats times each. The settings are the LiH comparison's with FermiNet
+``vmc.hamiltonian.SPARSITY_THRESHOLD`` (6: sparse while an entry depends on one electron or one
+pair), the two alternating, --repeats times each. The settings are the LiH comparison's with FermiNet
 (experiments/peers/ferminet.py): 256 walkers, 10 Metropolis steps per update, KFAC, 20 burn-in
 calls; the HF fit is --hf-fit-steps long. From the log's time stamps:
 
@@ -28,10 +28,11 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 from machine import machine_info, result_stem  # noqa: E402
+from vmc.hamiltonian import SPARSITY_THRESHOLD  # noqa: E402
 from vmc_profile import training_run  # noqa: E402
 
 SETTINGS = ["burn_in_sweeps=20", "n_walkers=256", "mcmc_steps=10", "optimizer=kfac", "laplacian=folx"]
-THRESHOLDS = {"dense": 0, "sparse": 6}
+THRESHOLDS = {"dense": 0, "sparse": SPARSITY_THRESHOLD}
 
 
 def main():

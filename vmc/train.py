@@ -214,9 +214,16 @@ class Problem:
             batched = jax.vmap(sample, in_axes=((None, 0), 0, 0))
 
             @jax.jit
-            def run(params, sampler, rows, key):
+            def compiled(params, sampler, rows, key):
                 return batched((params, group.select(rows)), sampler, jax.random.split(key, rows.shape[0]))
 
+            if hartree_fock:
+                # The HF wavefunction takes no parameters: whatever a caller passes, one
+                # compiled sampler (jit would compile anew for every parameter structure).
+                def run(params, sampler, rows, key):
+                    return compiled(None, sampler, rows, key)
+            else:
+                run = compiled
             self._compiled[cache_key] = run
         return self._compiled[cache_key]
 
@@ -414,9 +421,7 @@ def fit_hartree_fock(run: runs.RunDirectory, problem: Problem, devices: WalkerPa
     state = run.restore("hf_fit", lambda: jax.eval_shape(template))
     if state is None:
         state = devices.place(_fresh_hf_fit_state(problem, functools.partial(_initial_params, problem)))
-        # The HF wavefunction takes no parameters: None, as the fit's own MCMC calls pass it,
-        # so that both use one compiled sampler.
-        state = _burn_in_all(problem, state, None, cfg.burn_in_sweeps, hartree_fock=True)
+        state = _burn_in_all(problem, state, state.params, cfg.burn_in_sweeps, hartree_fock=True)
     else:
         state = devices.place(state)
     if int(state.step) >= cfg.hf_fit_steps:
