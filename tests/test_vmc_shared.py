@@ -85,13 +85,19 @@ def test_batched_geometries_give_the_mean_of_one_system_losses():
                                         batched_log_psi=geometries.over_batch(fns.log_psi))
         (value, stats), grads = jax.jit(jax.value_and_grad(grouped, has_aux=True))(params, batch)
         values, all_grads = [], []
+
+        @jax.jit
+        def single(params, walkers, inputs, positions, charges):
+            # Both geometries have the same shapes: one compilation serves the two.
+            log_psi = ansatz.make_log_psi(network, inputs).log_psi
+            local_energy = hamiltonian.make_batched_local_energy(log_psi, positions, charges, "hessian")
+            return jax.value_and_grad(loss.make_energy_loss(log_psi, local_energy, 5.0), has_aux=True)(
+                params, walkers)
+
         for g, system in enumerate(pair):
             inputs = jax.tree.map(lambda x: x[g], group.geometries.inputs)
-            log_psi = ansatz.make_log_psi(network, inputs).log_psi
-            local_energy = hamiltonian.make_batched_local_energy(
-                log_psi, jnp.asarray(system.positions), jnp.asarray(system.charges), "hessian")
-            single = loss.make_energy_loss(log_psi, local_energy, 5.0)
-            (v, s), gr = jax.jit(jax.value_and_grad(single, has_aux=True))(params, walkers[g])
+            (v, s), gr = single(params, walkers[g], inputs, jnp.asarray(system.positions),
+                                jnp.asarray(system.charges))
             np.testing.assert_allclose(stats.energy[g], v, rtol=1e-12)
             np.testing.assert_allclose(stats.variance[g], s.variance, rtol=1e-10)
             values.append(v)
@@ -101,11 +107,12 @@ def test_batched_geometries_give_the_mean_of_one_system_losses():
         for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
         # The per-walker (KFAC) form of log|psi| is the plain batched one, on every walker or on
-        # every second.
-        plain = geometries.over_batch(fns.log_psi)(params, batch)
-        np.testing.assert_allclose(geometries.make_kfac_log_psi(network)(params, batch), plain, rtol=1e-12)
-        np.testing.assert_allclose(geometries.make_kfac_log_psi(network, 2)(params, batch), plain[:, ::2],
+        # every second (compiled: op by op, the network takes seconds per call).
+        plain = jax.jit(geometries.over_batch(fns.log_psi))(params, batch)
+        np.testing.assert_allclose(jax.jit(geometries.make_kfac_log_psi(network))(params, batch), plain,
                                    rtol=1e-12)
+        np.testing.assert_allclose(jax.jit(geometries.make_kfac_log_psi(network, 2))(params, batch),
+                                   plain[:, ::2], rtol=1e-12)
 
 
 class _Group:
