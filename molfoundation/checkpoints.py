@@ -1,17 +1,26 @@
 """Orbax checkpoints of whole training states, shared by both pillars.
 
 A checkpoint directory keeps the two newest states. States are restored replicated over this
-process's devices, whatever topology saved them; callers re-shard what they split."""
+process's devices, whatever topology saved them; callers re-shard what they split.
+
+Layout of a saved state: orbax spends about 2 ms per array it writes, and a
+training state holds hundreds of small ones (a VMC state of the tiny network: 235 arrays,
+0.55 s a save; packed, 0.05 s). So every array that is replicated (the same on every device:
+parameters, optimiser state, counters) is written into one flat array per dtype,
+``packed/<dtype>``; the arrays split over devices (walkers) stay arrays of their own,
+``split/<i>``; ``layout`` is a JSON record (as bytes) of each leaf's key path, shape, dtype and
+place, from which :func:`restore_raw` rebuilds the state without a template."""
 
 from __future__ import annotations
 
-import functools
+import json
 import logging
 import os
 import sys
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from molfoundation.errors import InputError
 from molfoundation.sharding import FirstAxisSharding
@@ -42,34 +51,111 @@ def restore_latest(directory: str, template: Callable[[], Any], step: int | None
     """The newest state in ``directory``, or the one of ``step`` (None if there is none).
     ``template()`` gives the state's structure, shapes and dtypes (e.g. through
     ``jax.eval_shape``); it is only called when there is a checkpoint to restore."""
-    import orbax.checkpoint as ocp
-
-    @functools.cache
-    def restore_args():
-        replicated = FirstAxisSharding("restore").replicated
-        return ocp.args.StandardRestore(
-            jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), template()))
-
-    return _restore(directory, restore_args, step)
+    saved = _restore(directory, step)
+    if saved is None:
+        return None
+    expected = template()
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(expected)
+    layout = _read_layout(saved)
+    if [entry["path"] for entry in layout] != [_path_names(path) for path, _ in leaves]:
+        raise InputError(f"the checkpoint in {directory} holds another state than this run's "
+                         f"({len(layout)} arrays, expected {len(leaves)})")
+    restored = _unpack(saved, layout)
+    for entry, (_, want), got in zip(layout, leaves, restored):
+        if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+            raise InputError(f"the checkpoint in {directory} holds {'/'.join(entry['path'])} as "
+                             f"{got.dtype}{list(got.shape)}, expected {want.dtype}{list(want.shape)}")
+    return jax.tree_util.tree_unflatten(treedef, restored)
 
 
 def restore_raw(directory: str, step: int | None = None) -> dict:
     """The newest state in ``directory``, or the one of ``step``, as saved (nested dicts of
     arrays), without a template."""
-    import orbax.checkpoint as ocp
-
-    # Replicated here, whatever topology (number of processes and devices) saved it.
-    replicated = FirstAxisSharding("restore").replicated
-    state = _restore(directory, lambda: ocp.args.StandardRestore(fallback_sharding=replicated), step)
-    if state is None:
+    saved = _restore(directory, step)
+    if saved is None:
         raise InputError(f"no checkpoint in {directory}")
+    layout = _read_layout(saved)
+    state: dict = {}
+    for entry, leaf in zip(layout, _unpack(saved, layout)):
+        *parents, name = entry["path"]
+        node = state
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[name] = leaf
     return state
 
 
-def _restore(directory: str, restore_args: Callable[[], Any], step: int | None) -> Any | None:
-    """Checkpoint ``step`` of ``directory``, the newest if None (None if there is none); if it
-    cannot be read, an InputError that says why and whether an older checkpoint there can
+def _path_names(path) -> list[str]:
+    """A leaf's key path as names: dict keys, dataclass fields and sequence indices."""
+    names = []
+    for key in path:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(key, attribute):
+                names.append(str(getattr(key, attribute)))
+                break
+        else:
+            raise TypeError(f"cannot name the key {key!r} of a checkpointed state")
+    return names
+
+
+def _host(x) -> np.ndarray:
+    """A replicated array's value on this host (one local copy; every process has one)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)
+    return np.asarray(x)
+
+
+def _pack(state) -> dict:
+    """``state`` in the saved layout (module docstring)."""
+    layout, packed, split = [], {}, {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        entry = {"path": _path_names(path), "shape": list(np.shape(leaf))}
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_replicated:
+            entry.update(dtype=str(leaf.dtype), split=str(len(split)))
+            split[entry["split"]] = leaf
+        else:
+            value = _host(leaf)
+            chunks = packed.setdefault(str(value.dtype), [])
+            entry.update(dtype=str(value.dtype), offset=sum(c.size for c in chunks))
+            chunks.append(value.ravel())
+        layout.append(entry)
+    saved = {"layout": np.frombuffer(json.dumps(layout).encode(), np.uint8)}
+    if packed:
+        saved["packed"] = {dtype: np.concatenate(chunks) for dtype, chunks in packed.items()}
+    if split:
+        saved["split"] = split
+    return saved
+
+
+def _read_layout(saved: dict) -> list[dict]:
+    return json.loads(_host(saved["layout"]).tobytes().decode())
+
+
+def _unpack(saved: dict, layout: list[dict]) -> list[jax.Array]:
+    """The state's leaves, in flattening order, replicated over this process's devices."""
+    replicated = FirstAxisSharding("restore").replicated
+    packed = {dtype: _host(flat) for dtype, flat in saved.get("packed", {}).items()}
+    leaves = []
+    for entry in layout:
+        if "split" in entry:
+            leaves.append(saved["split"][entry["split"]])
+            continue
+        size = int(np.prod(entry["shape"], dtype=int))
+        value = packed[entry["dtype"]][entry["offset"]:entry["offset"] + size].reshape(entry["shape"])
+        leaves.append(jax.make_array_from_callback(value.shape, replicated, lambda index, v=value: v[index]))
+    return leaves
+
+
+def _restore(directory: str, step: int | None) -> Any | None:
+    """The saved form (:func:`_pack`) of checkpoint ``step`` of ``directory``, the newest if
+    None (None if there is none), every array replicated here whatever topology saved it; if
+    it cannot be read, an InputError that says why and whether an older checkpoint there can
     (never restored silently in its place)."""
+    import orbax.checkpoint as ocp
+
+    def restore_args():
+        return ocp.args.StandardRestore(fallback_sharding=FirstAxisSharding("restore").replicated)
+
     if not os.path.isdir(directory):
         return None
     checkpoint_manager = manager(directory)
@@ -137,5 +223,5 @@ def save(checkpoint_manager, state, step: int) -> None:
     """Save ``state`` as ``step`` and wait until it is on disk."""
     import orbax.checkpoint as ocp
 
-    checkpoint_manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+    checkpoint_manager.save(int(step), args=ocp.args.StandardSave(_pack(state)), force=True)
     checkpoint_manager.wait_until_finished()

@@ -404,7 +404,7 @@ def _config_record(model_cfg: PhiSNetConfig, train_cfg: TrainConfig, data_cfg: D
 
 # The format of a run (config.json, the parameter layout of its checkpoints); a run directory
 # of another version is refused.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # The phase every log line and the checkpoints belong to.
 PHASE = "train"
 # [shortest, longest] distance (bohr) per element pair of the training data, written when the

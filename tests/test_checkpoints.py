@@ -51,3 +51,32 @@ def test_damaged_checkpoint_is_one_error_naming_the_intact_one(tmp_path, attempt
     assert missing == f"no checkpoint 7 in {directory} (there: 1, 2)"
     assert value == "3.0"
     assert out.stderr == ""
+
+
+def test_state_comes_back_with_its_structure_dtypes_and_values(tmp_path):
+    """Replicated arrays are saved packed into one flat array per dtype; restored with a
+    template they come back in the template's structure, and without one as nested dicts."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from molfoundation import checkpoints
+    from molfoundation.errors import InputError
+
+    state = {"params": {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3, jnp.float32)},
+             "step": jnp.asarray(7, jnp.int32), "pair": (jnp.zeros((0, 2)), jnp.asarray([True, False]))}
+    directory = str(tmp_path / "checkpoints")
+    checkpoints.save(checkpoints.manager(directory), state, 7)
+    restored = checkpoints.restore_latest(directory, lambda: jax.eval_shape(lambda: state))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    raw = checkpoints.restore_raw(directory)
+    np.testing.assert_array_equal(raw["params"]["w"], state["params"]["w"])
+    np.testing.assert_array_equal(raw["pair"]["1"], [True, False])
+    other = {**state, "step": jnp.zeros(2, jnp.int32)}
+    with pytest.raises(InputError, match=r"holds step as int32\[\], expected int32\[2\]"):
+        checkpoints.restore_latest(directory, lambda: jax.eval_shape(lambda: other))
+    with pytest.raises(InputError, match="holds another state than this run's"):
+        checkpoints.restore_latest(directory, lambda: {"params": state["params"]})

@@ -22,7 +22,7 @@ from molfoundation.errors import InputError
 from molfoundation.orbital_features import FeatureSlots
 from vmc import ansatz, hamiltonian, loss, optimizers, orbitals, system_sets, systems
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # The phases of a run, in the order they run.
 PHASES = ("hf_fit", "vmc")
 OPTIMIZERS = ("kfac", "adam")
