@@ -5,11 +5,12 @@ process's devices, whatever topology saved them; callers re-shard what they spli
 
 Layout of a saved state: orbax spends about 2 ms per array it writes, and a training state
 holds hundreds of small ones (the VMC state of the small preset: 383 arrays, 0.71 s a save
-array by array, 0.05 s packed; experiments/checkpoint_speed.py). So every array that is replicated (the same on every device:
-parameters, optimiser state, counters) is written into one flat array per dtype,
-``packed/<dtype>``; the arrays split over devices (walkers) stay arrays of their own,
-``split/<i>``; ``layout`` is a JSON record (as bytes) of each leaf's key path, shape, dtype and
-place, from which :func:`restore_raw` rebuilds the state without a template."""
+array by array, 0.05 s packed; experiments/checkpoint_speed.py). So every array that is
+replicated (the same on every device: parameters, optimiser state, counters) is written into
+one flat array per dtype, ``packed/<dtype>``; the arrays split over devices (walkers) stay
+arrays of their own, ``split/<i>``; ``layout`` is a JSON record (as bytes) of each leaf's key
+path, shape, dtype and place, from which :func:`restore_raw` rebuilds the state without a
+template."""
 
 from __future__ import annotations
 
@@ -108,6 +109,7 @@ def _host(x) -> np.ndarray:
 def _pack(state) -> dict:
     """``state`` in the saved layout (module docstring)."""
     layout, packed, split = [], {}, {}
+    sizes: dict[str, int] = {}  # elements packed so far, per dtype
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         entry = {"path": _path_names(path), "shape": list(np.shape(leaf))}
         if isinstance(leaf, jax.Array) and not leaf.is_fully_replicated:
@@ -116,7 +118,8 @@ def _pack(state) -> dict:
         else:
             value = _host(leaf)
             chunks = packed.setdefault(str(value.dtype), [])
-            entry.update(dtype=str(value.dtype), offset=sum(c.size for c in chunks))
+            entry.update(dtype=str(value.dtype), offset=sizes.get(str(value.dtype), 0))
+            sizes[str(value.dtype)] = entry["offset"] + value.size
             chunks.append(value.ravel())
         layout.append(entry)
     saved = {"layout": np.frombuffer(json.dumps(layout).encode(), np.uint8)}
