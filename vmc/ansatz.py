@@ -193,6 +193,28 @@ def inputs_from_hartree_fock(orbitals, config: AnsatzConfig) -> AnsatzInputs:
 # Orbital side: GNN over atoms and the symmetrised heads.
 
 
+class Dense(nn.Module):
+    """``x @ kernel + bias`` over the last axis of x (..., n_in) -> (..., features); the
+    parameters and their initialisers are flax's ``nn.Dense``'s.
+
+    The bias is added by broadcasting rather than reshaped first, as flax does: under ``vmap``
+    over walkers, kfac-jax's graph matcher recognises this form as one dense layer with bias
+    (one Kronecker-factored block for kernel and bias together), where flax's form leaves the
+    bias a diagonal block of its own.
+    """
+
+    features: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        y = jnp.dot(x, kernel.astype(x.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
+        return y
+
+
 class MLP(nn.Module):
     """Dense layers with SiLU between them (none after the last)."""
 
@@ -201,7 +223,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         for i, width in enumerate(self.widths):
-            x = nn.Dense(width)(x)
+            x = Dense(width)(x)
             if i < len(self.widths) - 1:
                 x = nn.silu(x)
         return x
@@ -252,7 +274,7 @@ class OrbitalGNN(nn.Module):
         x_scalars, x_vectors = _split_irreps(features, cfg.slots)
         element_scalars = jnp.broadcast_to(elements, (n_orb,) + elements.shape)
         element_scalars = element_scalars.astype(features.dtype)
-        s = nn.Dense(ns, name="embed_scalars")(jnp.concatenate([x_scalars, element_scalars], -1))
+        s = Dense(ns, name="embed_scalars")(jnp.concatenate([x_scalars, element_scalars], -1))
         v = _mix_vectors(x_vectors, nv, "embed_vectors", self)
 
         # Geometry of all ordered atom pairs (I receives from J). The diagonal gets a dummy
@@ -272,10 +294,10 @@ class OrbitalGNN(nn.Module):
 
         for t in range(cfg.gnn_iterations):
             # Radial weights (I, J, paths) of every message path and channel.
-            w = nn.silu(nn.Dense(cfg.head_width, name=f"radial_{t}_hidden")(radial))
-            w = nn.Dense(ns + 4 * nv, use_bias=False, name=f"radial_{t}")(w) * envelope[..., None]
+            w = nn.silu(Dense(cfg.head_width, name=f"radial_{t}_hidden")(radial))
+            w = Dense(ns + 4 * nv, use_bias=False, name=f"radial_{t}")(w) * envelope[..., None]
             w_ss, w_vs, w_sv, w_vv, w_vuu = jnp.split(w, np.cumsum([ns, nv, nv, nv]), axis=-1)
-            s_to_v = nn.Dense(nv, use_bias=False, name=f"scalars_to_vectors_{t}")(s)  # (o, J, nv)
+            s_to_v = Dense(nv, use_bias=False, name=f"scalars_to_vectors_{t}")(s)  # (o, J, nv)
             v_dot_u = jnp.einsum("oJcx,IJx->oIJc", v, u)
             msg_s = jnp.concatenate(
                 [jnp.einsum("IJc,oJc->oIc", w_ss, s), jnp.einsum("IJc,oIJc->oIc", w_vs, v_dot_u)],
@@ -287,7 +309,7 @@ class OrbitalGNN(nn.Module):
                  jnp.einsum("IJc,oIJc,IJx->oIcx", w_vuu, v_dot_u, u)],
                 axis=-2,
             )
-            update = nn.Dense(ns + nv, name=f"update_{t}")(jnp.concatenate([s, msg_s], -1))
+            update = Dense(ns + nv, name=f"update_{t}")(jnp.concatenate([s, msg_s], -1))
             s_update, gates = update[..., :ns], update[..., ns:]
             v_update = _mix_vectors(jnp.concatenate([v, msg_v], -2), nv,
                                     f"update_vectors_{t}", self)
@@ -330,7 +352,7 @@ class OrbitalHeads(nn.Module):
         alpha = alpha.reshape(n_orb, n_atoms, 2, n_det)
         scalars = (scalars[plus] - scalars[minus]).reshape(n_orb, n_atoms, 2, n_det, width)
         if n_vec:
-            gates = nn.Dense(cfg.gnn_vectors, name="backflow_gates")(s)
+            gates = Dense(cfg.gnn_vectors, name="backflow_gates")(s)
             vectors = _mix_vectors(nn.sigmoid(gates)[..., None] * v, 2 * n_det * n_vec,
                                    "backflow_vectors", self)
             vectors = (vectors[plus] - vectors[minus]).reshape(n_orb, n_atoms, 2, n_det, n_vec, 3)
@@ -427,8 +449,8 @@ class ElectronEmbedding(nn.Module):
              jnp.broadcast_to(elements[None], (n_el,) + elements.shape).astype(electrons.dtype)],
             axis=-1,
         )
-        g_ee = jnp.tanh(nn.Dense(w2, name="ee_input")(ee_input))
-        g_en = jnp.tanh(nn.Dense(w2, name="en_input")(en_input))
+        g_ee = jnp.tanh(Dense(w2, name="ee_input")(ee_input))
+        g_en = jnp.tanh(Dense(w2, name="en_input")(en_input))
         h0 = self.param("initial_electron", nn.initializers.normal(1.0), (w1,))
         h = jnp.broadcast_to(h0.astype(electrons.dtype), (n_el, w1))
 
@@ -444,15 +466,15 @@ class ElectronEmbedding(nn.Module):
             g_up, g_down = spin_pool(g_ee, ee_weights, 1)
             g_atoms = jnp.sum(en_weights * g_en, axis=1)
             f = jnp.concatenate([h, h_up, h_down, g_up, g_down, g_atoms], axis=-1)
-            h = h + jnp.tanh(nn.Dense(w1, name=f"one_electron_{layer}")(f))
+            h = h + jnp.tanh(Dense(w1, name=f"one_electron_{layer}")(f))
             if layer < cfg.embedding_layers - 1:
-                g_ee = g_ee + jnp.tanh(nn.Dense(w2, name=f"ee_{layer}")(g_ee))
+                g_ee = g_ee + jnp.tanh(Dense(w2, name=f"ee_{layer}")(g_ee))
             # The electron-nucleus stream also sees the updated electron, so its output (which
             # weights the equivariant backflow) carries correlation as well as distance.
-            en_update = nn.Dense(w2, name=f"en_{layer}")(g_en) + nn.Dense(
+            en_update = Dense(w2, name=f"en_{layer}")(g_en) + Dense(
                 w2, use_bias=False, name=f"en_from_electron_{layer}")(h)[:, None, :]
             at_atom = jnp.concatenate(spin_pool(g_en, en_weights, 0), axis=-1)  # (I, 2 w2)
-            en_update = en_update + nn.Dense(w2, use_bias=False, name=f"en_from_atom_{layer}")(at_atom)[None]
+            en_update = en_update + Dense(w2, use_bias=False, name=f"en_from_atom_{layer}")(at_atom)[None]
             g_en = g_en + jnp.tanh(en_update)
         return h, g_en
 
@@ -522,7 +544,7 @@ class TransferableWavefunction(nn.Module):
         self.heads = OrbitalHeads(cfg)
         self.embedding = ElectronEmbedding(cfg)
         if cfg.backflow_vectors:
-            self.electron_vectors = nn.Dense(cfg.backflow_vectors)
+            self.electron_vectors = Dense(cfg.backflow_vectors)
         if cfg.jastrow:
             self.jastrow = CuspJastrow()
 
