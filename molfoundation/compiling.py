@@ -1,6 +1,7 @@
 """Compile time: functions a run calls once, and compiled programs kept on disk between runs."""
 
 import os
+import threading
 
 import jax
 
@@ -40,3 +41,37 @@ def use_persistent_cache() -> str | None:
         jax.config.update("jax_compilation_cache_dir", directory)
         jax.config.update("jax_compilation_cache_max_size", _CACHE_BYTES)
     return directory
+
+
+class Background:
+    """``fn(*args)`` run in another thread from construction; :meth:`result` waits for it and
+    returns its value or raises its exception.
+
+    For compiling ahead while the calling thread computes: XLA compiles without holding
+    Python's GIL, and compiled programs land in jit's caches, which all threads share. JAX's
+    configuration contexts (``jax.enable_x64`` and the like) are per thread: ``fn`` enters the
+    ones it needs itself. The caller must :meth:`wait` before its process exits, also after an
+    error or Ctrl-C: a process that ends while the thread is inside XLA crashes. A daemon
+    thread, so that a second Ctrl-C, which interrupts that wait, still ends the process."""
+
+    def __init__(self, fn, *args):
+        self._outcome: tuple = ()
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, args):
+        try:
+            self._outcome = (True, fn(*args))
+        except BaseException as error:  # re-raised in the thread that asks for the result
+            self._outcome = (False, error)
+
+    def wait(self) -> None:
+        """Waits for ``fn`` to end, whatever its outcome."""
+        self._thread.join()
+
+    def result(self):
+        self.wait()
+        done, value = self._outcome
+        if not done:
+            raise value
+        return value

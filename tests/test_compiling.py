@@ -41,3 +41,14 @@ def test_an_empty_jax_setting_switches_the_cache_off(tmp_path):
     out = run({"JAX_COMPILATION_CACHE_DIR": "", "XDG_CACHE_HOME": str(tmp_path)})
     assert out["directory"] is None and not out["config"]
     assert not os.listdir(tmp_path)
+
+
+def test_background_returns_the_value_or_raises_the_error_of_its_function():
+    from molfoundation.compiling import Background
+
+    def fail():
+        raise ValueError("no stand-in")
+
+    assert Background(lambda a, b: a + b, 2, 3).result() == 5
+    with pytest.raises(ValueError, match="no stand-in"):
+        Background(fail).result()

@@ -7,8 +7,11 @@ One configuration (H2, tiny network, KFAC, float64) is used throughout; its
 are traced and compiled once."""
 
 import json
+import logging
 import os
+import re
 import shutil
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -38,20 +41,42 @@ def problem(tmp_path_factory):
                                progress=False)
 
 
+class Lowerings(logging.Handler):
+    """(name, whether in the main thread) of every function JAX lowers while installed (from
+    the ``jax_log_compiles`` messages)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def emit(self, record):
+        match = re.match(r"Compiling jit\((\w+)\) with global shapes", record.getMessage())
+        if match:
+            self.names.append((match[1], record.thread == threading.main_thread().ident))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, problem):
-    """The same 6-step run made twice: straight through, and stopped after 3 steps and resumed."""
+    """The same 6-step run made twice: straight through, and stopped after 3 steps and resumed;
+    and the functions the straight run lowered."""
     base = tmp_path_factory.mktemp("vmc")
     straight, resumed = str(base / "straight"), str(base / "resumed")
     config = problem.config
-    result = train.train(straight, config, max_steps=6, progress=False, problem=problem)
+    lowerings, logger = Lowerings(), logging.getLogger("jax")
+    logger.addHandler(lowerings)
+    jax.config.update("jax_log_compiles", True)  # global: the background compilation's thread too
+    try:
+        result = train.train(straight, config, max_steps=6, progress=False, problem=problem)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+        logger.removeHandler(lowerings)
     train.train(resumed, config, max_steps=3, progress=False, problem=problem)
     train.train(resumed, config, max_steps=6, progress=False, problem=problem)
-    return config, result, straight, resumed
+    return config, result, straight, resumed, lowerings.names
 
 
 def test_run_directory_is_complete(runs):
-    config, result, straight, _ = runs
+    config, result, straight, _, _ = runs
     assert result.hf_fit_steps == config.vmc.hf_fit_steps and result.steps == 6
     assert result.stopped_because == "max_steps" and result.visits == {"H2": 6}
     assert load_config(straight) == config
@@ -71,8 +96,18 @@ def test_run_directory_is_complete(runs):
     assert result.energies["H2"] == vmc_entries[-1]["energy"][0]  # the last 10 % of 6 visits: one
 
 
+def test_vmc_update_compiles_once_alongside_the_hf_fit(runs):
+    """VMC's update is compiled in a thread during the HF fit, run on a stand-in state
+    (train._compile_vmc_updates); the real steps reuse that program only if the stand-in matched
+    their arguments exactly (shapes, dtypes, placement), else they lower it again."""
+    *_, lowered = runs
+    # The HF fit's Adam step in the main thread, VMC's update in the other, each once.
+    assert sorted(main for name, main in lowered if name == "update") == [False, True]
+    assert [name for name, main in lowered].count("take") == 1
+
+
 def test_run_directory_of_another_schema_version_is_refused(runs, tmp_path):
-    _, _, straight, _ = runs
+    _, _, straight, _, _ = runs
     path = os.path.join(straight, "config.json")
     record = json.load(open(path))
     assert record["kind"] == "vmc" and record["schema_version"] == SCHEMA_VERSION
@@ -84,7 +119,7 @@ def test_run_directory_of_another_schema_version_is_refused(runs, tmp_path):
 
 
 def test_resume_is_exact(runs):
-    _, _, straight, resumed = runs
+    _, _, straight, resumed, _ = runs
     a, b = log_lines(straight), log_lines(resumed)
     assert without_timings(a) == without_timings(b)  # same steps and values, no duplicated lines
     for x, y in zip(jax.tree.leaves(final_params(straight)), jax.tree.leaves(final_params(resumed))):
@@ -92,7 +127,7 @@ def test_resume_is_exact(runs):
 
 
 def test_log_lines_after_the_last_checkpoint_are_dropped_on_resume(runs, tmp_path):
-    config, _, straight, _ = runs
+    config, _, straight, _, _ = runs
     import shutil
 
     run_dir = str(tmp_path / "run")
@@ -104,13 +139,13 @@ def test_log_lines_after_the_last_checkpoint_are_dropped_on_resume(runs, tmp_pat
 
 
 def test_other_configuration_in_run_dir_is_rejected(runs):
-    _, _, straight, _ = runs
+    _, _, straight, _, _ = runs
     with pytest.raises(InputError, match="another configuration"):
         train.train(straight, tiny_config(seed=1), max_steps=6, progress=False)
 
 
 def test_divergence_stops_and_keeps_the_last_checkpoint(runs, problem, tmp_path, monkeypatch):
-    config, _, straight, _ = runs
+    config, _, straight, _, _ = runs
     import shutil
 
     run_dir = str(tmp_path / "run")
@@ -159,7 +194,7 @@ def test_sigint_then_kill_9_then_resume_gives_the_uninterrupted_run(problem, tmp
 @pytest.mark.parametrize("damage", ["corrupt", "missing"])
 def test_damaged_checkpoints_are_one_line_errors_and_nothing_is_written(runs, problem, tmp_path, capsys,
                                                                        monkeypatch, damage):
-    _, _, straight, _ = runs
+    _, _, straight, _, _ = runs
     run_dir = str(tmp_path / "run")
     shutil.copytree(straight, run_dir)
     checkpoints = os.path.join(run_dir, "checkpoints", "vmc")
@@ -222,7 +257,7 @@ def test_blocking_error_of_correlated_series():
 
 
 def test_evaluate_gives_energy_with_error_bar(runs, problem):
-    _, _, straight, _ = runs
+    _, _, straight, _, _ = runs
     result = evaluate.evaluate_run(straight, n_steps=40, progress=False)
     h2, = result.systems
     assert result.parameters == "vmc step 6" and h2.name == "H2" and h2.n_nonfinite == 0
@@ -235,7 +270,7 @@ def test_evaluate_gives_energy_with_error_bar(runs, problem):
 
 
 def test_cli_train_resume_and_evaluate(runs, problem, tmp_path, capsys, monkeypatch):
-    config, _, straight, _ = runs
+    config, _, straight, _, _ = runs
     reuse_problems(monkeypatch, problem)
     run_dir = str(tmp_path / "cli")
     args = ["train", "H2", "--run-dir", run_dir, "--preset", "tiny", "--float64",

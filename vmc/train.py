@@ -44,7 +44,7 @@ import functools
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -227,22 +227,11 @@ class Problem:
             self._compiled[cache_key] = run
         return self._compiled[cache_key]
 
-    def vmc_step(self, group: GeometryGroup):
-        """``fn(params, opt_state, sampler, spread, visits, key, rows (G,), members (G,)) ->
-        (params, opt_state, sampler, spread, visits, key, stats)``: one VMC step on the rows'
-        geometries of ``group`` (``members``: their indices in the system set): the MCMC call
-        on their walkers (``sampler``, the group's whole stack), the optimiser's update on the
-        new walkers, and the schedule's spread and visits. ``stats``: the optimiser's, with the
-        sampler's ``acceptance``, ``step_size`` and ``n_reset`` (G,). ``params`` and
-        ``opt_state`` are donated.
-
-        Three compiled calls, dispatched one after the other without waiting for results: the
-        rows' samplers and keys, the MCMC call (:meth:`sampler`, the very function the burn-in
-        runs, so it is compiled once for both: about 3 s less start-up for LiH's small preset),
-        and the update."""
+    def vmc_step(self, group: GeometryGroup) -> "VMCStep":
+        """One VMC step on geometries of ``group`` (:class:`VMCStep`), compiled per group."""
         cache_key = (id(group), "vmc_step")
         if cache_key not in self._compiled:
-            sample, optimizer = self.sampler(group), self.optimizer
+            optimizer = self.optimizer
 
             @jax.jit
             def take(sampler, key, rows):
@@ -257,15 +246,7 @@ class Problem:
                 spread = spread.at[members].set(jnp.sqrt(stats["variance"].astype(spread.dtype)))
                 return params, opt_state, sampler, spread, visits.at[members].add(1), stats
 
-            def step(params, opt_state, sampler, spread, visits, key, rows, members):
-                picked, key, key_sample, key_opt = take(sampler, key, rows)
-                picked, acceptance, n_reset = sample(params, picked, rows, key_sample)
-                params, opt_state, sampler, spread, visits, stats = update(
-                    params, opt_state, sampler, picked, spread, visits, key_opt, rows, members)
-                stats = dict(stats, acceptance=acceptance, step_size=picked.step_size, n_reset=n_reset)
-                return params, opt_state, sampler, spread, visits, key, stats
-
-            self._compiled[cache_key] = step
+            self._compiled[cache_key] = VMCStep(take, self.sampler(group), update)
         return self._compiled[cache_key]
 
     def init_sampler(self, group: GeometryGroup, params, walkers, hartree_fock: bool = False) -> mcmc.MCMCState:
@@ -334,6 +315,33 @@ class Problem:
     def local_energy(self):
         """``fn(params, batch) -> (G, W)`` local energies, jit-compiled."""
         return jax.jit(self.functions.local_energy)
+
+
+class VMCStep(NamedTuple):
+    """``step(params, opt_state, sampler, spread, visits, key, rows (G,), members (G,)) ->
+    (params, opt_state, sampler, spread, visits, key, stats)``: one VMC step on the rows'
+    geometries of a group (``members``: their indices in the system set): the MCMC call on
+    their walkers (``sampler``, the group's whole stack), the optimiser's update on the new
+    walkers, and the schedule's spread and visits. ``stats``: the optimiser's, with the
+    sampler's ``acceptance``, ``step_size`` and ``n_reset`` (G,). ``params`` and ``opt_state``
+    are donated.
+
+    Three compiled calls, dispatched one after the other without waiting for results:
+    ``take`` (the rows' samplers and keys), ``sample`` (the MCMC call: :meth:`Problem.sampler`,
+    the very function the burn-in runs, so it is compiled once for both: about 3 s less
+    start-up for LiH's small preset) and ``update``."""
+
+    take: Any
+    sample: Any
+    update: Any
+
+    def __call__(self, params, opt_state, sampler, spread, visits, key, rows, members):
+        picked, key, key_sample, key_opt = self.take(sampler, key, rows)
+        picked, acceptance, n_reset = self.sample(params, picked, rows, key_sample)
+        params, opt_state, sampler, spread, visits, stats = self.update(
+            params, opt_state, sampler, picked, spread, visits, key_opt, rows, members)
+        stats = dict(stats, acceptance=acceptance, step_size=picked.step_size, n_reset=n_reset)
+        return params, opt_state, sampler, spread, visits, key, stats
 
 
 def make_sampler(log_psi, n_steps: int):
@@ -478,29 +486,67 @@ def _fresh_vmc_state(problem: Problem, params, samplers, key) -> TrainState:
     return TrainState(jnp.asarray(0, jnp.int32), params, opt_state, samplers, *_statistics(problem), key_run)
 
 
+def _begin_vmc(problem: Problem, devices: WalkerParallel, start: TrainState, burn_in_sweeps: int) -> TrainState:
+    """The first VMC state from the HF fit's final state ``start``: log|psi| of its walkers
+    under the network, KFAC's state, then ``burn_in_sweeps`` MCMC calls on every geometry."""
+    key_start, key_burn = jax.random.split(start.key)
+    state = _fresh_vmc_state(problem, start.params, start.samplers, key_start)
+    state = devices.place(state.replace(key=key_burn))
+    return _burn_in_all(problem, state, state.params, burn_in_sweeps, hartree_fock=False)
+
+
+def _vmc_template(problem: Problem) -> TrainState:
+    """A fresh VMC state (for its shapes: :func:`jax.eval_shape`)."""
+    cfg = problem.config
+    params = _init_params(jax.random.PRNGKey(0), cfg.ansatz, cfg.vmc.float64)
+    samplers = tuple(mcmc.MCMCState(problem.init_walkers(jax.random.PRNGKey(0), g), None, None)
+                     for g in problem.groups)
+    return _fresh_vmc_state(problem, params, samplers, jax.random.PRNGKey(0))
+
+
+def _compile_vmc_updates(problem: Problem, devices: WalkerParallel, shapes: TrainState) -> None:
+    """Compiles every group's optimiser update (:class:`VMCStep`'s ``update``, the longest
+    compilation of a run: about 15 s of LiH's small preset on 2 CPU cores) by running it once
+    on a stand-in VMC state: zeros of the real state's ``shapes`` (:func:`_vmc_template`'s) in
+    its placement, whose results are dropped. The real steps then find it compiled for exactly
+    their arguments.
+
+    Run in a thread while the HF fit trains and VMC starts (:func:`train`): those compile and
+    run everything else, so no function is compiled by both threads. ``shapes`` are traced
+    before, in the calling thread: that also builds the problem's optimiser and lets kfac-jax
+    find the network's layers, neither of which may happen in two threads at once."""
+    cfg = problem.config
+    with runs.precision(cfg.vmc.float64):
+        state = devices.place(jax.tree.map(jnp.zeros_like, shapes))
+        params, opt_state = state.params, state.opt_state
+        for g, group in enumerate(problem.groups):
+            step = problem.vmc_step(group)
+            rows = np.arange(min(cfg.schedule.geometries_per_step, group.size))
+            rows, members = _rows(rows), _rows(np.asarray(group.members)[rows])
+            picked, _, _, key_opt = step.take(state.samplers[g], state.key, rows)
+            params, opt_state, *out = step.update(params, opt_state, state.samplers[g], picked,
+                                                  state.spread, state.visits, key_opt, rows, members)
+        jax.block_until_ready((params, out))
+
+
 def run_vmc(run: runs.RunDirectory, problem: Problem, devices: WalkerParallel, start: TrainState | None,
-            max_steps: int, phase_options: dict) -> tuple[TrainState, str]:
+            max_steps: int, phase_options: dict, updates: compiling.Background | None = None
+            ) -> tuple[TrainState, str]:
     """VMC up to ``max_steps`` optimisation steps in all (resumable); ``start`` is the HF-fit
-    state, None when a VMC checkpoint exists."""
+    state, None when a VMC checkpoint exists. ``updates``: a running
+    :func:`_compile_vmc_updates`, waited for before the first step."""
     cfg = problem.config
     by_spread = cfg.schedule.schedule == "spread"
 
-    def template():
-        params = _init_params(jax.random.PRNGKey(0), cfg.ansatz, cfg.vmc.float64)
-        samplers = tuple(mcmc.MCMCState(problem.init_walkers(jax.random.PRNGKey(0), g), None, None)
-                         for g in problem.groups)
-        return _fresh_vmc_state(problem, params, samplers, jax.random.PRNGKey(0))
-
-    state = run.restore("vmc", lambda: jax.eval_shape(template))
+    state = run.restore("vmc", lambda: jax.eval_shape(functools.partial(_vmc_template, problem)))
     if state is None:
         if start is None:
             raise InputError(f"{run.path} has no HF-fit state to start VMC from")
-        key_start, key_burn = jax.random.split(start.key)
-        state = _fresh_vmc_state(problem, start.params, start.samplers, key_start)
-        state = devices.place(state.replace(key=key_burn))
-        state = _burn_in_all(problem, state, state.params, cfg.vmc.burn_in_sweeps, hartree_fock=False)
+        state = _begin_vmc(problem, devices, start, cfg.vmc.burn_in_sweeps)
     else:
         state = devices.place(state)
+    if updates is not None:
+        updates.result()
     all_finite = jax.jit(runs.all_finite)
     n_walkers = cfg.vmc.n_walkers
 
@@ -615,13 +661,26 @@ def train(run_dir: str, config: RunConfig, max_steps: int, time_budget: float | 
         run.claim(config.to_record())
         if not os.path.exists(os.path.join(run_dir, SYSTEMS_FILE)) and distributed.is_writer():
             system_sets.write_system_set(os.path.join(run_dir, SYSTEMS_FILE), system_set)
-        start, stopped = None, "max_steps"
-        if run.latest_step("vmc") is None:
-            start, stopped = fit_hartree_fock(run, problem, devices, phase_options)
-        vmc_steps = 0
-        if stopped == "max_steps":
-            state, stopped = run_vmc(run, problem, devices, start, max_steps, phase_options)
-            vmc_steps = int(state.step)
+        start, stopped, updates = None, "max_steps", None
+        try:
+            if run.latest_step("vmc") is None:
+                # VMC's updates compile alongside the HF fit. Only in a single process:
+                # collectives issued from two threads could meet in a different order on other
+                # processes. Not under JAX's NaN and Inf checks, which the stand-in's values trip.
+                if (max_steps > 0 and jax.process_count() == 1
+                        and not (jax.config.jax_debug_nans or jax.config.jax_debug_infs)):
+                    shapes = jax.eval_shape(functools.partial(_vmc_template, problem))
+                    updates = compiling.Background(_compile_vmc_updates, problem, devices, shapes)
+                start, stopped = fit_hartree_fock(run, problem, devices, phase_options)
+            vmc_steps = 0
+            if stopped == "max_steps":
+                state, stopped = run_vmc(run, problem, devices, start, max_steps, phase_options, updates)
+                vmc_steps = int(state.step)
+        finally:
+            # Also on Ctrl-C or a stop during the HF fit: a process that exits while another
+            # thread is inside XLA crashes (SIGSEGV) instead of exiting with its code.
+            if updates is not None:
+                updates.wait()
         plot_energies(run_dir, {s.name: exact_energy(s) for s in system_set})
     energies, visits = recent_energies(run.read_log("vmc"))
     return TrainResult(hf_fit_steps=run.latest_step("hf_fit") or 0, steps=vmc_steps, stopped_because=stopped,
