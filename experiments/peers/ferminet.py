@@ -16,7 +16,9 @@ FermiNet: the writer its ``train.train`` takes).
 - ``startup_seconds``: from the process's start to its first training step logged (imports,
   Hartree-Fock, compilation, pretraining, burn-in, and the first step);
 - ``compile_seconds``: lowering and XLA compilation summed over the run (JAX's monitoring
-  events; tracing is reported apart as ``trace_seconds``, where nested traces count again);
+  events; tracing is reported apart as ``trace_seconds``, where nested traces count again).
+  A sum over threads: this project compiles its VMC update alongside the HF fit, and two
+  compilations sharing the cores each take longer, so it can exceed the start-up's share;
 - ``parameters``: each network's parameter count;
 - ``step_ratio``, ``startup_ratio``, ``compile_ratio``: ours / FermiNet, of the medians.
 
