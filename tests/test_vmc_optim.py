@@ -271,6 +271,36 @@ def masked_pair_problem():
     return energy_loss, jax.vmap(log_psi, (None, 0)), params, walkers
 
 
+def test_every_dense_layer_is_one_kfac_layer_with_its_bias(float64):
+    """kfac-jax's graph matcher, run on the per-walker log|psi| KFAC uses, finds each of the
+    network's dense layers with its kernel and bias together in one layer (one curvature
+    block), not a bias alone."""
+    system, config, _, params, _, _ = h2_problem()
+    walkers = start_walkers(system, 8)
+    log_psi = kfac_log_psi(config, jnp.float64)
+    kfac = kfac_compat.load()
+
+    def loss_fn(p, w):
+        out = log_psi(p, w)
+        kfac.register_normal_predictive_distribution(out[:, None])
+        return jnp.mean(out)
+
+    closed = jax.make_jaxpr(kfac.tag_graph_matcher.auto_register_tags(loss_fn, (params, walkers)))(params, walkers)
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    leaf_of = {var: i for i, var in enumerate(closed.jaxpr.invars[:len(paths)])}
+    layers = []
+    for eqn in closed.jaxpr.eqns:
+        if eqn.primitive.name == "layer_tag":
+            meta = eqn.params["meta"]
+            layers.append(sorted(paths[leaf_of[eqn.invars[i]]] for i in meta.params_index))
+    biases = [p for p in paths if p.endswith("['bias']")]
+    assert biases
+    for bias in biases:
+        kernel = bias.replace("['bias']", "['kernel']")
+        assert sorted([bias, kernel]) in layers, bias
+    assert not any(len(layer) == 1 and layer[0].endswith("['bias']") for layer in layers)
+
+
 def test_kfac_step_is_finite_when_a_pair_layer_is_masked_out(float64):
     """The project's curvature block for such a layer keeps the update finite and leaves the
     masked layer's weights unchanged (kfac-jax's own block divides by the number of pairs

@@ -189,10 +189,6 @@ def inputs_from_hartree_fock(orbitals, config: AnsatzConfig) -> AnsatzInputs:
                        orbitals.down, orbitals.layout, config)
 
 
-# ----------------------------------------------------------------------------------------------
-# Orbital side: GNN over atoms and the symmetrised heads.
-
-
 class Dense(nn.Module):
     """``x @ kernel + bias`` over the last axis of x (..., n_in) -> (..., features); the
     parameters and their initialisers are flax's ``nn.Dense``'s.
@@ -213,6 +209,10 @@ class Dense(nn.Module):
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
         return y
+
+
+# ----------------------------------------------------------------------------------------------
+# Orbital side: GNN over atoms and the symmetrised heads.
 
 
 class MLP(nn.Module):
