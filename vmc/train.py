@@ -368,6 +368,12 @@ def _rows(group_rows) -> jax.Array:
     return jnp.asarray(group_rows, jnp.int32)
 
 
+def _batch_rows(problem: Problem, group: GeometryGroup) -> np.ndarray:
+    """The first ``min(geometries_per_step, group size)`` rows of ``group``: as many geometries
+    as a step batches (:func:`choose_geometries`)."""
+    return np.arange(min(problem.config.schedule.geometries_per_step, group.size))
+
+
 def _whole(rows: np.ndarray, size: int) -> bool:
     """Whether ``rows`` are all ``size`` rows of a stack, in order (then no copy is needed)."""
     return rows.size == size and np.array_equal(rows, np.arange(size))
@@ -480,19 +486,10 @@ def _fresh_vmc_state(problem: Problem, params, samplers, key) -> TrainState:
     samplers = tuple(problem.init_sampler(g, params, s.walkers) for g, s in zip(problem.groups, samplers))
     # KFAC is initialised on a batch shaped like the first group's steps.
     first = problem.groups[0]
-    rows = _rows(np.arange(min(problem.config.schedule.geometries_per_step, first.size)))
+    rows = _rows(_batch_rows(problem, first))
     example = GeometryBatch(samplers[0].walkers[rows], first.select(rows))
     opt_state = problem.optimizer.init(params, key_opt, example)
     return TrainState(jnp.asarray(0, jnp.int32), params, opt_state, samplers, *_statistics(problem), key_run)
-
-
-def _begin_vmc(problem: Problem, devices: WalkerParallel, start: TrainState, burn_in_sweeps: int) -> TrainState:
-    """The first VMC state from the HF fit's final state ``start``: log|psi| of its walkers
-    under the network, KFAC's state, then ``burn_in_sweeps`` MCMC calls on every geometry."""
-    key_start, key_burn = jax.random.split(start.key)
-    state = _fresh_vmc_state(problem, start.params, start.samplers, key_start)
-    state = devices.place(state.replace(key=key_burn))
-    return _burn_in_all(problem, state, state.params, burn_in_sweeps, hartree_fock=False)
 
 
 def _vmc_template(problem: Problem) -> TrainState:
@@ -521,7 +518,7 @@ def _compile_vmc_updates(problem: Problem, devices: WalkerParallel, shapes: Trai
         params, opt_state = state.params, state.opt_state
         for g, group in enumerate(problem.groups):
             step = problem.vmc_step(group)
-            rows = np.arange(min(cfg.schedule.geometries_per_step, group.size))
+            rows = _batch_rows(problem, group)
             rows, members = _rows(rows), _rows(np.asarray(group.members)[rows])
             picked, _, _, key_opt = step.take(state.samplers[g], state.key, rows)
             params, opt_state, *out = step.update(params, opt_state, state.samplers[g], picked,
@@ -542,7 +539,10 @@ def run_vmc(run: runs.RunDirectory, problem: Problem, devices: WalkerParallel, s
     if state is None:
         if start is None:
             raise InputError(f"{run.path} has no HF-fit state to start VMC from")
-        state = _begin_vmc(problem, devices, start, cfg.vmc.burn_in_sweeps)
+        key_start, key_burn = jax.random.split(start.key)
+        state = _fresh_vmc_state(problem, start.params, start.samplers, key_start)
+        state = devices.place(state.replace(key=key_burn))
+        state = _burn_in_all(problem, state, state.params, cfg.vmc.burn_in_sweeps, hartree_fock=False)
     else:
         state = devices.place(state)
     if updates is not None:
