@@ -19,9 +19,22 @@ calls after two warm-up calls, results waited for):
   a fresh process (from the log's timestamps, steps after --skip), everything the loop does
   included.
 
-Derived: ``inverses`` = kfac_step - kfac_step_no_inverse; ``curvature_estimate`` =
-kfac_step_no_inverse - adam_step; ``outside_step`` = training_step - mcmc - kfac_step (logging,
-host round-trips, checkpoints). Writes experiments/results/vmc_profile_<label>_<platform>.json (label: the system by default).
+Parts timed alone miss how they share the two cores inside a step (work off the update's path,
+such as the curvature estimate while inverses are cached, runs beside it; recomputed every step,
+the inverses wait for it), so the step is also taken apart by changing one setting at a time:
+``whole_step`` holds the median seconds of the VMC step itself (the training loop's compiled
+MCMC call and update, its statistics fetched as the loop does) with the run's settings (``step``)
+and with half the Metropolis steps (``half_mcmc``), Adam instead of KFAC (``adam``),
+the factor inverses never recomputed (``no_inverse``) and the curvature estimated from a quarter
+of the walkers (``quarter_curvature``), all in one process, taking turns (--rounds rounds of 5
+steps each), so that a slower minute of the machine slows every variant alike. Derived from it:
+``mcmc`` = (step - half_mcmc) x mcmc_steps / (mcmc_steps - mcmc_steps // 2), the MCMC call;
+``kfac_extra`` = step - adam, what KFAC adds to the gradient step (curvature, inverses,
+preconditioning); ``inverses`` = step - no_inverse, the inverses recomputed every step with the
+curvature estimate they wait for; ``curvature`` = (step - quarter_curvature) x 4 / 3, the
+per-walker network the curvature is estimated from; and ``outside_step`` =
+training_step - step (logging, host round-trips, checkpoints). Writes
+experiments/results/vmc_profile_<label>_<platform>.json (label: the system by default).
 
     .venv/bin/python experiments/vmc_profile.py --system LiH
     .venv/bin/python experiments/vmc_profile.py --system LiH --set curvature_walker_stride=4 --label LiH_stride4
@@ -44,7 +57,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from machine import machine_info, result_stem  # noqa: E402
 from molfoundation.settings import apply_settings  # noqa: E402
-from vmc import ansatz, geometries, optimizers  # noqa: E402
+from vmc import ansatz, geometries, optimizers, train  # noqa: E402
 from vmc.config import SystemsConfig, preset_config, run_directory  # noqa: E402
 from vmc.geometries import GeometryBatch  # noqa: E402
 from vmc_speed import first_geometry  # noqa: E402
@@ -108,6 +121,45 @@ def profile_parts(config, repeats: int) -> dict:
     return {"parts": parts, "parameters": n_params, "electrons": group.n_electrons}
 
 
+WHOLE_STEP_VARIANTS = {
+    "step": lambda c: [],
+    "half_mcmc": lambda c: [f"mcmc_steps={c.vmc.mcmc_steps // 2}"],
+    "adam": lambda c: ["optimizer=adam"],
+    "no_inverse": lambda c: ["inverse_update_period=1000000"],
+    "quarter_curvature": lambda c: [f"curvature_walker_stride={4 * c.kfac.curvature_walker_stride}"],
+}
+
+
+def whole_steps(config, rounds: int) -> dict:
+    """Median seconds of the VMC step of ``config`` and of each of :data:`WHOLE_STEP_VARIANTS`,
+    the variants taking turns, 5 steps each per round (after 3 warm-up steps)."""
+    variants = {}
+    for name, change in WHOLE_STEP_VARIANTS.items():
+        variant = apply_settings(config, change(config))
+        problem, group, rows, params, sampler, _ = first_geometry(variant)
+        opt_state = problem.optimizer.init(params, jax.random.PRNGKey(2),
+                                           GeometryBatch(sampler.walkers, group.geometries))
+        spread, visits = train._statistics(problem)
+        variants[name] = (problem.vmc_step(group), [params, opt_state, sampler, spread, visits], rows)
+
+    def advance(name, n, first_key):
+        step, state, rows = variants[name]
+        for i in range(n):
+            out = step(*state, jax.random.PRNGKey(first_key + i), rows, rows)
+            state[:] = out[:5]
+            jax.device_get(out[-1])  # the statistics, fetched every step as the training loop does
+
+    for name in variants:
+        advance(name, 3, 0)
+    times = {name: [] for name in variants}
+    for r in range(rounds):
+        for name in variants:
+            start = time.perf_counter()
+            advance(name, 5, 10 + 5 * r)
+            times[name].append((time.perf_counter() - start) / 5)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def training_run(system: str, args: list[str], steps: int, skip: int) -> dict:
     """``vmc train SYSTEM ARGS --steps STEPS`` in a fresh process without a persistent
     compilation cache: ``startup_seconds`` from its start to its first VMC step logged (imports,
@@ -133,6 +185,7 @@ def main():
     parser.add_argument("--preset", default="small")
     parser.add_argument("--laplacian", default="folx", choices=["folx", "hessian"])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=40, help="rounds of the whole-step variants")
     parser.add_argument("--steps", type=int, default=300, help="steps of the timed training run")
     parser.add_argument("--skip", type=int, default=50)
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
@@ -148,10 +201,14 @@ def main():
     parts["training_step"] = training_run(args.system, ["--preset", args.preset, "--hf-fit-steps", "0",
                                                         "--set", f"laplacian={args.laplacian}", *sets],
                                           args.steps, args.skip)["step_seconds"]
+    whole = whole_steps(config, args.rounds)
+    m = config.vmc.mcmc_steps
     derived = {
-        "inverses": parts["kfac_step"] - parts["kfac_step_no_inverse"],
-        "curvature_estimate": parts["kfac_step_no_inverse"] - parts["adam_step"],
-        "outside_step": parts["training_step"] - parts["mcmc"] - parts["kfac_step"],
+        "mcmc": (whole["step"] - whole["half_mcmc"]) * m / (m - m // 2),
+        "kfac_extra": whole["step"] - whole["adam"],
+        "inverses": whole["step"] - whole["no_inverse"],
+        "curvature": (whole["step"] - whole["quarter_curvature"]) * 4 / 3,
+        "outside_step": parts["training_step"] - whole["step"],
     }
     out = {
         "benchmark": "vmc_profile",
@@ -161,7 +218,7 @@ def main():
         "system": args.system, "preset": args.preset, "laplacian": args.laplacian, "settings": args.settings,
         "walkers": config.vmc.n_walkers, "mcmc_steps": config.vmc.mcmc_steps,
         "parameters": profile["parameters"], "electrons": profile["electrons"],
-        "seconds": parts, "derived_seconds": derived,
+        "seconds": parts, "whole_step_seconds": whole, "derived_seconds": derived,
     }
     print(json.dumps(out, indent=1))
     path = result_stem("vmc_profile", args.label or args.system, jax.default_backend()) + ".json"
