@@ -13,7 +13,7 @@ calls after two warm-up calls, results waited for):
   walker with its own copy of the molecule's inputs) and its gradient;
 - ``kfac_step``: the whole KFAC step (gradient, curvature estimate, factor inverses, update);
   ``kfac_step_no_inverse`` the same without recomputing the inverses (inverse_update_period
-  past the timed steps), so their difference is the cost of the inverses;
+  past the timed steps): their difference is what the inverses cost in a step timed alone;
 - ``adam_step``: the Adam step (gradient and update only);
 - ``training_step``: wall-clock seconds per step of ``vmc train`` with the same settings, in
   a fresh process (from the log's timestamps, steps after --skip), everything the loop does
@@ -57,10 +57,10 @@ import jax.numpy as jnp  # noqa: E402
 
 from machine import machine_info, result_stem  # noqa: E402
 from molfoundation.settings import apply_settings  # noqa: E402
-from vmc import ansatz, geometries, optimizers, train  # noqa: E402
+from vmc import ansatz, geometries, optimizers  # noqa: E402
 from vmc.config import SystemsConfig, preset_config, run_directory  # noqa: E402
 from vmc.geometries import GeometryBatch  # noqa: E402
-from vmc_speed import first_geometry  # noqa: E402
+from vmc_speed import first_geometry, first_step  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,21 +133,14 @@ WHOLE_STEP_VARIANTS = {
 def whole_steps(config, rounds: int) -> dict:
     """Median seconds of the VMC step of ``config`` and of each of :data:`WHOLE_STEP_VARIANTS`,
     the variants taking turns, 5 steps each per round (after 3 warm-up steps)."""
-    variants = {}
-    for name, change in WHOLE_STEP_VARIANTS.items():
-        variant = apply_settings(config, change(config))
-        problem, group, rows, params, sampler, _ = first_geometry(variant)
-        opt_state = problem.optimizer.init(params, jax.random.PRNGKey(2),
-                                           GeometryBatch(sampler.walkers, group.geometries))
-        spread, visits = train._statistics(problem)
-        variants[name] = (problem.vmc_step(group), [params, opt_state, sampler, spread, visits], rows)
+    variants = {name: first_step(apply_settings(config, change(config)))
+                for name, change in WHOLE_STEP_VARIANTS.items()}
 
     def advance(name, n, first_key):
-        step, state, rows = variants[name]
+        _, rows, step, state = variants[name]
         for i in range(n):
-            out = step(*state, jax.random.PRNGKey(first_key + i), rows, rows)
-            state[:] = out[:5]
-            jax.device_get(out[-1])  # the statistics, fetched every step as the training loop does
+            *state[:], _, stats = step(*state, jax.random.PRNGKey(first_key + i), rows, rows)
+            jax.device_get(stats)  # as the training loop does, every step
 
     for name in variants:
         advance(name, 3, 0)

@@ -68,23 +68,36 @@ def first_geometry(config: RunConfig) -> FirstGeometry:
     return FirstGeometry(problem, group, jnp.zeros((1,), jnp.int32), params, sampler, problem.sampler(group))
 
 
+class FirstStep(NamedTuple):
+    """The training loop's VMC step (MCMC call and update) on the first geometry of a
+    configuration's systems, and what it is called with: ``step(*state, key, rows, rows)``
+    returns the next state (its first 5 entries) and the key and statistics."""
+
+    group: geometries.GeometryGroup
+    rows: jax.Array
+    step: train.VMCStep
+    state: list  # params, opt_state, sampler, spread, visits
+
+
+def first_step(config: RunConfig) -> FirstStep:
+    problem, group, rows, params, sampler, _ = first_geometry(config)
+    opt_state = problem.optimizer.init(params, jax.random.PRNGKey(2), GeometryBatch(sampler.walkers, group.geometries))
+    spread, visits = train._statistics(problem)
+    return FirstStep(group, rows, problem.vmc_step(group), [params, opt_state, sampler, spread, visits])
+
+
 def time_config(config: RunConfig, repeats: int) -> dict:
     """First-step (trace + compile) and median step seconds of the VMC step (one MCMC call and
     one optimiser step) on the first geometry of ``config``'s systems, with the sizes that set
     them."""
-    problem, group, rows, params, sampler, _ = first_geometry(config)
-    opt_state = problem.optimizer.init(params, jax.random.PRNGKey(2), GeometryBatch(sampler.walkers, group.geometries))
-    spread, visits = train._statistics(problem)
-    vmc_step = problem.vmc_step(group)  # the training loop's step: MCMC call and update
-
+    group, rows, vmc_step, state = first_step(config)
     times = []
     for i in range(repeats + 3):
         start = time.perf_counter()
-        params, opt_state, sampler, spread, visits, _, stats = vmc_step(
-            params, opt_state, sampler, spread, visits, jax.random.PRNGKey(10 + i), rows, rows)
-        jax.block_until_ready((params, stats["energy"]))
+        *state[:], _, stats = vmc_step(*state, jax.random.PRNGKey(10 + i), rows, rows)
+        jax.block_until_ready((state[0], stats["energy"]))
         times.append(time.perf_counter() - start)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
+    n_params = sum(x.size for x in jax.tree.leaves(state[0]))
     return {
         "electrons": group.n_electrons, "parameters": int(n_params),
         "walkers": config.vmc.n_walkers, "laplacian": config.vmc.laplacian,
