@@ -549,16 +549,47 @@ def train(
             source = source_params
         run.claim(record, ignore=("init_from",))
         state = restore_state(run_dir, lambda: state_shapes(model, train_cfg, example, optimizer))
-        if state is None:
-            state = init_state(model, train_cfg, example, optimizer, None if source is not None else train_data,
-                               params=source, init=functions.init)
-            ranges = distance_ranges(train_data, model_cfg.elements)
-            if init_from is not None:
-                ranges = _merged_ranges(ranges, read_distance_ranges(init_from))
-            runs.write_json(os.path.join(run_dir, DISTANCE_RANGES_FILE), ranges)
-        state = devices.replicate(state)
-        return _loop(run, functions, train_cfg, devices, state, train_data, valid_data,
-                     max_steps, time_budget, progress)
+        step_ahead = None
+        try:
+            if state is None:
+                # The step compiles while the parameters are made. Only in a single process
+                # (collectives issued from two threads could meet in another order elsewhere),
+                # and not under JAX's NaN and Inf checks, which the stand-in state's zeros trip.
+                if jax.process_count() == 1 and not (jax.config.jax_debug_nans or jax.config.jax_debug_infs):
+                    step_ahead = compiling.Background(
+                        _compile_step, functions, train_cfg, devices,
+                        state_shapes(model, train_cfg, example, optimizer), train_data)
+                state = init_state(model, train_cfg, example, optimizer, None if source is not None else train_data,
+                                   params=source, init=functions.init)
+                ranges = distance_ranges(train_data, model_cfg.elements)
+                if init_from is not None:
+                    ranges = _merged_ranges(ranges, read_distance_ranges(init_from))
+                runs.write_json(os.path.join(run_dir, DISTANCE_RANGES_FILE), ranges)
+            state = devices.replicate(state)
+            if step_ahead is not None:
+                step_ahead.result()
+            return _loop(run, functions, train_cfg, devices, state, train_data, valid_data,
+                         max_steps, time_budget, progress)
+        finally:
+            # Also after an error or Ctrl-C: a process that exits while another thread is
+            # inside XLA crashes instead of exiting with its code.
+            if step_ahead is not None:
+                step_ahead.wait()
+
+
+def _compile_step(functions: TrainingFunctions, cfg: TrainConfig, devices: sharding.FirstAxisSharding,
+                  shapes: TrainState, train_data: HamiltonianData) -> None:
+    """Compiles the training step (the longest compilation of a run: about 25 s of the small
+    preset on 2 CPU cores) by running it once on a stand-in state, zeros of the real state's
+    ``shapes`` in its placement, and the first batch; the results are dropped. The real
+    steps then find it compiled for exactly their arguments. Run in a thread while
+    :func:`train` makes the parameters, which compiles only the initialisation, so no
+    function is compiled by both threads; ``shapes`` are traced before, in the calling
+    thread."""
+    with runs.precision(cfg.float64):
+        state = devices.replicate(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+        batch = training_batch(train_data, 0, functions.model.config, cfg, devices)
+        jax.block_until_ready(functions.step(state, *batch))
 
 
 def read_distance_ranges(run_dir: str) -> dict[str, list[float]]:

@@ -196,6 +196,17 @@ def test_loss_decreases_and_run_dir_is_complete(tmp_path, water_data):
         assert (tmp_path / "run" / name).exists()
 
 
+def test_a_fresh_run_takes_the_step_compiled_during_initialisation(tmp_path, water_data):
+    """The step compiled on a stand-in state while the parameters are made is the one the
+    run's steps call: the jitted step holds one compiled version, not a second one for
+    arguments that differ from the stand-in's in dtype, weak type or placement."""
+    cfg, _ = functions_for()
+    functions = training.make_training_functions(TINY, cfg)
+    training.train(str(tmp_path / "run"), TINY, cfg, data_config(water_data), max_steps=2, progress=False,
+                   functions=functions)
+    assert functions.step._cache_size() == 1
+
+
 def test_resume_is_exact(tmp_path, water_data):
     run(tmp_path / "straight", water_data, 8)
     run(tmp_path / "resumed", water_data, 4)  # checkpoint at step 4 (a validation step)
