@@ -6,7 +6,10 @@ problem of experiments/phisnet_speed.py (def2-SVP, float32, random targets) and 
 - the training step (loss, gradient, optimiser, EMA): tracing and lowering, then compiling,
 - the compiled step itself (median of ``--repeats``).
 It also counts the parameter arrays and the kernels (fusions) of the compiled step, the two
-things compile time grows with. ``--reference REV`` runs the same measurements on another git
+things compile time grows with, and times a whole fresh run of one step through the command
+line, ``phisnet train DATA --preset P --steps 1`` (``train_one_step_seconds``: imports, data,
+parameters, compilation, the step, its checkpoint), on 24 HF/def2-SVP water geometries this
+script generates first. ``--reference REV`` runs the same measurements on another git
 revision of this project (checked out beside this one) in the same run, alternating with this
 one, and adds the ratios (this / reference). Last, this checkout twice more with one
 persistent compilation cache (``molfoundation.compiling.use_persistent_cache``, as the command
@@ -23,6 +26,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -72,7 +76,8 @@ print(json.dumps({
 }))
 """
 
-KEYS = ("init_seconds", "train_trace_seconds", "train_compile_seconds", "startup_seconds", "train_step_ms")
+KEYS = ("init_seconds", "train_trace_seconds", "train_compile_seconds", "startup_seconds", "train_step_ms",
+        "train_one_step_seconds")
 
 
 def measure(root: str, preset: str, batch: int, repeats: int, cache: str = "") -> dict:
@@ -82,20 +87,36 @@ def measure(root: str, preset: str, batch: int, repeats: int, cache: str = "") -
     return json.loads(out.strip().splitlines()[-1])
 
 
+def train_one_step(root: str, preset: str, batch: int, data: str) -> float:
+    """Seconds of ``phisnet train`` from ``root`` for a fresh one-step run, in a new process
+    without a persistent compilation cache."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        started = time.perf_counter()
+        revisions.run_python(root, ["-m", "phisnet_jax", "train", data, "--run-dir", os.path.join(run_dir, "run"),
+                                    "--train", "16", "--valid", "4", "--preset", preset, "--batch-size", str(batch),
+                                    "--steps", "1"], JAX_COMPILATION_CACHE_DIR="")
+        return time.perf_counter() - started
+
+
+def measured(root: str, preset: str, batch: int, repeats: int, data: str) -> dict:
+    """:func:`measure` and :func:`train_one_step` of one checkout."""
+    return {**measure(root, preset, batch, repeats), "train_one_step_seconds": train_one_step(root, preset, batch, data)}
+
+
 def summarise(runs: list[dict]) -> dict:
     return {**{k: v for k, v in runs[0].items() if k not in KEYS},
             **{k: statistics.median(r[k] for r in runs) for k in KEYS}, "runs": runs}
 
 
-def measure_preset(preset: str, args, reference_tree: str | None) -> dict:
+def measure_preset(preset: str, args, reference_tree: str | None, data: str) -> dict:
     """One preset's row: this checkout (and the reference) ``args.rounds`` times, alternated,
     then this checkout twice with one persistent compilation cache."""
     ours, reference = [], []
     for _ in range(args.rounds):
-        ours.append(measure(ROOT, preset, args.batch, args.repeats))
+        ours.append(measured(ROOT, preset, args.batch, args.repeats, data))
         print(json.dumps({"preset": preset, "code": "this", **ours[-1]}), flush=True)
         if reference_tree:
-            reference.append(measure(reference_tree, preset, args.batch, args.repeats))
+            reference.append(measured(reference_tree, preset, args.batch, args.repeats, data))
             print(json.dumps({"preset": preset, "code": "reference", **reference[-1]}), flush=True)
     with tempfile.TemporaryDirectory() as cache:
         measure(ROOT, preset, args.batch, args.repeats, cache)  # fills the cache
@@ -118,13 +139,17 @@ def main() -> None:
     parser.add_argument("--reference", help="a git revision of this project to measure in the same run")
     parser.add_argument("--output")
     args = parser.parse_args()
-    if args.reference:
-        with revisions.checkout(args.reference) as (tree, commit):
-            results = [measure_preset(preset, args, tree) for preset in args.presets]
-        for row in results:
-            row["reference"]["commit"] = commit
-    else:
-        results = [measure_preset(preset, args, None) for preset in args.presets]
+    with tempfile.TemporaryDirectory() as work:
+        data = os.path.join(work, "water.h5")
+        revisions.run_python(ROOT, ["-m", "phisnet_jax", "generate", "water", "-n", "24", "--method", "hf",
+                                    "--basis", "def2-svp", "--no-optimize", "-o", data])
+        if args.reference:
+            with revisions.checkout(args.reference) as (tree, commit):
+                results = [measure_preset(preset, args, tree, data) for preset in args.presets]
+            for row in results:
+                row["reference"]["commit"] = commit
+        else:
+            results = [measure_preset(preset, args, None, data) for preset in args.presets]
     output = args.output or result_stem("phisnet_compile", None, results[0]["this"]["platform"]) + ".json"
     record = {
         "benchmark": "PhiSNet start-up: parameter initialisation and training-step compilation (float32)",
