@@ -43,6 +43,14 @@ def use_persistent_cache() -> str | None:
     return directory
 
 
+def can_compile_on_stand_ins() -> bool:
+    """Whether a run may compile a function in a :class:`Background` thread by running it on
+    stand-in values (zeros of the real arguments' shapes): only in a single process, since
+    collectives issued from two threads could meet in a different order on other processes,
+    and not under JAX's NaN and Inf checks, which the stand-ins' values trip."""
+    return jax.process_count() == 1 and not (jax.config.jax_debug_nans or jax.config.jax_debug_infs)
+
+
 class Background:
     """``fn(*args)`` run in another thread from construction; :meth:`result` waits for it and
     returns its value or raises its exception.

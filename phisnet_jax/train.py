@@ -552,10 +552,8 @@ def train(
         step_ahead = None
         try:
             if state is None:
-                # The step compiles while the parameters are made. Only in a single process
-                # (collectives issued from two threads could meet in another order elsewhere),
-                # and not under JAX's NaN and Inf checks, which the stand-in state's zeros trip.
-                if jax.process_count() == 1 and not (jax.config.jax_debug_nans or jax.config.jax_debug_infs):
+                # The step compiles while the parameters are made.
+                if compiling.can_compile_on_stand_ins():
                     step_ahead = compiling.Background(
                         _compile_step, functions, train_cfg, devices,
                         state_shapes(model, train_cfg, example, optimizer), train_data)

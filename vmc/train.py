@@ -665,11 +665,8 @@ def train(run_dir: str, config: RunConfig, max_steps: int, time_budget: float | 
         start, stopped, updates = None, "max_steps", None
         try:
             if run.latest_step("vmc") is None:
-                # VMC's updates compile alongside the HF fit. Only in a single process:
-                # collectives issued from two threads could meet in a different order on other
-                # processes. Not under JAX's NaN and Inf checks, which the stand-in's values trip.
-                if (max_steps > 0 and jax.process_count() == 1
-                        and not (jax.config.jax_debug_nans or jax.config.jax_debug_infs)):
+                # VMC's updates compile alongside the HF fit.
+                if max_steps > 0 and compiling.can_compile_on_stand_ins():
                     shapes = jax.eval_shape(functools.partial(_vmc_template, problem))
                     updates = compiling.Background(_compile_vmc_updates, problem, devices, shapes)
                 start, stopped = fit_hartree_fock(run, problem, devices, phase_options)
