@@ -43,12 +43,29 @@ def use_persistent_cache() -> str | None:
     return directory
 
 
-def can_compile_on_stand_ins() -> bool:
-    """Whether a run may compile a function in a :class:`Background` thread by running it on
-    stand-in values (zeros of the real arguments' shapes): only in a single process, since
-    collectives issued from two threads could meet in a different order on other processes,
-    and not under JAX's NaN and Inf checks, which the stand-ins' values trip."""
-    return jax.process_count() == 1 and not (jax.config.jax_debug_nans or jax.config.jax_debug_infs)
+def can_compile_ahead() -> bool:
+    """Whether a run may compile its step with :func:`compile_ahead`: in a single process only
+    (where processes compile together, one compiling in a thread is untried)."""
+    return jax.process_count() == 1
+
+
+def compile_ahead(calls) -> "Background":
+    """Compiles jitted functions for exactly the arguments of ``calls``, a sequence of
+    ``(jitted, args)``, while the calling thread goes on: each is traced and lowered here,
+    and XLA compiles the lowered programs in a :class:`Background` thread (returned; the
+    caller waits for it). A later ``jitted(*args)`` with arguments of the same shapes,
+    dtypes and placement finds its program compiled (jit's caches are shared by the AOT path
+    and all threads, keyed also by the x64 mode, which the thread therefore takes from the
+    calling thread). Tracing stays in the calling thread because JAX's tracing is not safe in
+    two threads at once (two traces through the same custom-JVP function can collide)."""
+    lowered = [jitted.lower(*args) for jitted, args in calls]
+    x64 = jax.config.jax_enable_x64  # this thread's, which may differ from the process's
+
+    def compile_all():
+        with jax.enable_x64(x64):
+            return [program.compile() for program in lowered]
+
+    return Background(compile_all)
 
 
 class Background:

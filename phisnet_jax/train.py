@@ -553,10 +553,9 @@ def train(
         try:
             if state is None:
                 # The step compiles while the parameters are made.
-                if compiling.can_compile_on_stand_ins():
-                    step_ahead = compiling.Background(
-                        _compile_step, functions, train_cfg, devices,
-                        state_shapes(model, train_cfg, example, optimizer), train_data)
+                if compiling.can_compile_ahead():
+                    step_ahead = _compile_step(functions, train_cfg, devices,
+                                               state_shapes(model, train_cfg, example, optimizer), train_data)
                 state = init_state(model, train_cfg, example, optimizer, None if source is not None else train_data,
                                    params=source, init=functions.init)
                 ranges = distance_ranges(train_data, model_cfg.elements)
@@ -576,18 +575,15 @@ def train(
 
 
 def _compile_step(functions: TrainingFunctions, cfg: TrainConfig, devices: sharding.FirstAxisSharding,
-                  shapes: TrainState, train_data: HamiltonianData) -> None:
-    """Compiles the training step (the longest compilation of a run: about 25 s of the small
-    preset on 2 CPU cores) by running it once on a stand-in state, zeros of the real state's
-    ``shapes`` in its placement, and the first batch; the results are dropped. The real
-    steps then find it compiled for exactly their arguments. Run in a thread while
-    :func:`train` makes the parameters, which compiles only the initialisation, so no
-    function is compiled by both threads; ``shapes`` are traced before, in the calling
-    thread."""
-    with runs.precision(cfg.float64):
-        state = devices.replicate(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
-        batch = training_batch(train_data, 0, functions.model.config, cfg, devices)
-        jax.block_until_ready(functions.step(state, *batch))
+                  shapes: TrainState, train_data: HamiltonianData) -> compiling.Background:
+    """Starts compiling the training step (the longest compilation of a run: about 25 s of the
+    small preset on 2 CPU cores) for a stand-in state, zeros of the real state's ``shapes`` in
+    its placement, and the first batch. The step is traced here; XLA compiles it in the
+    returned thread while :func:`train` makes the parameters, and the run's steps find it
+    compiled for exactly their arguments."""
+    state = devices.replicate(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+    batch = training_batch(train_data, 0, functions.model.config, cfg, devices)
+    return compiling.compile_ahead([(functions.step, (state, *batch))])
 
 
 def read_distance_ranges(run_dir: str) -> dict[str, list[float]]:

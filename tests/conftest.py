@@ -11,11 +11,14 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import random
 import socket
+import re
 import subprocess
 import sys
+import threading
 import time
 
 os.environ.setdefault(
@@ -140,6 +143,44 @@ class ProcessGroupRun:
             if process.poll() is None:
                 process.kill()
                 process.communicate()
+
+
+class _CompileEvents(logging.Handler):
+    """JAX's ``jax_log_compiles`` messages as (event, function name, whether in the main
+    thread): "lowered" when jit lowers a function for new argument types, "compiled" when XLA
+    compiles the lowered program (or loads it from the persistent cache)."""
+
+    PATTERNS = {"lowered": re.compile(r"Compiling jit\((\w+)\) with global shapes"),
+                "compiled": re.compile(r"Finished XLA compilation of jit\((\w+)\)")}
+
+    def __init__(self):
+        super().__init__()
+        self.events = []
+
+    def emit(self, record):
+        for event, pattern in self.PATTERNS.items():
+            match = pattern.match(record.getMessage())
+            if match:
+                self.events.append((event, match[1], record.thread == threading.main_thread().ident))
+
+
+@contextlib.contextmanager
+def compile_events():
+    """The list of (event, name, in main thread) of every lowering and compilation in all
+    threads while inside (:class:`_CompileEvents`)."""
+    import jax
+
+    handler, logger = _CompileEvents(), logging.getLogger("jax")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # jax_log_compiles' level, whatever the root logger's is
+    jax.config.update("jax_log_compiles", True)  # global, not per thread
+    try:
+        yield handler.events
+    finally:
+        jax.config.update("jax_log_compiles", False)
+        logger.setLevel(level)
+        logger.removeHandler(handler)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from phisnet_jax.generate import GenerationRequest, generate
 from phisnet_jax.model import PhiSNetConfig, make_inputs
 from phisnet_jax.reference import LevelOfTheory
 from phisnet_jax.sampling import thermal_ensemble
-from conftest import (ProcessGroupRun, assert_same_checkpoints, background_for,
+from conftest import (ProcessGroupRun, assert_same_checkpoints, background_for, compile_events,
                       directory_digest, sigint_then_kill_9, run_phisnet_cli, start_geometry, without_timings)
 
 # The CLI's "tiny" preset on water in STO-3G.
@@ -197,14 +197,17 @@ def test_loss_decreases_and_run_dir_is_complete(tmp_path, water_data):
 
 
 def test_a_fresh_run_takes_the_step_compiled_during_initialisation(tmp_path, water_data):
-    """The step compiled on a stand-in state while the parameters are made is the one the
-    run's steps call: the jitted step holds one compiled version, not a second one for
-    arguments that differ from the stand-in's in dtype, weak type or placement."""
+    """The step lowered for a stand-in state and compiled in a thread while the parameters
+    are made is the one the run's steps call: it is lowered in the main thread and compiled
+    once, not again for arguments that differ from the stand-in's in dtype, weak type or
+    placement."""
     cfg, _ = functions_for()
     functions = training.make_training_functions(TINY, cfg)
-    training.train(str(tmp_path / "run"), TINY, cfg, data_config(water_data), max_steps=2, progress=False,
-                   functions=functions)
-    assert functions.step._cache_size() == 1
+    with compile_events() as events:
+        training.train(str(tmp_path / "run"), TINY, cfg, data_config(water_data), max_steps=2, progress=False,
+                       functions=functions)
+    assert [(event, main) for event, name, main in events if name == "train_step"] == [("lowered", True),
+                                                                                       ("compiled", False)]
 
 
 def test_resume_is_exact(tmp_path, water_data):

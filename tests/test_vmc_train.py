@@ -7,17 +7,14 @@ One configuration (H2, tiny network, KFAC, float64) is used throughout; its
 are traced and compiled once."""
 
 import json
-import logging
 import os
-import re
 import shutil
-import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (assert_same_checkpoints, directory_digest, log_lines,
+from conftest import (assert_same_checkpoints, compile_events, directory_digest, log_lines,
                       reuse_problems, run_vmc_cli, sigint_then_kill_9, without_timings)
 
 from molfoundation.errors import InputError, TrainingDiverged
@@ -41,38 +38,18 @@ def problem(tmp_path_factory):
                                progress=False)
 
 
-class Lowerings(logging.Handler):
-    """(name, whether in the main thread) of every function JAX lowers while installed (from
-    the ``jax_log_compiles`` messages)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def emit(self, record):
-        match = re.match(r"Compiling jit\((\w+)\) with global shapes", record.getMessage())
-        if match:
-            self.names.append((match[1], record.thread == threading.main_thread().ident))
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, problem):
     """The same 6-step run made twice: straight through, and stopped after 3 steps and resumed;
-    and the functions the straight run lowered."""
+    and what the straight run lowered and compiled (conftest.compile_events)."""
     base = tmp_path_factory.mktemp("vmc")
     straight, resumed = str(base / "straight"), str(base / "resumed")
     config = problem.config
-    lowerings, logger = Lowerings(), logging.getLogger("jax")
-    logger.addHandler(lowerings)
-    jax.config.update("jax_log_compiles", True)  # global: the background compilation's thread too
-    try:
+    with compile_events() as events:
         result = train.train(straight, config, max_steps=6, progress=False, problem=problem)
-    finally:
-        jax.config.update("jax_log_compiles", False)
-        logger.removeHandler(lowerings)
     train.train(resumed, config, max_steps=3, progress=False, problem=problem)
     train.train(resumed, config, max_steps=6, progress=False, problem=problem)
-    return config, result, straight, resumed, lowerings.names
+    return config, result, straight, resumed, events
 
 
 def test_run_directory_is_complete(runs):
@@ -97,13 +74,15 @@ def test_run_directory_is_complete(runs):
 
 
 def test_vmc_update_compiles_once_alongside_the_hf_fit(runs):
-    """VMC's update is compiled in a thread during the HF fit, run on a stand-in state
+    """VMC's update is lowered for a stand-in state and compiled in a thread during the HF fit
     (train._compile_vmc_updates); the real steps reuse that program only if the stand-in matched
-    their arguments exactly (shapes, dtypes, placement), else they lower it again."""
-    *_, lowered = runs
-    # The HF fit's Adam step in the main thread, VMC's update in the other, each once.
-    assert sorted(main for name, main in lowered if name == "update") == [False, True]
-    assert [name for name, main in lowered].count("take") == 1
+    their arguments exactly (shapes, dtypes, placement), else they lower and compile it again."""
+    *_, events = runs
+    # Two functions named update, the HF fit's Adam step and VMC's: both traced and lowered in
+    # the main thread, each compiled once, VMC's in the other thread.
+    assert [main for event, name, main in events if (event, name) == ("lowered", "update")] == [True, True]
+    assert sorted(main for event, name, main in events if (event, name) == ("compiled", "update")) == [False, True]
+    assert [(event, name) for event, name, _ in events].count(("lowered", "take")) == 1
 
 
 def test_run_directory_of_another_schema_version_is_refused(runs, tmp_path):

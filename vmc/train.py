@@ -503,29 +503,23 @@ def _vmc_template(problem: Problem) -> TrainState:
     return _fresh_vmc_state(problem, params, samplers, jax.random.PRNGKey(0))
 
 
-def _compile_vmc_updates(problem: Problem, devices: WalkerParallel, shapes: TrainState) -> None:
-    """Compiles every group's optimiser update (:class:`VMCStep`'s ``update``, the longest
-    compilation of a run: about 15 s of LiH's small preset on 2 CPU cores) by running it once
-    on a stand-in VMC state: zeros of the real state's ``shapes`` (:func:`_vmc_template`'s) in
-    its placement, whose results are dropped. The real steps then find it compiled for exactly
-    their arguments.
-
-    Run in a thread while the HF fit trains and VMC starts (:func:`train`): those compile and
-    run everything else, so no function is compiled by both threads. ``shapes`` are traced
-    before, in the calling thread: that also builds the problem's optimiser and lets kfac-jax
-    find the network's layers, neither of which may happen in two threads at once."""
-    cfg = problem.config
-    with runs.precision(cfg.vmc.float64):
-        state = devices.place(jax.tree.map(jnp.zeros_like, shapes))
-        params, opt_state = state.params, state.opt_state
-        for g, group in enumerate(problem.groups):
-            step = problem.vmc_step(group)
-            rows = _batch_rows(problem, group)
-            rows, members = _rows(rows), _rows(np.asarray(group.members)[rows])
-            picked, _, _, key_opt = step.take(state.samplers[g], state.key, rows)
-            params, opt_state, *out = step.update(params, opt_state, state.samplers[g], picked,
-                                                  state.spread, state.visits, key_opt, rows, members)
-        jax.block_until_ready((params, out))
+def _compile_vmc_updates(problem: Problem, devices: WalkerParallel) -> compiling.Background:
+    """Starts compiling every group's optimiser update (:class:`VMCStep`'s ``update``, the
+    longest compilation of a run: about 15 s of LiH's small preset on 2 CPU cores) for a
+    stand-in VMC state: zeros of a fresh state's shapes (:func:`_vmc_template`'s) in its
+    placement. The updates are traced here; XLA compiles them in the returned thread while
+    the HF fit trains and VMC starts (:func:`train`), and the real steps find them compiled
+    for exactly their arguments."""
+    state = devices.place(jax.tree.map(jnp.zeros_like, jax.eval_shape(functools.partial(_vmc_template, problem))))
+    calls = []
+    for g, group in enumerate(problem.groups):
+        step = problem.vmc_step(group)
+        rows = _batch_rows(problem, group)
+        rows, members = _rows(rows), _rows(np.asarray(group.members)[rows])
+        picked, _, _, key_opt = step.take(state.samplers[g], state.key, rows)
+        calls.append((step.update, (state.params, state.opt_state, state.samplers[g], picked,
+                                    state.spread, state.visits, key_opt, rows, members)))
+    return compiling.compile_ahead(calls)
 
 
 def run_vmc(run: runs.RunDirectory, problem: Problem, devices: WalkerParallel, start: TrainState | None,
@@ -666,9 +660,8 @@ def train(run_dir: str, config: RunConfig, max_steps: int, time_budget: float | 
         try:
             if run.latest_step("vmc") is None:
                 # VMC's updates compile alongside the HF fit.
-                if max_steps > 0 and compiling.can_compile_on_stand_ins():
-                    shapes = jax.eval_shape(functools.partial(_vmc_template, problem))
-                    updates = compiling.Background(_compile_vmc_updates, problem, devices, shapes)
+                if max_steps > 0 and compiling.can_compile_ahead():
+                    updates = _compile_vmc_updates(problem, devices)
                 start, stopped = fit_hartree_fock(run, problem, devices, phase_options)
             vmc_steps = 0
             if stopped == "max_steps":
