@@ -14,8 +14,8 @@ import json
 import logging
 import os
 import random
-import socket
 import re
+import socket
 import subprocess
 import sys
 import threading
