@@ -61,8 +61,9 @@ def compile_ahead(calls) -> "Background":
 
     What overlaps is the compilation with the calling thread's tracing and computing: XLA's
     CPU compilations in one process mostly wait for one another (on 2 CPU cores a one-add
-    program compiled in the calling thread took 0.6-2.5 s instead of 0.03 s while a 6 s program
-    compiled in the thread): what the calling thread compiles meanwhile waits."""
+    program compiled in the calling thread took 0.5-2.7 s instead of 0.02 s while a 7 s
+    program compiled in the thread; experiments/results/compile_overlap_cpu.json): what the
+    calling thread compiles meanwhile waits."""
     lowered = [jitted.lower(*args) for jitted, args in calls]
     x64 = jax.config.jax_enable_x64  # this thread's, which may differ from the process's
 
