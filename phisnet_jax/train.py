@@ -581,7 +581,7 @@ def _compile_step(functions: TrainingFunctions, cfg: TrainConfig, devices: shard
     its placement, and the first batch. The step is traced here; XLA compiles it in the
     returned thread while :func:`train` makes the parameters, and the run's steps find it
     compiled for exactly their arguments."""
-    state = devices.replicate(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+    state = devices.replicate(jax.tree.map(jnp.zeros_like, shapes))
     batch = training_batch(train_data, 0, functions.model.config, cfg, devices)
     return compiling.compile_ahead([(functions.step, (state, *batch))])
 
