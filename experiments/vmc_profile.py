@@ -56,6 +56,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from machine import machine_info, result_stem  # noqa: E402
+from molfoundation.blas_threads import one_blas_thread  # noqa: E402
 from molfoundation.settings import apply_settings  # noqa: E402
 from vmc import ansatz, geometries, optimizers  # noqa: E402
 from vmc.config import SystemsConfig, preset_config, run_directory  # noqa: E402
@@ -188,13 +189,15 @@ def main():
 
     config = preset_config(args.preset, SystemsConfig(args.system), hf_fit_steps=0, laplacian=args.laplacian)
     config = apply_settings(config, args.settings)
-    profile = profile_parts(config, args.repeats)
+    with one_blas_thread():  # as in training (molfoundation.runs.Phase)
+        profile = profile_parts(config, args.repeats)
     parts = profile["parts"]
     sets = [item for setting in args.settings for item in ("--set", setting)]
     parts["training_step"] = training_run(args.system, ["--preset", args.preset, "--hf-fit-steps", "0",
                                                         "--set", f"laplacian={args.laplacian}", *sets],
                                           args.steps, args.skip)["step_seconds"]
-    whole = whole_steps(config, args.rounds)
+    with one_blas_thread():
+        whole = whole_steps(config, args.rounds)
     m = config.vmc.mcmc_steps
     derived = {
         "mcmc": (whole["step"] - whole["half_mcmc"]) * m / (m - m // 2),

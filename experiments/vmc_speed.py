@@ -22,6 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from machine import machine_info  # noqa: E402
+from molfoundation.blas_threads import one_blas_thread  # noqa: E402
 from vmc import ansatz, geometries, train  # noqa: E402
 from vmc.config import RunConfig, SystemsConfig, VMCConfig  # noqa: E402
 from vmc.geometries import GeometryBatch  # noqa: E402
@@ -92,11 +93,12 @@ def time_config(config: RunConfig, repeats: int) -> dict:
     them."""
     group, rows, vmc_step, state = first_step(config)
     times = []
-    for i in range(repeats + 3):
-        start = time.perf_counter()
-        *state[:], _, stats = vmc_step(*state, jax.random.PRNGKey(10 + i), rows, rows)
-        jax.block_until_ready((state[0], stats["energy"]))
-        times.append(time.perf_counter() - start)
+    with one_blas_thread():  # as in training (molfoundation.runs.Phase)
+        for i in range(repeats + 3):
+            start = time.perf_counter()
+            *state[:], _, stats = vmc_step(*state, jax.random.PRNGKey(10 + i), rows, rows)
+            jax.block_until_ready((state[0], stats["energy"]))
+            times.append(time.perf_counter() - start)
     n_params = sum(x.size for x in jax.tree.leaves(state[0]))
     return {
         "electrons": group.n_electrons, "parameters": int(n_params),

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from molfoundation import checkpoints, distributed
+from molfoundation.blas_threads import one_blas_thread
 from molfoundation.errors import InputError, TrainingDiverged
 
 CONFIG_FILE = "config.json"
@@ -218,7 +219,8 @@ class Phase:
     """One training phase of a run: ``total`` steps (None: no limit) or until ``time_budget``
     seconds after ``started`` (a ``time.perf_counter()`` value; default now), checkpoints
     every ``checkpoint_every`` steps, a progress bar showing the keys ``shown`` of the newest
-    log entry."""
+    log entry. The steps run with the BLAS libraries on one thread
+    (:func:`molfoundation.blas_threads.one_blas_thread`)."""
 
     def __init__(self, run: RunDirectory, name: str, total: int | None, *, checkpoint_every: int,
                  time_budget: float | None = None, started: float | None = None, progress: bool = True,
@@ -264,7 +266,7 @@ class Phase:
         try:
             # Every process computes the same entries; process 0 writes them.
             with (open(run.log_path if distributed.is_writer() else os.devnull, "a") as log,
-                  deferred_interrupt() as interrupted):
+                  deferred_interrupt() as interrupted, one_blas_thread()):
                 while self.total is None or int(state.step) < self.total:
                     if self.out_of_time():
                         stopped = "time_budget"
