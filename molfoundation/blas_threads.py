@@ -12,6 +12,7 @@ on one of XLA's threads, so one BLAS thread loses nothing.
 """
 
 import contextlib
+import importlib
 
 import threadpoolctl
 
@@ -23,7 +24,6 @@ def one_blas_thread():
     work inside the block also runs on one BLAS thread."""
     # Loads the BLAS that jaxlib's LAPACK kernels call (they take scipy's LAPACK), so that the
     # limit covers it even before the first program with a LAPACK call is compiled.
-    import scipy.linalg  # noqa: F401
-
+    importlib.import_module("scipy.linalg")
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
         yield

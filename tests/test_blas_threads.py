@@ -1,6 +1,7 @@
 """The BLAS thread pools while XLA programs run: one thread inside a training phase, as started
 outside it (threadpoolctl's reading of each library's own thread count)."""
 
+import importlib
 import os
 from typing import NamedTuple
 
@@ -19,8 +20,7 @@ def blas_threads() -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def started():
-    import scipy.linalg  # noqa: F401  (the BLAS under jaxlib's LAPACK kernels, loaded)
-
+    importlib.import_module("scipy.linalg")  # the BLAS under jaxlib's LAPACK kernels, loaded
     threads = blas_threads()
     if max(threads.values()) == 1:
         pytest.skip("the BLAS libraries start with one thread here (one core or a limit set outside)")

@@ -40,6 +40,12 @@ project's oldest supported JAX (requirements/oldest-jax.txt) with FermiNet's own
     .venv-peers/bin/pip install --no-deps -e .
     .venv-peers/bin/python experiments/peers/ferminet.py speed --ferminet PEER
     .venv-peers/bin/python experiments/peers/ferminet.py budget --ferminet PEER --seconds 360
+
+This project's training keeps the BLAS libraries on one thread (molfoundation.blas_threads);
+FermiNet's does not, and its KFAC inverses are slowed by OpenBLAS threads competing with XLA's.
+The same limit for both codes: ``OPENBLAS_NUM_THREADS=1`` in the environment, e.g. ``speed
+--label one_blas_thread``; every result file records the thread settings it ran with
+(``environment``).
 """
 
 import json

@@ -82,11 +82,17 @@ def versions(peer: str | None, packages: tuple[str, ...]) -> dict:
     return found
 
 
+# Environment variables that set the codes' thread pools; both codes' processes inherit them.
+THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS")
+
+
 def header(script: str, benchmark: str, peer: str | None, packages: tuple[str, ...]) -> dict:
     """What every peer result file starts with: the benchmark's name, the command that made it
-    (see ``command_line``), the machine and the versions (see ``versions``)."""
+    (see ``command_line``), the machine, the versions (see ``versions``) and the thread
+    settings of the environment (``environment``: those of THREAD_VARIABLES that are set)."""
     return {"benchmark": benchmark, "command": command_line(script, peer), "machine": machine_info(),
-            "versions": versions(peer, packages)}
+            "versions": versions(peer, packages),
+            "environment": {k: os.environ[k] for k in THREAD_VARIABLES if k in os.environ}}
 
 
 def command_line(script: str, peer: str | None) -> str:
