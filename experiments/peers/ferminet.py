@@ -59,71 +59,14 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 import harness  # noqa: E402
 from harness import launch, mode_parsers, run_child, write_result  # noqa: E402
+from lih import (BURN_IN_CALLS, EXACT_ENERGY, LIH_BOND, MCMC_STEPS, PRETRAIN_STEPS, WALKERS,  # noqa: E402
+                 add_arguments, compare_speed, ours_evaluate, ours_train, record_compile_time, summarise, system_record)
 
-LIH_BOND = 3.015  # bohr, as vmc.systems' LiH
-EXACT_ENERGY = -8.070548  # hartree, vmc.references
-PRETRAIN_STEPS = 100
-BURN_IN_CALLS = 20
-WALKERS = 256
-MCMC_STEPS = 10
 CODES = ("ferminet", "ours")
 
 
 # ----------------------------------------------------------------------------------------------
 # Inside one measured process.
-
-
-def record_compile_time() -> dict:
-    """Sums of JAX's compile events (seconds) in this process, filled in as they happen."""
-    import jax.monitoring
-
-    totals = {"trace": 0.0, "lower": 0.0, "backend_compile": 0.0}
-    names = {"/jax/core/compile/jaxpr_trace_duration": "trace",
-             "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
-             "/jax/core/compile/backend_compile_duration": "backend_compile"}
-
-    def listen(event, duration, **_):
-        if event in names:
-            totals[names[event]] += duration
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    return totals
-
-
-def ours_train(run_dir: str, job: dict) -> dict:
-    """``vmc train`` of LiH in this process; its steps' times and energies, and its settings."""
-    import jax
-
-    from vmc import cli, config, train
-
-    limit = (["--steps", str(job["steps"])] if job["budget"] is None else
-             ["--steps", "100000000", "--time-budget", str(job["budget"] - (time.time() - job["launched"]))])
-    args = ["train", "LiH", "--run-dir", run_dir, "--preset", job["ours_preset"],
-            "--hf-fit-steps", str(PRETRAIN_STEPS), *limit, "--set", f"burn_in_sweeps={BURN_IN_CALLS}",
-            "--set", f"n_walkers={WALKERS}", "--set", f"mcmc_steps={MCMC_STEPS}",
-            "--set", "optimizer=kfac", "--set", "laplacian=folx",
-            *[item for setting in job["ours_settings"] for item in ("--set", setting)]]
-    try:
-        cli.main(args)
-    except SystemExit as exit_:
-        if exit_.code:
-            raise
-    entries = config.run_directory(run_dir).read_log("vmc")
-    cfg = config.load_config(run_dir)
-    shapes = train.param_shapes(cfg.ansatz, cfg.vmc.float64)
-    return {"step_times": [e["time"] for e in entries], "energies": [e["energy"][0] for e in entries],
-            "parameters": int(sum(x.size for x in jax.tree.leaves(shapes))),
-            "settings": {"command": "vmc " + " ".join("RUN" if a == run_dir else a for a in args),
-                         "config": cfg.to_record()}}
-
-
-def ours_evaluate(run_dir: str, eval_steps: int) -> dict:
-    from vmc import evaluate
-
-    result = evaluate.evaluate_run(run_dir, None, 0, n_steps=eval_steps, n_walkers=WALKERS,
-                                   burn_in_sweeps=None, seed=1, step=None)
-    system = result.systems[0]
-    return {"energy": system.energy, "error": system.error, "burn_in_calls": result.burn_in_sweeps}
 
 
 def ferminet_config(job: dict, save_path: str):
@@ -247,48 +190,13 @@ def child(job: dict, out_path: str) -> None:
 # The harness.
 
 
-def summarise(raw: dict, skip: int) -> dict:
-    times = raw["step_times"]
-    return {
-        "steps": len(times),
-        "step_seconds": (times[-1] - times[skip]) / (len(times) - 1 - skip),
-        "startup_seconds": times[0] - raw["launched"],
-        "train_seconds": raw["trained"] - raw["launched"],
-        "compile_seconds": raw["compile_seconds"]["lower"] + raw["compile_seconds"]["backend_compile"],
-        "trace_seconds": raw["compile_seconds"]["trace"],
-        "parameters": raw["parameters"],
-        "settings": raw["settings"],
-    }
-
-
 def header(args, benchmark: str) -> dict:
     return harness.header(__file__, benchmark, args.ferminet, ("jax", "jaxlib", "kfac-jax", "folx", "flax", "optax")) | {
-        "system": {"name": "LiH", "bond_bohr": LIH_BOND, "walkers": WALKERS, "mcmc_steps": MCMC_STEPS,
-                   "pretrain_steps": PRETRAIN_STEPS, "burn_in_calls": BURN_IN_CALLS, "optimizer": "kfac",
-                   "laplacian": "folx"},
-    }
+        "system": system_record()}
 
 
 def speed(args, job: dict) -> None:
-    runs = {code: [] for code in CODES}
-    for repeat in range(args.repeats):
-        for code in CODES:
-            row = summarise(launch(__file__, dict(job, code=code)), args.skip)
-            runs[code].append(row)
-            print(json.dumps({"code": code, "repeat": repeat, **{k: v for k, v in row.items() if k != "settings"}}),
-                  flush=True)
-    summary = {code: {key: statistics.median(r[key] for r in rows)
-                      for key in ("step_seconds", "startup_seconds", "compile_seconds", "trace_seconds")}
-               | {"parameters": rows[0]["parameters"], "settings": rows[0]["settings"]}
-               for code, rows in runs.items()}
-    out = header(args, "peer_ferminet") | {
-        "steps": args.steps, "step_time_skips": args.skip,
-        "ours": summary["ours"], "ferminet": summary["ferminet"],
-        "step_ratio": summary["ours"]["step_seconds"] / summary["ferminet"]["step_seconds"],
-        "startup_ratio": summary["ours"]["startup_seconds"] / summary["ferminet"]["startup_seconds"],
-        "compile_ratio": summary["ours"]["compile_seconds"] / summary["ferminet"]["compile_seconds"],
-        "runs": {code: [{k: v for k, v in r.items() if k != "settings"} for r in rows] for code, rows in runs.items()},
-    }
+    out = header(args, "peer_ferminet") | compare_speed(__file__, job, "ferminet", args.repeats, args.skip)
     write_result("peer_ferminet", args.label, out)
     print(json.dumps({k: out[k] for k in ("step_ratio", "startup_ratio", "compile_ratio")}))
 
@@ -317,18 +225,9 @@ def main():
     parser, subs = mode_parsers(__doc__.splitlines()[0], "ferminet",
                                 "path of FermiNet's source (the directory with setup.py)")
     for mode, sub in subs.items():
-        sub.add_argument("--ours-preset", default="small")
-        sub.add_argument("--set", dest="ours_settings", action="append", default=[], metavar="KEY=VALUE",
-                         help="a setting of this project's run (as vmc train --set), repeatable")
+        add_arguments(sub, mode)
         sub.add_argument("--ferminet-network", type=int, nargs=4, default=[2, 64, 16, 4],
                          metavar=("LAYERS", "SINGLE", "PAIR", "DETERMINANTS"))
-        sub.add_argument("--skip", type=int, default=50, help="first steps left out of the step time")
-        if mode == "speed":
-            sub.add_argument("--steps", type=int, default=600, help="training steps of every run")
-            sub.add_argument("--repeats", type=int, default=2, help="runs of each code, alternating")
-        else:
-            sub.add_argument("--seconds", type=float, default=360.0, help="wall-clock budget of each training")
-            sub.add_argument("--eval-steps", type=int, default=2000, help="MCMC calls of each evaluation")
     args = parser.parse_args()
     if not os.path.isfile(os.path.join(args.ferminet, "ferminet", "train.py")):
         parser.error(f"{args.ferminet} holds no FermiNet source (ferminet/train.py)")

@@ -24,15 +24,16 @@ def run_child(child) -> bool:
     return False
 
 
-def mode_parsers(description: str, peer: str, peer_help: str, optional_in: tuple[str, ...] = ()):
-    """The command line of a peer benchmark: a ``speed`` and a ``budget`` mode, each with
-    ``--<peer>`` (path of the peer's source; required except in the modes ``optional_in``) and
-    ``--label``. Returns (parser, {mode: subparser})."""
+def mode_parsers(description: str, peer: str, peer_help: str, optional_in: tuple[str, ...] = (),
+                 modes: tuple[str, ...] = ("speed", "budget")):
+    """The command line of a peer benchmark: its ``modes``, each with ``--<peer>`` (where the
+    peer is; required except in the modes ``optional_in``) and ``--label``. Returns (parser,
+    {mode: subparser})."""
     parser = argparse.ArgumentParser(description=description)
-    modes = parser.add_subparsers(dest="mode", required=True)
+    subparsers = parser.add_subparsers(dest="mode", required=True)
     subs = {}
-    for mode in ("speed", "budget"):
-        subs[mode] = sub = modes.add_parser(mode)
+    for mode in modes:
+        subs[mode] = sub = subparsers.add_parser(mode)
         sub.add_argument(f"--{peer}", required=mode not in optional_in, help=peer_help)
         sub.add_argument("--label", help="suffix of the result file's name, for a variant of the settings")
     return parser, subs
@@ -43,10 +44,11 @@ def arrays_path(out_path: str) -> str:
     return os.path.join(os.path.dirname(out_path), "arrays.npz")
 
 
-def launch(script: str, job: dict) -> dict:
-    """Run ``job`` in a fresh process of ``script`` (nothing compiled is shared between runs):
-    what its child wrote, its arrays under ``"arrays"`` if it left any, and ``"launched"``, the
-    time the process was started."""
+def launch(script: str, job: dict, python: str = sys.executable) -> dict:
+    """Run ``job`` in a fresh process of ``script`` (nothing compiled is shared between runs),
+    started by the interpreter ``python`` (a peer may need an environment of its own): what its
+    child wrote, its arrays under ``"arrays"`` if it left any, and ``"launched"``, the time the
+    process was started."""
     import numpy as np
 
     with tempfile.TemporaryDirectory() as work:
@@ -56,7 +58,7 @@ def launch(script: str, job: dict) -> dict:
         # and this project's default one), or a repeat would load what the first run compiled.
         env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
         env["JAX_COMPILATION_CACHE_DIR"] = ""
-        done = subprocess.run([sys.executable, os.path.abspath(script), "child", json.dumps(job), out],
+        done = subprocess.run([python, os.path.abspath(script), "child", json.dumps(job), out],
                               env=env, text=True, capture_output=True)
         if done.returncode != 0:
             raise SystemExit(f"the {job['code']} run failed:\n{done.stderr[-4000:]}")
