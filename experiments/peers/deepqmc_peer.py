@@ -129,6 +129,7 @@ def speed(args, job: dict) -> None:
     compared = compare_speed(__file__, job, "deepqmc", args.repeats, args.skip, peer_python=args.deepqmc_python)
     out = harness.header(__file__, "peer_deepqmc", None, ("jax", "jaxlib", "kfac-jax", "folx", "flax", "optax")) | {
         "system": system_record()} | compared
+    out["command"] = harness.command_line(__file__, args.deepqmc_python)  # the interpreter as PEER
     write_result("peer_deepqmc", args.label, out)
     print(json.dumps({k: out[k] for k in ("step_ratio", "startup_ratio", "compile_ratio")}))
 
