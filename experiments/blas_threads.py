@@ -66,7 +66,7 @@ def main():
             with setting():
                 blas[name] = sorted({lib["num_threads"] for lib in threadpoolctl.threadpool_info()
                                      if lib["user_api"] == "blas"})
-                times = advance(args.steps, 10 + (r * len(SETTINGS) + len(per_round[name])) * args.steps)
+                times = advance(args.steps, 10 + r * args.steps)  # the same keys for both settings
             per_round[name].append(statistics.mean(times[1:]))
     seconds = {name: statistics.median(t) for name, t in per_round.items()}
     out = {
