@@ -1,4 +1,6 @@
-"""Generation end to end through the CLI: resume after kill -9, extension, bad input."""
+"""Generation end to end through the CLI: resume after kill -9, extension, bad input. Runs
+that generate go through the subprocess entry point ``python -m phisnet_jax``; the bad-input
+checks run the same command line in-process (they end before any work starts)."""
 
 import hashlib
 import json
@@ -11,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import run_phisnet_cli
 
 from phisnet_jax import dataset, sampling
 from phisnet_jax.generate import SAMPLE_FILE
@@ -138,34 +141,35 @@ def existing_dataset(tmp_path_factory):
     (["water", "--samples", "0"], "at least 1"),
     (["water", "--smiles", "O"], "exactly one"),
 ])
-def test_bad_input_exits_2_and_keeps_existing_file(tmp_path, existing_dataset, args, message):
+def test_bad_input_exits_2_and_keeps_existing_file(tmp_path, monkeypatch, capsys, existing_dataset, args, message):
     for name, text in BAD_XYZ.items():
         (tmp_path / name).write_text(text)
     out = tmp_path / "existing.h5"
     shutil.copyfile(existing_dataset, out)
     before = digest(out)
     extra = [] if "--method" in args else ["--method", "hf", "--basis", "sto-3g"]
-    result = run_phisnet("generate", *args, *extra, "-o", str(out), cwd=tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_phisnet_cli(["generate", *args, *extra, "-o", str(out)], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     assert digest(out) == before
     assert sorted(os.listdir(tmp_path)) == sorted(list(BAD_XYZ) + ["existing.h5"])
 
 
 def test_inspect_rejects_corrupt_file(tmp_path):
+    """Through the subprocess entry point: what a shell sees is one line and exit code 2."""
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"\x89HDF\r\n\x1a\n truncated")
     result = run_phisnet("inspect", str(bad), cwd=tmp_path)
-    assert result.returncode == 2 and "not a valid HDF5" in result.stderr
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not a valid HDF5" in result.stderr
 
 
-def test_help_lists_subcommands(tmp_path):
-    for cmd in (PHISNET, [sys.executable, "-m", "vmc"]):
+def test_help_lists_subcommands(capsys):
+    for cmd in (PHISNET, [sys.executable, "-m", "vmc"]):  # the entry points
         result = subprocess.run(cmd + ["--help"], capture_output=True, text=True)
         assert result.returncode == 0 and "Usage" in result.stdout
-    result = run_phisnet("--help", cwd=tmp_path)
-    assert "generate" in result.stdout and "inspect" in result.stdout
+    code, out, _ = run_phisnet_cli(["--help"], capsys)
+    assert code == 0 and "generate" in out and "inspect" in out
     for sub in ("generate", "inspect"):
-        assert run_phisnet(sub, "--help", cwd=tmp_path).returncode == 0
+        assert run_phisnet_cli([sub, "--help"], capsys)[0] == 0

@@ -1,6 +1,6 @@
 """Benchmark: this project's VMC against DeepQMC, on the same machine, in the same run.
 
-Both codes train the LiH benchmark of experiments/peers/lih.py (R = 3.015 bohr, 256 walkers,
+Both codes train the LiH benchmark of experiments/peers/vmc_benchmark.py (R = 3.015 bohr, 256 walkers,
 10 Metropolis steps per update, 100 pretraining steps towards Hartree-Fock in STO-6G, 20
 burn-in MCMC calls, KFAC, folx's forward Laplacian with dense Jacobians), each with its own
 recommended optimiser settings: DeepQMC's FermiNet ansatz (its ``train_ferminet`` task:
@@ -40,8 +40,8 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 import harness  # noqa: E402
 from harness import mode_parsers, run_child, write_result  # noqa: E402
-from lih import (BURN_IN_CALLS, LIH_BOND, MCMC_STEPS, PRETRAIN_STEPS, WALKERS, add_arguments,  # noqa: E402
-                 compare_speed, ours_train, record_compile_time, system_record)
+from vmc_benchmark import (BURN_IN_CALLS, MCMC_STEPS, PRETRAIN_STEPS, WALKERS, add_arguments,  # noqa: E402
+                           benchmark_system, compare_speed, ours_train, record_compile_time, system_record)
 
 PEER_PACKAGES = ("deepqmc", "jax", "jaxlib", "kfac-jax", "folx", "dm-haiku")
 
@@ -78,7 +78,7 @@ def deepqmc_overrides(job: dict) -> list[str]:
     return [
         "task=train_ferminet", "ansatz=ferminet", "hamil=qc_forward_laplacian",
         "task/sampler_factory/elec_sampler=decorr_metropolis_ferminet",
-        f"hamil.mol.coords=[[0.0,0.0,0.0],[{LIH_BOND},0.0,0.0]]", "hamil.mol.unit=bohr",
+        f"hamil.mol.coords={json.dumps(benchmark_system('LiH').positions.tolist(), separators=(',', ':'))}", "hamil.mol.unit=bohr",
         f"task.electron_batch_size={WALKERS}", f"task.steps={job['steps']}",
         f"task.pretrain_steps={PRETRAIN_STEPS}", f"+task.max_eq_steps={BURN_IN_CALLS}",
         "+task.eq_allow_early_stopping=false", "task.seed=0",
@@ -128,7 +128,7 @@ def child(job: dict, out_path: str) -> None:
 def speed(args, job: dict) -> None:
     compared = compare_speed(__file__, job, "deepqmc", args.repeats, args.skip, peer_python=args.deepqmc_python)
     out = harness.header(__file__, "peer_deepqmc", None, ("jax", "jaxlib", "kfac-jax", "folx", "flax", "optax")) | {
-        "system": system_record()} | compared
+        "system": system_record("LiH")} | compared
     out["command"] = harness.command_line(__file__, args.deepqmc_python)  # the interpreter as PEER
     write_result("peer_deepqmc", args.label, out)
     print(json.dumps({k: out[k] for k in ("step_ratio", "startup_ratio", "compile_ratio")}))
@@ -141,7 +141,7 @@ def main():
                                 "the Python interpreter of an environment with DeepQMC installed",
                                 modes=("speed",))
     sub = subs["speed"]
-    add_arguments(sub, "speed")
+    add_arguments(sub, "speed", systems=("LiH",))  # DeepQMC's configured molecule is LiH
     sub.add_argument("--deepqmc-network", type=int, nargs=4, default=[2, 64, 16, 4],
                      metavar=("INTERACTIONS", "EMBEDDING", "PAIR", "DETERMINANTS"))
     args = parser.parse_args()
@@ -149,7 +149,7 @@ def main():
         parser.error(f"{args.deepqmc_python} is not an executable interpreter")
     if not 0 <= args.skip < args.steps - 1:
         parser.error("--skip must be below --steps - 1")
-    speed(args, {"ours_preset": args.ours_preset, "ours_settings": args.ours_settings,
+    speed(args, {"system": args.system, "ours_preset": args.ours_preset, "ours_settings": args.ours_settings,
                  "deepqmc_network": args.deepqmc_network, "steps": args.steps, "budget": None})
 
 

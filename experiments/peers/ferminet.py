@@ -1,8 +1,9 @@
 """Benchmark: this project's VMC against FermiNet, on the same machine, in the same run.
 
-Both codes train LiH (R = 3.015 bohr, 2 + 2 electrons) with 256 walkers, 10 Metropolis steps
-per update, 100 steps of supervised pretraining towards Hartree-Fock (STO-6G), 20 burn-in MCMC
-calls, KFAC and the forward Laplacian (folx), each with its own recommended KFAC settings:
+Both codes train a system of experiments/peers/vmc_benchmark.py (--system: LiH at R = 3.015
+bohr, the default, or H2O) with 256 walkers, 10 Metropolis steps per update, 100 steps of
+supervised pretraining towards Hartree-Fock (STO-6G), 20 burn-in MCMC calls, KFAC and the
+forward Laplacian (folx), each with its own recommended KFAC settings:
 FermiNet with hidden (64, 16) x 2 and 4 determinants (--ferminet-network), this project with its
 ``small`` preset (--ours-preset, and --set for any of its settings). Every run is a fresh
 process (nothing compiled is shared between runs), the codes alternating. Time is read from
@@ -22,12 +23,15 @@ FermiNet: the writer its ``train.train`` takes).
 - ``parameters``: each network's parameter count;
 - ``step_ratio``, ``startup_ratio``, ``compile_ratio``: ours / FermiNet, of the medians.
 
-``budget`` (experiments/results/budget_lih[_<label>]_<platform>.json): each code trains for --seconds
-of wall-clock time from its process's start (start-up included), then its final parameters
-are evaluated with --eval-steps MCMC calls of 256 walkers (this project: ``vmc evaluate``,
-fresh walkers after 200 calls of burn-in; FermiNet: its inference mode, from the training's
-last walkers); both energies get the same blocking error bar (vmc.evaluate.blocking_error) and
-are compared with the exact -8.070548 Ha: ``ours.error_mha``, ``ferminet.error_mha``.
+``budget`` (experiments/results/budget_<system>[_<label>]_<platform>.json, e.g. budget_lih_cpu.json):
+each code trains for --seconds of wall-clock time from its process's start (start-up included),
+then its final parameters are evaluated with --eval-steps MCMC calls of 256 walkers (this
+project: ``vmc evaluate``, fresh walkers after 200 calls of burn-in; FermiNet: its inference
+mode, from the training's last walkers); both energies (``energy``, ``energy_error``) get the
+same blocking error bar (vmc.evaluate.blocking_error). Where the system has an exact energy
+(LiH: -8.070548 Ha) they are compared with it: ``ours.error_mha``, ``ferminet.error_mha``;
+``energy_difference_mha`` is ours minus FermiNet's (negative: ours lower, better by the
+variational principle), ``difference_error_mha`` its error bar.
 
 The peer is not part of this repository. FermiNet's main branch calls kfac-jax as it is
 released (0.0.8), which runs on JAX up to 0.9.1, so both codes run in an environment of this
@@ -40,6 +44,7 @@ project's oldest supported JAX (requirements/oldest-jax.txt) with FermiNet's own
     .venv-peers/bin/pip install --no-deps -e .
     .venv-peers/bin/python experiments/peers/ferminet.py speed --ferminet PEER
     .venv-peers/bin/python experiments/peers/ferminet.py budget --ferminet PEER --seconds 360
+    .venv-peers/bin/python experiments/peers/ferminet.py budget --ferminet PEER --system H2O --seconds 1200
 
 This project's training keeps the BLAS libraries on one thread (molfoundation.blas_threads);
 FermiNet's does not, and its KFAC inverses are slowed by OpenBLAS threads competing with XLA's.
@@ -49,6 +54,7 @@ The same limit for both codes: ``OPENBLAS_NUM_THREADS=1`` in the environment, e.
 """
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -59,8 +65,9 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 import harness  # noqa: E402
 from harness import launch, mode_parsers, run_child, write_result  # noqa: E402
-from lih import (BURN_IN_CALLS, EXACT_ENERGY, LIH_BOND, MCMC_STEPS, PRETRAIN_STEPS, WALKERS,  # noqa: E402
-                 add_arguments, compare_speed, ours_evaluate, ours_train, record_compile_time, summarise, system_record)
+from vmc_benchmark import (BURN_IN_CALLS, MCMC_STEPS, PRETRAIN_STEPS, WALKERS, add_arguments,  # noqa: E402
+                           benchmark_system, compare_speed, exact_energy, ours_evaluate, ours_train,
+                           record_compile_time, summarise, system_record)
 
 CODES = ("ferminet", "ours")
 
@@ -74,8 +81,10 @@ def ferminet_config(job: dict, save_path: str):
     from ferminet.utils import system
 
     cfg = base_config.default()
-    cfg.system.molecule = [system.Atom("Li", (0.0, 0.0, 0.0)), system.Atom("H", (LIH_BOND, 0.0, 0.0))]
-    cfg.system.electrons = (2, 2)
+    molecule = benchmark_system(job["system"])
+    cfg.system.molecule = [system.Atom(symbol, tuple(position), units="bohr")
+                           for symbol, position in zip(molecule.symbols, molecule.positions.tolist())]
+    cfg.system.electrons = (molecule.n_up, molecule.n_down)
     cfg.batch_size = WALKERS
     cfg.mcmc.steps = MCMC_STEPS
     cfg.mcmc.burn_in = BURN_IN_CALLS
@@ -134,24 +143,22 @@ def ferminet_train(save_path: str, job: dict) -> dict:
     from ferminet import checkpoint, networks
 
     cfg = ferminet_config(job, save_path)
-    on_step = None
-    if job["budget"] is not None:
-        # At the first step past the budget the training loop's own checkpoint test (which
-        # reads the setting every step) saves, and the run ends right after that save.
-        original_save = checkpoint.save
+    # At the first step past the budget the training loop's own checkpoint test (which reads
+    # the setting every step) saves, and the run ends right after that save.
+    original_save = checkpoint.save
 
-        def save_then_stop(*args, **kwargs):
-            written = original_save(*args, **kwargs)
-            raise BudgetSpent(written)
+    def save_then_stop(*args, **kwargs):
+        written = original_save(*args, **kwargs)
+        raise BudgetSpent(written)
 
-        def on_step():
-            if time.time() - job["launched"] >= job["budget"]:
-                cfg.log.save_frequency = 0.0
-                checkpoint.save = save_then_stop
+    def stop_at_budget():
+        if time.time() - job["launched"] >= job["budget"]:
+            cfg.log.save_frequency = 0.0
+            checkpoint.save = save_then_stop
 
-    times, energies = ferminet_run(cfg, on_step)
+    times, energies = ferminet_run(cfg, None if job["budget"] is None else stop_at_budget)
     determinants = job["ferminet_network"][3]
-    net = networks.make_fermi_net(cfg.system.electrons, np.array([3.0, 1.0]), ndim=3,
+    net = networks.make_fermi_net(cfg.system.electrons, np.array([atom.charge for atom in cfg.system.molecule]), ndim=3,
                                   determinants=determinants, full_det=cfg.network.full_det,
                                   **cfg.network.ferminet)
     shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0))
@@ -192,7 +199,7 @@ def child(job: dict, out_path: str) -> None:
 
 def header(args, benchmark: str) -> dict:
     return harness.header(__file__, benchmark, args.ferminet, ("jax", "jaxlib", "kfac-jax", "folx", "flax", "optax")) | {
-        "system": system_record()}
+        "system": system_record(args.system)}
 
 
 def speed(args, job: dict) -> None:
@@ -202,21 +209,27 @@ def speed(args, job: dict) -> None:
 
 
 def budget(args, job: dict) -> None:
+    exact = exact_energy(args.system)
     results = {}
     for code in CODES:
         raw = launch(__file__, dict(job, code=code, budget=args.seconds, eval_steps=args.eval_steps))
         row = summarise(raw, min(args.skip, len(raw["step_times"]) - 2))
         evaluation = raw["evaluation"]
         row.update(energy=evaluation["energy"], energy_error=evaluation["error"],
-                   error_mha=1000 * (evaluation["energy"] - EXACT_ENERGY), error_bar_mha=1000 * evaluation["error"],
                    eval_burn_in_calls=evaluation["burn_in_calls"])
+        if exact is not None:
+            row.update(error_mha=1000 * (evaluation["energy"] - exact), error_bar_mha=1000 * evaluation["error"])
         results[code] = row
         print(json.dumps({"code": code, **{k: v for k, v in row.items() if k != "settings"}}), flush=True)
-    out = header(args, "budget_lih") | {
+    ours, theirs = results["ours"], results["ferminet"]
+    name = f"budget_{args.system.lower()}"
+    out = header(args, name) | {
         "budget_seconds": args.seconds, "eval_steps": args.eval_steps, "eval_walkers": WALKERS,
-        "exact_energy": EXACT_ENERGY, "ours": results["ours"], "ferminet": results["ferminet"],
+        "exact_energy": exact, "ours": ours, "ferminet": theirs,
+        "energy_difference_mha": 1000 * (ours["energy"] - theirs["energy"]),
+        "difference_error_mha": 1000 * math.hypot(ours["energy_error"], theirs["energy_error"]),
     }
-    write_result("budget_lih", args.label, out)
+    write_result(name, args.label, out)
 
 
 def main():
@@ -231,7 +244,7 @@ def main():
     args = parser.parse_args()
     if not os.path.isfile(os.path.join(args.ferminet, "ferminet", "train.py")):
         parser.error(f"{args.ferminet} holds no FermiNet source (ferminet/train.py)")
-    job = {"ferminet": os.path.abspath(args.ferminet), "ours_preset": args.ours_preset,
+    job = {"ferminet": os.path.abspath(args.ferminet), "system": args.system, "ours_preset": args.ours_preset,
            "ours_settings": args.ours_settings, "ferminet_network": args.ferminet_network,
            "steps": getattr(args, "steps", None), "budget": None}
     if args.mode == "speed":

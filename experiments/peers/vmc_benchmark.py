@@ -1,11 +1,13 @@
-"""The LiH benchmark the VMC peer scripts share: the system and sampling settings, this project's
+"""The VMC benchmark the peer scripts share: the systems and sampling settings, this project's
 run of it in a measured process, and the figures taken from a run.
 
-Every code trains LiH (R = 3.015 bohr, 2 + 2 electrons) with 256 walkers, 10 Metropolis steps
-per update, 100 steps of supervised pretraining towards Hartree-Fock (STO-6G), 20 burn-in MCMC
-calls, KFAC and the forward Laplacian (folx). A measured run returns ``step_times`` (Unix
-seconds at which each training step was logged), ``parameters``, ``settings`` and, filled in by
-the process, ``compile_seconds`` (see :func:`record_compile_time`) and ``trained``.
+Every code trains one of SYSTEMS, at the geometry of ``vmc.systems.from_name`` (LiH at R =
+3.015 bohr, 2 + 2 electrons; H2O at its experimental geometry, 5 + 5 electrons), with 256
+walkers, 10 Metropolis steps per update, 100 steps of supervised pretraining towards
+Hartree-Fock (STO-6G), 20 burn-in MCMC calls, KFAC and the forward Laplacian (folx). A measured
+run returns ``step_times`` (Unix seconds at which each training step was logged),
+``parameters``, ``settings`` and, filled in by the process, ``compile_seconds`` (see
+:func:`record_compile_time`) and ``trained``.
 """
 
 import json
@@ -15,24 +17,43 @@ import time
 
 from harness import launch
 
-LIH_BOND = 3.015  # bohr, as vmc.systems' LiH
-EXACT_ENERGY = -8.070548  # hartree, vmc.references
+SYSTEMS = ("LiH", "H2O")
 PRETRAIN_STEPS = 100
 BURN_IN_CALLS = 20
 WALKERS = 256
 MCMC_STEPS = 10
 
 
-def system_record() -> dict:
+def benchmark_system(name: str):
+    """The :class:`vmc.systems.System` of the benchmark ``name`` (one of SYSTEMS)."""
+    from vmc import systems
+
+    return systems.from_name(name)
+
+
+def exact_energy(name: str) -> float | None:
+    """The exact energy (hartree) of the benchmark system ``name``, where the literature has one
+    at its geometry (vmc.references), else None."""
+    from vmc import references
+
+    return references.exact_energy(benchmark_system(name))
+
+
+def system_record(name: str) -> dict:
     """The benchmark's settings, as result files record them."""
-    return {"name": "LiH", "bond_bohr": LIH_BOND, "walkers": WALKERS, "mcmc_steps": MCMC_STEPS,
+    system = benchmark_system(name)
+    return {"name": name, "atomic_numbers": system.atomic_numbers.tolist(),
+            "positions_bohr": system.positions.tolist(), "electrons": [system.n_up, system.n_down],
+            "walkers": WALKERS, "mcmc_steps": MCMC_STEPS,
             "pretrain_steps": PRETRAIN_STEPS, "burn_in_calls": BURN_IN_CALLS, "optimizer": "kfac",
             "laplacian": "folx"}
 
 
-def add_arguments(sub, mode: str) -> None:
-    """The command-line options every LiH comparison takes: this project's preset and settings,
-    the steps left out of the step time, and the mode's run lengths."""
+def add_arguments(sub, mode: str, systems: tuple[str, ...] = SYSTEMS) -> None:
+    """The command-line options every comparison takes: the system (one of ``systems``), this
+    project's preset and settings, the steps left out of the step time, and the mode's run
+    lengths."""
+    sub.add_argument("--system", choices=systems, default=systems[0])
     sub.add_argument("--ours-preset", default="small")
     sub.add_argument("--set", dest="ours_settings", action="append", default=[], metavar="KEY=VALUE",
                      help="a setting of this project's run (as vmc train --set), repeatable")
@@ -63,14 +84,15 @@ def record_compile_time() -> dict:
 
 
 def ours_train(run_dir: str, job: dict) -> dict:
-    """``vmc train`` of LiH in this process; its steps' times and energies, and its settings."""
+    """``vmc train`` of the job's system in this process; its steps' times and energies, and its
+    settings."""
     import jax
 
     from vmc import cli, config, train
 
     limit = (["--steps", str(job["steps"])] if job["budget"] is None else
              ["--steps", "100000000", "--time-budget", str(job["budget"] - (time.time() - job["launched"]))])
-    args = ["train", "LiH", "--run-dir", run_dir, "--preset", job["ours_preset"],
+    args = ["train", job["system"], "--run-dir", run_dir, "--preset", job["ours_preset"],
             "--hf-fit-steps", str(PRETRAIN_STEPS), *limit, "--set", f"burn_in_sweeps={BURN_IN_CALLS}",
             "--set", f"n_walkers={WALKERS}", "--set", f"mcmc_steps={MCMC_STEPS}",
             "--set", "optimizer=kfac", "--set", "laplacian=folx",
