@@ -78,7 +78,8 @@ def deepqmc_overrides(job: dict) -> list[str]:
     return [
         "task=train_ferminet", "ansatz=ferminet", "hamil=qc_forward_laplacian",
         "task/sampler_factory/elec_sampler=decorr_metropolis_ferminet",
-        f"hamil.mol.coords={json.dumps(benchmark_system('LiH').positions.tolist(), separators=(',', ':'))}", "hamil.mol.unit=bohr",
+        "hamil.mol.coords=" + json.dumps(benchmark_system("LiH").positions.tolist(), separators=(",", ":")),
+        "hamil.mol.unit=bohr",
         f"task.electron_batch_size={WALKERS}", f"task.steps={job['steps']}",
         f"task.pretrain_steps={PRETRAIN_STEPS}", f"+task.max_eq_steps={BURN_IN_CALLS}",
         "+task.eq_allow_early_stopping=false", "task.seed=0",

@@ -31,7 +31,10 @@ mode, from the training's last walkers); both energies (``energy``, ``energy_err
 same blocking error bar (vmc.evaluate.blocking_error). Where the system has an exact energy
 (LiH: -8.070548 Ha) they are compared with it: ``ours.error_mha``, ``ferminet.error_mha``;
 ``energy_difference_mha`` is ours minus FermiNet's (negative: ours lower, better by the
-variational principle), ``difference_error_mha`` its error bar.
+variational principle), ``difference_error_mha`` its error bar. Each code's row also gives
+``eval_nonfinite`` (local energies left out of its evaluation: walker energies for this
+project, whole steps for FermiNet, which logs step means only), ``final_train_energy`` (the
+mean logged energy of the last 10 % of training steps) and ``train_nonfinite_steps``.
 
 The peer is not part of this repository. FermiNet's main branch calls kfac-jax as it is
 released (0.0.8), which runs on JAX up to 0.9.1, so both codes run in an environment of this
@@ -56,7 +59,6 @@ The same limit for both codes: ``OPENBLAS_NUM_THREADS=1`` in the environment, e.
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -67,7 +69,7 @@ import harness  # noqa: E402
 from harness import launch, mode_parsers, run_child, write_result  # noqa: E402
 from vmc_benchmark import (BURN_IN_CALLS, MCMC_STEPS, PRETRAIN_STEPS, WALKERS, add_arguments,  # noqa: E402
                            benchmark_system, compare_speed, exact_energy, ours_evaluate, ours_train,
-                           record_compile_time, summarise, system_record)
+                           record_compile_time, summarise, system_record, training_energies)
 
 CODES = ("ferminet", "ours")
 
@@ -170,14 +172,22 @@ def ferminet_train(save_path: str, job: dict) -> dict:
 
 
 def ferminet_evaluate(save_path: str, job: dict) -> dict:
-    """FermiNet's inference mode from the training's last checkpoint (its walkers included)."""
+    """FermiNet's inference mode from the training's last checkpoint (its walkers included).
+    FermiNet logs each step's mean local energy only, so a step with one non-finite local
+    energy is left out whole (``nonfinite``: such steps; this project's evaluation leaves out
+    single walkers instead)."""
+    import numpy as np
+
     from vmc.evaluate import blocking_error
 
     cfg = ferminet_config(dict(job, budget=None, steps=job["eval_steps"]), os.path.join(save_path, "inference"))
     cfg.optim.optimizer = "none"
     cfg.log.restore_path = save_path
     _, energies = ferminet_run(cfg)
-    return {"energy": statistics.fmean(energies), "error": blocking_error(energies), "burn_in_calls": 0}
+    energies = np.asarray(energies)
+    finite = energies[np.isfinite(energies)]
+    return {"energy": float(finite.mean()) if finite.size else float("nan"), "error": blocking_error(finite),
+            "burn_in_calls": 0, "nonfinite": int(energies.size - finite.size), "nonfinite_unit": "steps"}
 
 
 def child(job: dict, out_path: str) -> None:
@@ -216,7 +226,9 @@ def budget(args, job: dict) -> None:
         row = summarise(raw, min(args.skip, len(raw["step_times"]) - 2))
         evaluation = raw["evaluation"]
         row.update(energy=evaluation["energy"], energy_error=evaluation["error"],
-                   eval_burn_in_calls=evaluation["burn_in_calls"])
+                   eval_burn_in_calls=evaluation["burn_in_calls"],
+                   eval_nonfinite=evaluation["nonfinite"], eval_nonfinite_unit=evaluation["nonfinite_unit"],
+                   **training_energies(raw["energies"]))
         if exact is not None:
             row.update(error_mha=1000 * (evaluation["energy"] - exact), error_bar_mha=1000 * evaluation["error"])
         results[code] = row

@@ -117,7 +117,21 @@ def ours_evaluate(run_dir: str, eval_steps: int) -> dict:
     result = evaluate.evaluate_run(run_dir, None, 0, n_steps=eval_steps, n_walkers=WALKERS,
                                    burn_in_sweeps=None, seed=1, step=None)
     system = result.systems[0]
-    return {"energy": system.energy, "error": system.error, "burn_in_calls": result.burn_in_sweeps}
+    return {"energy": system.energy, "error": system.error, "burn_in_calls": result.burn_in_sweeps,
+            "nonfinite": system.n_nonfinite, "nonfinite_unit": "walker energies"}
+
+
+def training_energies(energies: list) -> dict:
+    """What a training's logged step energies say: the mean of the finite ones among the last
+    10 % of steps (``final_train_energy``, hartree) and how many steps logged a non-finite one
+    (``train_nonfinite_steps``: a training that lost its parameters shows here)."""
+    import numpy as np
+
+    energies = np.asarray(energies, dtype=np.float64)
+    last = energies[-max(1, len(energies) // 10):]
+    last = last[np.isfinite(last)]
+    return {"final_train_energy": float(last.mean()) if last.size else float("nan"),
+            "train_nonfinite_steps": int((~np.isfinite(energies)).sum())}
 
 
 def summarise(raw: dict, skip: int) -> dict:
