@@ -80,6 +80,18 @@ def log_lines(run_dir):
         return [json.loads(line) for line in f]
 
 
+# The longest test files (each 1.5-5 minutes of a fresh run on 2 cores) are handed out first:
+# make test's two workers take whole files (--dist loadfile) in collection order, and a long
+# file started last leaves the other worker idle until it ends.
+LONGEST_FIRST = ("test_vmc_shared.py", "test_vmc_train.py", "test_train.py", "test_generate.py", "test_tour.py",
+                 "test_vmc_optim.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays
+
+
 def assert_vmc_logs_agree(one, two):
     """Two VMC logs (entries paired in order) hold the same losses, energies, variances and
     acceptances to 1e-8 relative: the same float64 run on another device layout."""
