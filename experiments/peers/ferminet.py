@@ -69,7 +69,7 @@ import harness  # noqa: E402
 from harness import launch, mode_parsers, run_child, write_result  # noqa: E402
 from vmc_benchmark import (BURN_IN_CALLS, MCMC_STEPS, PRETRAIN_STEPS, WALKERS, add_arguments,  # noqa: E402
                            benchmark_system, compare_speed, exact_energy, ours_evaluate, ours_train,
-                           record_compile_time, summarise, system_record, training_energies)
+                           finite_mean, record_compile_time, summarise, system_record, training_energies)
 
 CODES = ("ferminet", "ours")
 
@@ -141,7 +141,6 @@ def ferminet_run(cfg, on_step=None) -> tuple[list, list]:
 def ferminet_train(save_path: str, job: dict) -> dict:
     sys.path.insert(0, job["ferminet"])
     import jax
-    import numpy as np
     from ferminet import checkpoint, networks
 
     cfg = ferminet_config(job, save_path)
@@ -160,7 +159,7 @@ def ferminet_train(save_path: str, job: dict) -> dict:
 
     times, energies = ferminet_run(cfg, None if job["budget"] is None else stop_at_budget)
     determinants = job["ferminet_network"][3]
-    net = networks.make_fermi_net(cfg.system.electrons, np.array([atom.charge for atom in cfg.system.molecule]), ndim=3,
+    net = networks.make_fermi_net(cfg.system.electrons, benchmark_system(job["system"]).charges, ndim=3,
                                   determinants=determinants, full_det=cfg.network.full_det,
                                   **cfg.network.ferminet)
     shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0))
@@ -186,7 +185,7 @@ def ferminet_evaluate(save_path: str, job: dict) -> dict:
     _, energies = ferminet_run(cfg)
     energies = np.asarray(energies)
     finite = energies[np.isfinite(energies)]
-    return {"energy": float(finite.mean()) if finite.size else float("nan"), "error": blocking_error(finite),
+    return {"energy": finite_mean(finite), "error": blocking_error(finite),
             "burn_in_calls": 0, "nonfinite": int(energies.size - finite.size), "nonfinite_unit": "steps"}
 
 

@@ -121,6 +121,15 @@ def ours_evaluate(run_dir: str, eval_steps: int) -> dict:
             "nonfinite": system.n_nonfinite, "nonfinite_unit": "walker energies"}
 
 
+def finite_mean(values) -> float:
+    """The mean of the finite ones of ``values``; NaN where none is finite."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
 def training_energies(energies: list) -> dict:
     """What a training's logged step energies say: the mean of the finite ones among the last
     10 % of steps (``final_train_energy``, hartree) and how many steps logged a non-finite one
@@ -128,9 +137,7 @@ def training_energies(energies: list) -> dict:
     import numpy as np
 
     energies = np.asarray(energies, dtype=np.float64)
-    last = energies[-max(1, len(energies) // 10):]
-    last = last[np.isfinite(last)]
-    return {"final_train_energy": float(last.mean()) if last.size else float("nan"),
+    return {"final_train_energy": finite_mean(energies[-max(1, len(energies) // 10):]),
             "train_nonfinite_steps": int((~np.isfinite(energies)).sum())}
 
 
