@@ -2,9 +2,10 @@
 the systems it was trained on or on others (zero-shot).
 
 The walkers start from scratch (not from the training walkers), are equilibrated for
-``burn_in_sweeps`` MCMC calls (:func:`evaluation_burn_in`) and then sampled for ``n_steps``
-calls of the run's ``mcmc_steps`` Metropolis steps each; the local energy of every walker is evaluated after
-every call. Successive calls are correlated, so the error bar of the mean comes from a
+``burn_in_sweeps`` MCMC calls (:func:`evaluation_burn_in`) on the Hartree-Fock density and as
+many under the network (:meth:`vmc.train.Problem.fresh_sampler` says why both), and then
+sampled for ``n_steps`` calls of the run's ``mcmc_steps`` Metropolis steps each; the local
+energy of every walker is evaluated after every call. Successive calls are correlated, so the error bar of the mean comes from a
 blocking analysis (Flyvbjerg and Petersen 1989) of the series of per-call mean energies.
 """
 
@@ -129,7 +130,8 @@ def evaluate_model(network: ansatz.AnsatzConfig, params, vmc_config: VMCConfig, 
                    burn_in_sweeps: int | None = None, seed: int = 1, progress: bool = True,
                    problem=None) -> list[SystemEvaluation]:
     """Energies of the wavefunction ``params`` on every system of ``system_set``: fresh
-    walkers per system, ``burn_in_sweeps`` MCMC calls, then ``n_steps`` calls each followed
+    walkers per system, ``burn_in_sweeps`` MCMC calls on its HF density and as many under the
+    network, then ``n_steps`` calls each followed
     by a local-energy evaluation (all geometries of a composition at once). Sampling settings
     default to ``vmc_config``'s, the burn-in to :func:`evaluation_burn_in`; orbitals come from
     ``systems_config`` (its basis, localisation and orbital source; default Hartree-Fock in
@@ -154,7 +156,7 @@ def evaluate_model(network: ansatz.AnsatzConfig, params, vmc_config: VMCConfig, 
                    unit="call", file=sys.stderr, disable=None if progress else True, dynamic_ncols=True)
         for group in problem.groups:
             key, key_walkers = jax.random.split(key)
-            sampler = problem.init_sampler(group, params, problem.init_walkers(key_walkers, group))
+            sampler = problem.fresh_sampler(group, params, key_walkers, cfg.burn_in_sweeps)
             sampler = devices.put_split(sampler.replace(step_size=None), axis=1).replace(
                 step_size=sampler.step_size)
             sample, rows = problem.sampler(group), _rows(np.arange(group.size))
