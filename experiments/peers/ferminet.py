@@ -26,9 +26,9 @@ FermiNet: the writer its ``train.train`` takes).
 ``budget`` (experiments/results/budget_<system>[_<label>]_<platform>.json, e.g. budget_lih_cpu.json):
 each code trains for --seconds of wall-clock time from its process's start (start-up included),
 then its final parameters are evaluated with --eval-steps MCMC calls of 256 walkers (this
-project: ``vmc evaluate``, fresh walkers after 200 calls of burn-in; FermiNet: its inference
-mode, from the training's last walkers); both energies (``energy``, ``energy_error``) get the
-same blocking error bar (vmc.evaluate.blocking_error). Where the system has an exact energy
+project: ``vmc evaluate``, fresh walkers after 200 calls of burn-in on the HF density and 200
+under the network; FermiNet: its inference mode, from the training's last walkers); both
+energies (``energy``, ``energy_error``) get the same blocking error bar (vmc.evaluate.blocking_error). Where the system has an exact energy
 (LiH: -8.070548 Ha) they are compared with it: ``ours.error_mha``, ``ferminet.error_mha``;
 ``energy_difference_mha`` is ours minus FermiNet's (negative: ours lower, better by the
 variational principle), ``difference_error_mha`` its error bar. Each code's row also gives
