@@ -5,8 +5,9 @@ The walkers start from scratch (not from the training walkers), are equilibrated
 ``burn_in_sweeps`` MCMC calls (:func:`evaluation_burn_in`) on the Hartree-Fock density and as
 many under the network (:meth:`vmc.train.Problem.fresh_sampler` says why both), and then
 sampled for ``n_steps`` calls of the run's ``mcmc_steps`` Metropolis steps each; the local
-energy of every walker is evaluated after every call. Successive calls are correlated, so the error bar of the mean comes from a
-blocking analysis (Flyvbjerg and Petersen 1989) of the series of per-call mean energies.
+energy of every walker is evaluated after every call. Successive calls are correlated, so the
+error bar of the mean comes from a blocking analysis (Flyvbjerg and Petersen 1989) of the
+series of per-call mean energies.
 """
 
 from __future__ import annotations
@@ -131,8 +132,7 @@ def evaluate_model(network: ansatz.AnsatzConfig, params, vmc_config: VMCConfig, 
                    problem=None) -> list[SystemEvaluation]:
     """Energies of the wavefunction ``params`` on every system of ``system_set``: fresh
     walkers per system, ``burn_in_sweeps`` MCMC calls on its HF density and as many under the
-    network, then ``n_steps`` calls each followed
-    by a local-energy evaluation (all geometries of a composition at once). Sampling settings
+    network, then ``n_steps`` calls each followed by a local-energy evaluation (all geometries of a composition at once). Sampling settings
     default to ``vmc_config``'s, the burn-in to :func:`evaluation_burn_in`; orbitals come from
     ``systems_config`` (its basis, localisation and orbital source; default Hartree-Fock in
     the default basis). ``problem``: a :class:`vmc.train.Problem` of these settings built

@@ -279,8 +279,8 @@ class Problem:
         (small preset, 1719 VMC steps) four of 256 fresh walkers sat 22 to 29 below the median
         log|psi|, with local energies of -30 to -37 Ha, after 300 calls, and the mean energy of
         calls 500-600 was 0.8 Ha above that of the training's walkers; with 100 HF calls first,
-        it agreed with theirs within the noise from the first 50 calls on. The HF density decays everywhere, and training samples it before the network
-        too (the HF fit)."""
+        it agreed with theirs within the noise from the first 50 calls on. The HF density decays
+        everywhere, and training samples it before the network too (the HF fit)."""
         sampler = self.init_sampler(group, None, self.init_walkers(key, group), hartree_fock=True)
         sample, rows = self.sampler(group, hartree_fock=True), _rows(np.arange(group.size))
         for k in jax.random.split(jax.random.fold_in(key, 1), hartree_fock_calls):
