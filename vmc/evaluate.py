@@ -3,7 +3,7 @@ the systems it was trained on or on others (zero-shot).
 
 The walkers start from scratch (not from the training walkers), are equilibrated for
 ``burn_in_sweeps`` MCMC calls (:func:`evaluation_burn_in`) on the Hartree-Fock density and as
-many under the network (:meth:`vmc.train.Problem.fresh_sampler` says why both), and then
+many under the network (:meth:`vmc.train.Problem.hartree_fock_sampler` says why both), and then
 sampled for ``n_steps`` calls of the run's ``mcmc_steps`` Metropolis steps each; the local
 energy of every walker is evaluated after every call. Successive calls are correlated, so the
 error bar of the mean comes from a blocking analysis (Flyvbjerg and Petersen 1989) of the
@@ -156,9 +156,7 @@ def evaluate_model(network: ansatz.AnsatzConfig, params, vmc_config: VMCConfig, 
                    unit="call", file=sys.stderr, disable=None if progress else True, dynamic_ncols=True)
         for group in problem.groups:
             key, key_walkers = jax.random.split(key)
-            sampler = problem.fresh_sampler(group, params, key_walkers, cfg.burn_in_sweeps)
-            sampler = devices.put_split(sampler.replace(step_size=None), axis=1).replace(
-                step_size=sampler.step_size)
+            sampler = problem.fresh_sampler(group, params, key_walkers, cfg.burn_in_sweeps, devices.place_sampler)
             sample, rows = problem.sampler(group), _rows(np.arange(group.size))
             means, variances, acceptances = [], [], []
             n_nonfinite = np.zeros(group.size, int)

@@ -122,11 +122,14 @@ class WalkerParallel(sharding.FirstAxisSharding):
         super().__init__("walkers")
 
     def place(self, state: TrainState) -> TrainState:
-        walkers = self.put_split([(s.walkers, s.log_psi) for s in state.samplers], axis=1)
-        rest = self.replicate(state.replace(
-            samplers=tuple(s.replace(walkers=None, log_psi=None) for s in state.samplers)))
-        samplers = tuple(s.replace(walkers=w, log_psi=v) for s, (w, v) in zip(rest.samplers, walkers))
-        return rest.replace(samplers=samplers)
+        rest = self.replicate(state.replace(samplers=()))
+        return rest.replace(samplers=tuple(self.place_sampler(s) for s in state.samplers))
+
+    def place_sampler(self, sampler: mcmc.MCMCState) -> mcmc.MCMCState:
+        """A group's sampler state with its walkers (and their log|psi|) split over the
+        devices, its step sizes replicated."""
+        walkers, log_psi = self.put_split((sampler.walkers, sampler.log_psi), axis=1)
+        return self.replicate(sampler.replace(walkers=None, log_psi=None)).replace(walkers=walkers, log_psi=log_psi)
 
     def check_walkers(self, n_walkers: int) -> None:
         if n_walkers % self.n_devices:
@@ -267,24 +270,42 @@ class Problem:
             self._compiled[cache_key] = init
         return self._compiled[cache_key](params, walkers)
 
-    def fresh_sampler(self, group: GeometryGroup, params, key, hartree_fock_calls: int) -> mcmc.MCMCState:
-        """The stacked sampler state of every geometry of ``group`` under ``params``, on fresh
-        walkers that first took ``hartree_fock_calls`` MCMC calls on the geometries' HF densities
-        (the step size adapted there is kept).
+    def burn_in(self, group: GeometryGroup, params, sampler: mcmc.MCMCState, key, n_calls: int,
+                hartree_fock: bool = False) -> mcmc.MCMCState:
+        """``sampler`` after ``n_calls`` MCMC calls on every geometry of ``group`` under fixed
+        ``params`` (on the HF densities with ``hartree_fock``)."""
+        sample, rows = self.sampler(group, hartree_fock), _rows(np.arange(group.size))
+        for k in jax.random.split(key, n_calls):
+            sampler, _, _ = sample(params, sampler, rows, k)
+        return sampler
 
-        Walkers that start as Gaussians around the atoms and are sampled under the network at
-        once can get stuck: the network has never been trained where electrons are far from
-        every nucleus, and its |psi| can be nearly flat there, while the one step size that the
-        core electrons set (0.06 bohr on H2O) moves such walkers too slowly to come back. On H2O
-        (small preset, 1719 VMC steps) four of 256 fresh walkers sat 22 to 29 below the median
-        log|psi|, with local energies of -30 to -37 Ha, after 300 calls, and the mean energy of
-        calls 500-600 was 0.8 Ha above that of the training's walkers; with 100 HF calls first,
-        it agreed with theirs within the noise from the first 50 calls on. The HF density decays
-        everywhere, and training samples it before the network too (the HF fit)."""
+    def hartree_fock_sampler(self, group: GeometryGroup, key, n_calls: int, place=None) -> mcmc.MCMCState:
+        """The stacked HF-density sampler state of every geometry of ``group``: fresh walkers
+        around the atoms after ``n_calls`` MCMC calls on the geometries' HF densities.
+        ``place(sampler)`` (e.g. :meth:`WalkerParallel.place_sampler`) puts the fresh state on
+        the devices before the calls.
+
+        Every sampling of a network starts here (the HF fit, :meth:`fresh_sampler`): walkers
+        that start as Gaussians around the atoms and are sampled under a network at once can
+        get stuck. A trained network has never seen electrons far from every nucleus, and its
+        |psi| can be nearly flat there, while the one step size that the core electrons set
+        (0.06 bohr on H2O) moves such walkers too slowly to come back. On H2O (small preset,
+        1719 VMC steps) four of 256 fresh walkers sat 22 to 29 below the median log|psi|, with
+        local energies of -30 to -37 Ha, after 300 calls, and the mean energy of calls 500-600
+        was 0.8 Ha above that of the training's walkers; with 100 HF calls first, it agreed
+        with theirs within the noise from the first 50 calls on. The HF density decays
+        everywhere."""
         sampler = self.init_sampler(group, None, self.init_walkers(key, group), hartree_fock=True)
-        sample, rows = self.sampler(group, hartree_fock=True), _rows(np.arange(group.size))
-        for k in jax.random.split(jax.random.fold_in(key, 1), hartree_fock_calls):
-            sampler, _, _ = sample(None, sampler, rows, k)
+        if place is not None:
+            sampler = place(sampler)
+        return self.burn_in(group, None, sampler, jax.random.fold_in(key, 1), n_calls, hartree_fock=True)
+
+    def fresh_sampler(self, group: GeometryGroup, params, key, hartree_fock_calls: int,
+                      place=None) -> mcmc.MCMCState:
+        """The stacked sampler state of every geometry of ``group`` under ``params``, on the
+        walkers of :meth:`hartree_fock_sampler` (``hartree_fock_calls`` calls on the HF
+        densities, which says why; ``place`` as there); the step size adapted there is kept."""
+        sampler = self.hartree_fock_sampler(group, key, hartree_fock_calls, place)
         return self.init_sampler(group, params, sampler.walkers).replace(step_size=sampler.step_size)
 
     def sample_walkers(self, group: GeometryGroup, params, n_calls: int, key) -> jax.Array:
@@ -292,11 +313,8 @@ class Problem:
         under ``params`` from fresh walkers (:meth:`fresh_sampler`, as many calls on the HF
         densities first): configurations drawn from |psi|^2."""
         key_walkers, key = jax.random.split(key)
-        sampler = self.fresh_sampler(group, params, key_walkers, n_calls)
-        sample, rows = self.sampler(group), _rows(np.arange(group.size))
-        for k in jax.random.split(key, n_calls):
-            sampler, _, _ = sample(params, sampler, rows, k)
-        return sampler.walkers
+        return self.burn_in(group, params, self.fresh_sampler(group, params, key_walkers, n_calls), key,
+                            n_calls).walkers
 
     @functools.cached_property
     def energy_loss(self) -> loss.EnergyLoss:
@@ -414,17 +432,12 @@ def _put(sampler: mcmc.MCMCState, rows: np.ndarray, new: mcmc.MCMCState) -> mcmc
     return jax.tree.map(lambda x, y: x.at[rows].set(y), sampler, new)
 
 
-def _burn_in_all(problem: Problem, state: TrainState, params, n_sweeps: int, hartree_fock: bool) -> TrainState:
-    """``n_sweeps`` MCMC calls on every geometry under fixed ``params``."""
-    key = state.key
-    samplers = list(state.samplers)
-    for g, group in enumerate(problem.groups):
-        sample = problem.sampler(group, hartree_fock)
-        rows = _rows(np.arange(group.size))
-        for _ in range(n_sweeps):
-            key, key_sweep = jax.random.split(key)
-            samplers[g], _, _ = sample(params, samplers[g], rows, key_sweep)
-    return state.replace(samplers=tuple(samplers), key=key)
+def _burn_in_all(problem: Problem, state: TrainState, n_calls: int) -> TrainState:
+    """``n_calls`` MCMC calls on every geometry under the state's parameters."""
+    key, *keys = jax.random.split(state.key, len(problem.groups) + 1)
+    return state.replace(key=key, samplers=tuple(
+        problem.burn_in(group, state.params, sampler, k, n_calls)
+        for group, sampler, k in zip(problem.groups, state.samplers, keys)))
 
 
 def _statistics(problem: Problem) -> tuple[jax.Array, jax.Array]:
@@ -433,17 +446,23 @@ def _statistics(problem: Problem) -> tuple[jax.Array, jax.Array]:
     return (jnp.full((n,), jnp.inf, runs.float_dtype(problem.config.vmc.float64)), jnp.zeros((n,), jnp.int32))
 
 
-def _fresh_hf_fit_state(problem: Problem, params_from) -> TrainState:
-    """Step 0 of the HF fit: parameters ``params_from(key)``, walkers on the HF densities."""
+def _fresh_hf_fit_state(problem: Problem, params_from, n_calls: int = 0, devices: WalkerParallel | None = None
+                        ) -> TrainState:
+    """Step 0 of the HF fit: parameters ``params_from(key)``, walkers after ``n_calls`` MCMC
+    calls on the HF densities (:meth:`Problem.hartree_fock_sampler`), everything on
+    ``devices`` if given."""
     cfg = problem.config.vmc
     key_params, key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     params = params_from(key_params)
     key_walkers, key_run = jax.random.split(key)
     keys = jax.random.split(key_walkers, len(problem.groups))
-    samplers = tuple(problem.init_sampler(group, params, problem.init_walkers(k, group), hartree_fock=True)
-                     for k, group in zip(keys, problem.groups))
-    return TrainState(jnp.asarray(0, jnp.int32), params, problem.hf_fit_transform.init(params), samplers,
-                      *_statistics(problem), key_run)
+    place = None if devices is None else devices.place_sampler
+    samplers = tuple(problem.hartree_fock_sampler(group, k, n_calls, place) for k, group in zip(keys, problem.groups))
+    state = TrainState(jnp.asarray(0, jnp.int32), params, problem.hf_fit_transform.init(params), (),
+                       *_statistics(problem), key_run)
+    if devices is not None:
+        state = devices.place(state)
+    return state.replace(samplers=samplers)
 
 
 def _initial_params(problem: Problem, key):
@@ -469,8 +488,8 @@ def fit_hartree_fock(run: runs.RunDirectory, problem: Problem, devices: WalkerPa
                                  lambda k: _init_params(k, problem.config.ansatz, cfg.float64))
     state = run.restore("hf_fit", lambda: jax.eval_shape(template))
     if state is None:
-        state = devices.place(_fresh_hf_fit_state(problem, functools.partial(_initial_params, problem)))
-        state = _burn_in_all(problem, state, state.params, cfg.burn_in_sweeps, hartree_fock=True)
+        state = _fresh_hf_fit_state(problem, functools.partial(_initial_params, problem), cfg.burn_in_sweeps,
+                                    devices)
     else:
         state = devices.place(state)
     if int(state.step) >= cfg.hf_fit_steps:
@@ -559,7 +578,7 @@ def run_vmc(run: runs.RunDirectory, problem: Problem, devices: WalkerParallel, s
         key_start, key_burn = jax.random.split(start.key)
         state = _fresh_vmc_state(problem, start.params, start.samplers, key_start)
         state = devices.place(state.replace(key=key_burn))
-        state = _burn_in_all(problem, state, state.params, cfg.vmc.burn_in_sweeps, hartree_fock=False)
+        state = _burn_in_all(problem, state, cfg.vmc.burn_in_sweeps)
     else:
         state = devices.place(state)
     if updates is not None:
