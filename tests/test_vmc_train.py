@@ -266,6 +266,8 @@ def test_cli_train_resume_and_evaluate(runs, problem, tmp_path, capsys, monkeypa
     code, out, _ = run_vmc_cli(["train", "--run-dir", run_dir, "--steps", "6", "--json"], capsys)
     assert code == 0 and json.loads(out)["steps"] == 6
     assert without_timings(log_lines(run_dir)) == without_timings(log_lines(straight))
+    code, out, _ = run_vmc_cli(["train", "--run-dir", run_dir, "--steps", "6"], capsys)  # nothing left to do
+    assert code == 0 and "H2: " in out and f"vmc evaluate {run_dir}" in out  # the training energy is no evaluation
     code, out, _ = run_vmc_cli(["evaluate", run_dir, "--steps", "10", "--burn-in", "3", "--json"], capsys)
     record = json.loads(out)
     assert code == 0 and record["parameters"] == "vmc step 6" and np.isfinite(record["systems"][0]["energy"])

@@ -103,6 +103,9 @@ def _run(run_dir, config, steps, time_budget, as_json):
     click.echo(f"HF fit: {result.hf_fit_steps} steps; VMC at step {result.steps} ({result.stopped_because})")
     for name, energy in result.energies.items():
         click.echo(f"  {name}: {energy:.5f} Ha (mean of the last 10 % of its {result.visits[name]} visits)")
+    if result.energies:
+        # The logged energies run below the network's own (docs/vmc.md, "vmc evaluate").
+        click.echo(f"training energies; the network's energy: vmc evaluate {run_dir}")
 
 
 def _sampling(walkers, hf_fit_steps, **fixed) -> dict:
