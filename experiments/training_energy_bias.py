@@ -12,11 +12,12 @@ fresh walkers after --hf-calls calls on the HF density (as ``vmc evaluate`` star
 series' mean leaves out its first fifth; error bars are blocking errors
 (vmc.evaluate.blocking_error), also of the logged training energies.
 
-Writes experiments/results/training_energy_bias_<system>_<platform>.json: ``training`` (the
-logged energies of the last 10 % and the last half of the steps), ``from_training_walkers``,
-``from_fresh_walkers`` (``energy``, ``energy_error``, means of blocks of 100 calls), and
-``bias_mha``: last 10 % of training minus the energy from the training's walkers, with
-``bias_error_mha``.
+--set changes a setting of the training run (e.g. ``mcmc_steps=20``; name the result with
+--label). Writes experiments/results/training_energy_bias_<system>[_<label>]_<platform>.json:
+``training`` (the logged energies of the last 10 % and the last half of the steps),
+``from_training_walkers``, ``from_fresh_walkers`` (``energy``, ``energy_error``, means of blocks
+of 100 calls), and ``bias_mha``: last 10 % of training minus the energy from the training's
+walkers, with ``bias_error_mha``.
 
     .venv/bin/python experiments/training_energy_bias.py --system H2O --steps 4246 --run-dir RUN
 """
@@ -41,11 +42,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = ["burn_in_sweeps=20", "n_walkers=256", "mcmc_steps=10", "optimizer=kfac", "laplacian=folx"]
 
 
-def train(system: str, run_dir: str, steps: int) -> list[str]:
-    """Trains (or resumes) the run; returns its command line."""
+def train(system: str, run_dir: str, steps: int, settings: list[str]) -> list[str]:
+    """Trains (or resumes) the run with :data:`SETTINGS`, ``settings`` (KEY=VALUE) overriding
+    them; returns its command line."""
     args = [system, "--run-dir", run_dir, "--preset", "small", "--hf-fit-steps", "100", "--steps", str(steps)]
-    for setting in SETTINGS:
-        args += ["--set", setting]
+    merged = dict(setting.split("=", 1) for setting in SETTINGS)
+    merged.update(setting.split("=", 1) for setting in settings)
+    for key, value in merged.items():
+        args += ["--set", f"{key}={value}"]
     subprocess.run([sys.executable, "-m", "vmc", "train", *args], cwd=ROOT, check=True)
     return ["vmc", "train", *args]
 
@@ -110,18 +114,23 @@ def main():
     parser.add_argument("--run-dir", help="the run's directory (kept; default: a temporary one)")
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--hf-calls", type=int, default=200)
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="a further setting of the training run (as vmc train --set), repeatable")
+    parser.add_argument("--label", help="result file label")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         run_dir = args.run_dir or os.path.join(scratch, "run")
-        training_command = train(args.system, run_dir, args.steps)
+        training_command = train(args.system, run_dir, args.steps, args.settings)
         result = measure(run_dir, args.calls, args.hf_calls)
     command = ["python", "experiments/training_energy_bias.py", "--system", args.system, "--steps", str(args.steps),
-               "--calls", str(args.calls), "--hf-calls", str(args.hf_calls)]
+               "--calls", str(args.calls), "--hf-calls", str(args.hf_calls),
+               *[item for setting in args.settings for item in ("--set", setting)],
+               *(["--label", args.label] if args.label else [])]
     result = {"benchmark": "training_energy_bias", "command": " ".join(command), "machine": machine_info(),
               "versions": {name: metadata.version(name) for name in ("jax", "jaxlib", "kfac-jax", "folx")},
               "system": args.system,
               "training_command": " ".join(training_command).replace(run_dir, "RUN"), **result}
-    path = result_stem(f"training_energy_bias_{args.system.lower()}", None, jax.default_backend()) + ".json"
+    path = result_stem(f"training_energy_bias_{args.system.lower()}", args.label, jax.default_backend()) + ".json"
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps({k: result[k] for k in ("training", "bias_mha", "bias_error_mha")}, indent=1))
