@@ -130,13 +130,14 @@ def evaluate_model(network: ansatz.AnsatzConfig, params, vmc_config: VMCConfig, 
                    systems_config: SystemsConfig | None = None, n_steps: int = 200, n_walkers: int | None = None,
                    burn_in_sweeps: int | None = None, seed: int = 1, progress: bool = True,
                    problem=None) -> list[SystemEvaluation]:
-    """Energies of the wavefunction ``params`` on every system of ``system_set``: fresh
-    walkers per system, ``burn_in_sweeps`` MCMC calls on its HF density and as many under the
-    network, then ``n_steps`` calls each followed by a local-energy evaluation (all geometries of a composition at once). Sampling settings
-    default to ``vmc_config``'s, the burn-in to :func:`evaluation_burn_in`; orbitals come from
-    ``systems_config`` (its basis, localisation and orbital source; default Hartree-Fock in
-    the default basis). ``problem``: a :class:`vmc.train.Problem` of these settings built
-    before (its compiled functions are reused)."""
+    """Energies of the wavefunction ``params`` on every system of ``system_set``: fresh walkers per
+    system, ``burn_in_sweeps`` MCMC calls on its HF density and as many under the network, then
+    ``n_steps`` calls each followed by a local-energy evaluation (all geometries of a
+    composition at once). Sampling settings default to ``vmc_config``'s, the burn-in to
+    :func:`evaluation_burn_in`; orbitals come from ``systems_config`` (its basis, localisation
+    and orbital source; default Hartree-Fock in the default basis). ``problem``: a
+    :class:`vmc.train.Problem` of these settings built before (its compiled functions are
+    reused)."""
     from vmc.train import Problem, WalkerParallel, _rows
 
     if n_steps < 2:
